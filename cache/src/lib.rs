@@ -1,0 +1,62 @@
+//! kiln's content-addressed store: everything a build keeps on disk.
+//!
+//! One [`Store`] lives under a root directory and holds four parts, each
+//! with one concern (after containerd's content store and snapshotter):
+//!
+//! - [`content::ContentStore`] — blobs by digest (`blobs/sha256/<hex>`, as
+//!   in an OCI layout). A blob becomes visible only through
+//!   `Writer::commit(expected_digest)`, which hashes while writing, fsyncs
+//!   and renames; a mismatch leaves nothing behind.
+//! - [`snapshots::Snapshotter`] — layer directories in overlay format
+//!   (whiteouts are 0/0 char devices, opaque dirs carry
+//!   `trusted.overlay.opaque`), usable as overlayfs lowerdirs. A snapshot is
+//!   prepared (mutable, with a `work/` dir), then committed under an id
+//!   (immutable); pulled layers are keyed by diff ID and shared.
+//! - [`index::CacheIndex`] — cache key → result record (the snapshot chain
+//!   and anything the solver needs to reuse a step).
+//! - [`images::ImageStore`] — image names → manifest digests.
+//!
+//! Every write is atomic (temp file + fsync + rename); a crash at any point
+//! leaves the store consistent, with leftovers under `tmp/` that the next
+//! open removes.
+#![deny(missing_docs)]
+
+pub mod content;
+pub mod fsutil;
+pub mod images;
+pub mod index;
+pub mod snapshots;
+
+use std::path::{Path, PathBuf};
+
+/// The whole store under one root.
+pub struct Store {
+    root: PathBuf,
+    /// Blobs by digest.
+    pub content: content::ContentStore,
+    /// Layer directories.
+    pub snapshots: snapshots::Snapshotter,
+    /// Cache key → result.
+    pub index: index::CacheIndex,
+    /// Names → manifests.
+    pub images: images::ImageStore,
+}
+
+impl Store {
+    /// Open (creating if needed) the store under `root`.
+    pub fn open(root: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(root)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            content: content::ContentStore::open(root)?,
+            snapshots: snapshots::Snapshotter::open(root)?,
+            index: index::CacheIndex::open(root)?,
+            images: images::ImageStore::open(root)?,
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}

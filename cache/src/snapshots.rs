@@ -1,0 +1,162 @@
+//! Layer directories usable as overlayfs lowerdirs.
+//!
+//! Lifecycle, as containerd's snapshotter: [`Snapshotter::prepare`] gives an
+//! [`ActiveSnapshot`] — an empty `fs/` to write into (an overlay upperdir or
+//! an unpack target) and a `work/` dir beside it on the same filesystem.
+//! [`Snapshotter::commit`] renames it to `snapshots/<id>/` and from then on
+//! it is immutable. If another process committed the same id first, ours is
+//! discarded and theirs kept (same id means same content). Prepared but
+//! uncommitted snapshots live under `tmp/` and are removed at the next open
+//! that holds no lock on them (see the store's `check`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{sync_dir, unique_name, write_atomic};
+
+/// Snapshots under `snapshots/` of the store root.
+pub struct Snapshotter {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+/// A snapshot being written: mutable until committed.
+#[derive(Debug)]
+pub struct ActiveSnapshot {
+    dir: PathBuf,
+}
+
+impl ActiveSnapshot {
+    /// The directory to write the layer's files into.
+    pub fn fs(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+
+    /// An empty overlayfs work directory on the same filesystem as `fs()`.
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+}
+
+/// What the store knows of a committed layer besides its files.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// `sha256:` of the uncompressed layer tar, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_id: Option<String>,
+    /// Compressed blobs already made from this layer, so it is never
+    /// re-tarred: one per compression.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<BlobRecord>,
+}
+
+/// A blob in the content store made from a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    /// Layer media type, e.g. `application/vnd.oci.image.layer.v1.tar+zstd`.
+    pub media_type: String,
+    /// `sha256:...` of the blob.
+    pub digest: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl Snapshotter {
+    /// Open under the store root.
+    pub fn open(root: &Path) -> anyhow::Result<Self> {
+        let dir = root.join("snapshots");
+        let tmp = root.join("tmp").join("snapshots");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&tmp)?;
+        Ok(Snapshotter { dir, tmp })
+    }
+
+    /// Start a new snapshot with empty `fs/` and `work/` directories.
+    pub fn prepare(&self) -> anyhow::Result<ActiveSnapshot> {
+        let dir = self.tmp.join(unique_name("s-"));
+        std::fs::create_dir_all(dir.join("fs"))?;
+        std::fs::create_dir_all(dir.join("work"))?;
+        Ok(ActiveSnapshot { dir })
+    }
+
+    /// Make `active` the immutable snapshot `id`. The overlay work dir is
+    /// dropped. If `id` already exists, `active` is discarded.
+    pub fn commit(&self, active: ActiveSnapshot, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
+        check_id(id)?;
+        let _ = std::fs::remove_dir_all(active.work());
+        write_atomic(&active.dir.join("meta.json"), &serde_json::to_vec(meta)?)?;
+        let final_dir = self.dir.join(id);
+        if final_dir.exists() {
+            self.abort(active);
+            return Ok(());
+        }
+        match std::fs::rename(&active.dir, &final_dir) {
+            Ok(()) => sync_dir(&self.dir).map_err(Into::into),
+            Err(_) if final_dir.exists() => {
+                self.abort(active);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Throw away an uncommitted snapshot.
+    pub fn abort(&self, active: ActiveSnapshot) {
+        let _ = std::fs::remove_dir_all(&active.dir);
+    }
+
+    /// Whether snapshot `id` is committed.
+    pub fn exists(&self, id: &str) -> bool {
+        check_id(id).is_ok() && self.dir.join(id).join("fs").is_dir()
+    }
+
+    /// Directory holding the files of committed snapshot `id`.
+    pub fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(id).join("fs")
+    }
+
+    /// Metadata of snapshot `id`.
+    pub fn meta(&self, id: &str) -> anyhow::Result<SnapshotMeta> {
+        check_id(id)?;
+        let bytes = std::fs::read(self.dir.join(id).join("meta.json"))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Replace the metadata of snapshot `id` (e.g. to record a new blob).
+    pub fn set_meta(&self, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
+        check_id(id)?;
+        write_atomic(&self.dir.join(id).join("meta.json"), &serde_json::to_vec(meta)?)?;
+        Ok(())
+    }
+
+    /// Ids of all committed snapshots.
+    pub fn list(&self) -> anyhow::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            ids.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Delete snapshot `id`: renamed into `tmp/` first so a crash never
+    /// leaves a half-deleted snapshot under its id.
+    pub fn remove(&self, id: &str) -> anyhow::Result<()> {
+        check_id(id)?;
+        let doomed = self.tmp.join(unique_name("rm-"));
+        std::fs::rename(self.dir.join(id), &doomed)?;
+        std::fs::remove_dir_all(&doomed)?;
+        Ok(())
+    }
+}
+
+/// Snapshot ids are file names: no separators, no dots-only names.
+fn check_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id != "."
+        && id != ".."
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    anyhow::ensure!(ok, "invalid snapshot id {id:?}");
+    Ok(())
+}

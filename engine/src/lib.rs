@@ -1,0 +1,3 @@
+//! kiln's engine: everything that touches the host.
+//! (Skeleton: the engine issue fills this in.)
+#![deny(missing_docs)]
