@@ -1,3 +1,14 @@
 //! kiln's engine: everything that touches the host.
-//! (Skeleton: the engine issue fills this in.)
+//!
+//! - [`config::Global`] — the settings every command shares (store root,
+//!   registry mirrors, insecure registries, daemon address).
+//! - [`commands`] — one module per `kiln` subcommand; the binary only
+//!   parses flags and dispatches here.
+//!
+//! Further modules (registry client, image store, unpacking, container
+//! runtime, daemon) implement the solver's host seams
+//! ([`kiln_solver::Executor`], [`kiln_solver::ImageSource`]).
 #![deny(missing_docs)]
+
+pub mod commands;
+pub mod config;

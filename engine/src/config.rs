@@ -1,0 +1,71 @@
+//! Settings shared by every command, resolved once from flags, environment
+//! and the config file.
+
+use std::path::PathBuf;
+
+/// Global flags, accepted before or after the subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GlobalArgs {
+    /// Store root (default: /var/lib/kiln as root, ~/.local/share/kiln otherwise).
+    #[arg(long, global = true, env = "KILN_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Registry mirror, `HOST=URL`, e.g. `docker.io=http://127.0.0.1:5000`. Repeatable.
+    #[arg(long = "registry-mirror", global = true, value_name = "HOST=URL")]
+    pub registry_mirrors: Vec<String>,
+    /// Registry reachable over plain HTTP, `HOST:PORT`. Repeatable.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// Daemon to talk to instead of working in-process, e.g. unix:///run/kiln.sock.
+    #[arg(long, global = true, env = "KILN_HOST")]
+    pub host: Option<String>,
+}
+
+/// The resolved settings.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// Store root.
+    pub root: PathBuf,
+    /// `(registry host, mirror URL)` pairs.
+    pub registry_mirrors: Vec<(String, String)>,
+    /// Hosts that may be reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Daemon address, if any.
+    pub host: Option<String>,
+}
+
+impl GlobalArgs {
+    /// Validate the flags and fill in defaults.
+    pub fn resolve(self) -> anyhow::Result<Global> {
+        let root = match self.root {
+            Some(root) => root,
+            None => default_root(),
+        };
+        let mut registry_mirrors = Vec::new();
+        for m in self.registry_mirrors {
+            let Some((host, url)) = m.split_once('=') else {
+                anyhow::bail!("--registry-mirror {m:?}: expected HOST=URL, e.g. docker.io=http://127.0.0.1:5000");
+            };
+            anyhow::ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "--registry-mirror {m:?}: the mirror URL must start with http:// or https://"
+            );
+            registry_mirrors.push((host.to_string(), url.trim_end_matches('/').to_string()));
+        }
+        Ok(Global {
+            root,
+            registry_mirrors,
+            insecure_registries: self.insecure_registries,
+            host: self.host,
+        })
+    }
+}
+
+fn default_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/kiln");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/kiln"),
+        None => PathBuf::from("/var/lib/kiln"),
+    }
+}
