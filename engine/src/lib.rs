@@ -12,5 +12,6 @@
 
 pub mod commands;
 pub mod config;
+pub mod image_source;
 pub mod registry;
 pub mod unpack;

@@ -389,15 +389,15 @@ impl Registry {
         // Layers: download (unless present) and unpack, several at a time,
         // results kept in order.
         let fetched = std::sync::atomic::AtomicUsize::new(0);
-        let layer_ids: Vec<String> = futures::stream::iter(layers.iter().zip(diff_ids.iter()))
+        let layer_ids: Vec<String> = futures::stream::iter(layers.iter().cloned().zip(diff_ids.iter().cloned()))
             .map(|(layer, diff_id)| {
                 let fetched = &fetched;
                 let target = &target;
                 async move {
-                    let id = crate::unpack::snapshot_id_for_diff_id(diff_id)?;
+                    let id = crate::unpack::snapshot_id_for_diff_id(&diff_id)?;
                     let have_blob = store.content.exists(&layer.digest);
                     if !have_blob {
-                        self.fetch_blob(store, target, layer, name, &endpoint.label).await?;
+                        self.fetch_blob(store, target, &layer, name, &endpoint.label).await?;
                         fetched.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     let store = store.clone();
@@ -406,7 +406,6 @@ impl Registry {
                         digest: layer.digest.clone(),
                         size: layer.size,
                     };
-                    let diff_id = diff_id.clone();
                     let unpacked = tokio::task::spawn_blocking(move || {
                         crate::unpack::unpack_layer_snapshot(&store, &blob, Some(&diff_id))
                     })
@@ -514,7 +513,7 @@ impl Registry {
         // Separate tokens for HEAD (pull scope) on registries with token auth.
         self.client.auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
-        let blobs: Vec<&Descriptor> = std::iter::once(&config).chain(layers.iter()).collect();
+        let blobs: Vec<Descriptor> = std::iter::once(config).chain(layers).collect();
         let outcomes: Vec<bool> = futures::stream::iter(blobs)
             .map(|blob| {
                 let target = &target;
