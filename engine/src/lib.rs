@@ -12,3 +12,4 @@
 
 pub mod commands;
 pub mod config;
+pub mod unpack;
