@@ -12,3 +12,5 @@
 
 pub mod commands;
 pub mod config;
+pub mod executor;
+pub mod runtime;
