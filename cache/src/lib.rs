@@ -15,6 +15,8 @@
 //! - [`index::CacheIndex`] — cache key → result record (the snapshot chain
 //!   and anything the solver needs to reuse a step).
 //! - [`images::ImageStore`] — image names → manifest digests.
+//! - [`layered::LayeredView`] — a merged read-only view of a layer chain
+//!   (whiteouts, opaque dirs, symlinks resolved inside the root).
 //!
 //! Every write is atomic (temp file + fsync + rename); a crash at any point
 //! leaves the store consistent, with leftovers under `tmp/` that the next
@@ -25,6 +27,7 @@ pub mod content;
 pub mod fsutil;
 pub mod images;
 pub mod index;
+pub mod layered;
 pub mod lock;
 pub mod snapshots;
 
