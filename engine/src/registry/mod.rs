@@ -29,7 +29,9 @@
 //! `daemon.json`; they then mirror `docker.io`. Mirrors from
 //! `--registry-mirror` come first, then the file's. A mirror given with an
 //! `http://` URL is spoken to over plain HTTP; any other registry only when
-//! listed in `--insecure-registry` or `insecure-registries`.
+//! listed in `--insecure-registry` or `insecure-registries` (`HOST:PORT`, or
+//! just `HOST` for every port of it, e.g. `"127.0.0.1"` for local test
+//! registries).
 
 pub mod auth;
 pub mod manifest;
@@ -122,6 +124,17 @@ pub struct RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// Whether `host` (`name[:port]`) may be spoken to over plain HTTP: it
+    /// is listed as insecure (exactly, or by name without a port, which
+    /// allows every port), or it is the host of an `http://` mirror.
+    pub fn is_plain_http(&self, host: &str) -> bool {
+        let name = host.rsplit_once(':').map(|(n, _)| n).unwrap_or(host);
+        self.insecure.iter().any(|entry| entry == host || (!entry.contains(':') && entry == name))
+            || self.mirrors.iter().any(|(_, url)| {
+                url.strip_prefix("http://").is_some_and(|rest| rest.split('/').next() == Some(host))
+            })
+    }
+
     /// Flags first, then `<root>/config.json` (see the module docs).
     pub fn from_global(global: &Global) -> anyhow::Result<RegistryConfig> {
         let mut config = RegistryConfig {
@@ -219,27 +232,35 @@ pub struct PushedImage {
 /// A registry client with kiln's settings.
 pub struct Registry {
     config: RegistryConfig,
-    client: oci_client::Client,
+    /// For everything not listed as insecure.
+    https: oci_client::Client,
+    /// For insecure registries and `http://` mirrors only.
+    http: oci_client::Client,
 }
 
 impl Registry {
     /// A client for `config`.
     pub fn new(config: RegistryConfig) -> Registry {
-        let mut plain_http = config.insecure.clone();
-        for (_, url) in &config.mirrors {
-            if let Some(rest) = url.strip_prefix("http://") {
-                plain_http.push(rest.split('/').next().unwrap_or(rest).to_string());
-            }
-        }
-        let client_config = oci_client::client::ClientConfig {
-            protocol: oci_client::client::ClientProtocol::HttpsExcept(plain_http),
-            connect_timeout: Some(std::time::Duration::from_secs(10)),
-            read_timeout: Some(std::time::Duration::from_secs(120)),
-            max_concurrent_download: PARALLEL_BLOBS,
-            max_concurrent_upload: PARALLEL_BLOBS,
-            ..Default::default()
+        let client = |protocol| {
+            oci_client::Client::new(oci_client::client::ClientConfig {
+                protocol,
+                connect_timeout: Some(std::time::Duration::from_secs(10)),
+                read_timeout: Some(std::time::Duration::from_secs(120)),
+                max_concurrent_download: PARALLEL_BLOBS,
+                max_concurrent_upload: PARALLEL_BLOBS,
+                ..Default::default()
+            })
         };
-        Registry { config, client: oci_client::Client::new(client_config) }
+        Registry {
+            config,
+            https: client(oci_client::client::ClientProtocol::Https),
+            http: client(oci_client::client::ClientProtocol::Http),
+        }
+    }
+
+    /// The client for `host`: plain HTTP only where the config allows it.
+    fn client(&self, host: &str) -> &oci_client::Client {
+        if self.config.is_plain_http(host) { &self.http } else { &self.https }
     }
 
     /// A client from the global flags and config file.
@@ -323,10 +344,10 @@ impl Registry {
         };
         let classify = |e: OciDistributionError| classify(e, name, &endpoint.label);
         let auth = auth::credentials_for(&self.config.auth_file, &endpoint.host)?;
-        self.client.auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
+        self.client(&endpoint.host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
         let (bytes, _) =
-            self.client.pull_manifest_raw(&target, &auth, manifest::ACCEPTED).await.map_err(classify)?;
+            self.client(&endpoint.host).pull_manifest_raw(&target, &auth, manifest::ACCEPTED).await.map_err(classify)?;
         let mut digest = sha256_digest(&bytes);
         if let Some(expected) = parsed.digest() {
             if expected != digest {
@@ -353,7 +374,7 @@ impl Registry {
             index_digest = Some(digest.clone());
             let child = target.clone_with_digest(chosen.digest.clone());
             let (child_bytes, _) =
-                self.client.pull_manifest_raw(&child, &auth, manifest::ACCEPTED).await.map_err(classify)?;
+                self.client(&endpoint.host).pull_manifest_raw(&child, &auth, manifest::ACCEPTED).await.map_err(classify)?;
             let child_digest = sha256_digest(&child_bytes);
             if child_digest != chosen.digest {
                 return Err(RegistryError::DigestMismatch {
@@ -448,7 +469,7 @@ impl Registry {
             size: desc.size as i64,
             ..Default::default()
         };
-        let mut sized = self.client.pull_blob_stream(target, &oci_desc).await.map_err(|e| classify(e, name, label))?;
+        let mut sized = self.client(target.registry()).pull_blob_stream(target, &oci_desc).await.map_err(|e| classify(e, name, label))?;
         let mut writer = store.content.writer()?;
         while let Some(chunk) = sized.stream.next().await {
             let chunk = chunk.map_err(|e| {
@@ -509,20 +530,20 @@ impl Registry {
         };
 
         let auth = auth::credentials_for(&self.config.auth_file, host)?;
-        self.client.auth(&target, &auth, RegistryOperation::Push).await.map_err(classify)?;
+        self.client(host).auth(&target, &auth, RegistryOperation::Push).await.map_err(classify)?;
         // Separate tokens for HEAD (pull scope) on registries with token auth.
-        self.client.auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
+        self.client(host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
         let blobs: Vec<Descriptor> = std::iter::once(config).chain(layers).collect();
         let outcomes: Vec<bool> = futures::stream::iter(blobs)
             .map(|blob| {
                 let target = &target;
                 async move {
-                    if self.client.blob_exists(target, &blob.digest).await.map_err(classify)? {
+                    if self.client(host).blob_exists(target, &blob.digest).await.map_err(classify)? {
                         return anyhow::Ok(false);
                     }
                     let file = store.content.open_blob(&blob.digest)?;
-                    self.client
+                    self.client(host)
                         .push_blob_stream(target, file_stream(file), &blob.digest, Some(blob.size))
                         .await
                         .map_err(classify)?;
@@ -535,7 +556,7 @@ impl Registry {
 
         let content_type = http::HeaderValue::from_str(&media_type)
             .map_err(|_| bad(format!("media type {media_type:?} is not a valid header value")))?;
-        self.client.push_manifest_raw(&target, bytes, content_type).await.map_err(classify)?;
+        self.client(host).push_manifest_raw(&target, bytes, content_type).await.map_err(classify)?;
         let uploaded = outcomes.iter().filter(|u| **u).count();
         Ok(PushedImage {
             reference: name.clone(),
@@ -555,8 +576,8 @@ impl Registry {
         let probe = Reference::with_tag(api_host.into(), "kiln/login-check".into(), "latest".into());
         let auth = RegistryAuth::Basic(user.into(), password.into());
         let classify = |e: OciDistributionError| classify(e, "login", host);
-        self.client.auth(&probe, &auth, RegistryOperation::Pull).await.map_err(classify)?;
-        match self.client.list_tags(&probe, &auth, Some(1), None).await.map_err(classify) {
+        self.client(api_host).auth(&probe, &auth, RegistryOperation::Pull).await.map_err(classify)?;
+        match self.client(api_host).list_tags(&probe, &auth, Some(1), None).await.map_err(classify) {
             Ok(_) | Err(RegistryError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
@@ -668,6 +689,10 @@ mod tests {
         assert_eq!(c.insecure, vec!["h:1".to_string()]);
         let err = c.merge_file(std::path::Path::new("x/config.json"), br#"{"registry-mirrors":[1]}"#).unwrap_err();
         assert!(err.to_string().starts_with("x/config.json: registry-mirrors"), "{err}");
+        assert!(c.is_plain_http("127.0.0.1:5000") && c.is_plain_http("h:1"));
+        assert!(!c.is_plain_http("h:2") && !c.is_plain_http("m.example"));
+        c.insecure.push("localhost".into());
+        assert!(c.is_plain_http("localhost:7000") && c.is_plain_http("localhost"));
         let r = Registry::new(c);
         let eps = r.endpoints("docker.io");
         assert_eq!(eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5000", "m.example", "index.docker.io"]);
