@@ -267,3 +267,79 @@ fn concurrent_pulls_into_one_root() {
     assert_eq!(images.lines().count(), 1, "{images}");
     only_dirs_empty(root.path());
 }
+
+/// A one-file layer tar: `/which` containing `content`.
+fn layer_tar(content: &str) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_path("which").unwrap();
+    h.set_size(content.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    b.append(&h, content.as_bytes()).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn docker_manifest_list_platforms_and_layer_compressions() {
+    if !have("docker-registry", TEST) {
+        return;
+    }
+    let reg = TestRegistry::start();
+    let repo = "multi/arch";
+    // amd64: a zstd layer under a Docker schema 2 manifest; arm64: an
+    // uncompressed layer under an OCI manifest. Both listed in a Docker
+    // manifest list.
+    let mut entries = Vec::new();
+    for (arch, compression) in [("amd64", "zstd"), ("arm64", "none")] {
+        let tar = layer_tar(arch);
+        let (blob, layer_type) = match compression {
+            "zstd" => (zstd::encode_all(&tar[..], 3).unwrap(), "application/vnd.oci.image.layer.v1.tar+zstd"),
+            _ => (tar.clone(), "application/vnd.docker.image.rootfs.diff.tar"),
+        };
+        let layer_digest = reg.put_blob(repo, &blob);
+        let config = format!(
+            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+            sha256(&tar)
+        );
+        let config_digest = reg.put_blob(repo, config.as_bytes());
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"{layer_type}","digest":"{layer_digest}","size":{}}}]}}"#,
+            config.len(),
+            blob.len()
+        );
+        let manifest_digest = sha256(manifest.as_bytes());
+        reg.put_manifest(repo, &manifest_digest, "application/vnd.docker.distribution.manifest.v2+json", manifest.as_bytes());
+        entries.push(format!(
+            r#"{{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#,
+            manifest.len()
+        ));
+    }
+    let list = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[{}]}}"#,
+        entries.join(",")
+    );
+    reg.put_manifest(repo, "v1", "application/vnd.docker.distribution.manifest.list.v2+json", list.as_bytes());
+
+    let image = format!("{}/{repo}:v1", reg.addr);
+    for (platform, expect) in [(None, "amd64"), (Some("linux/arm64"), "arm64")] {
+        let root = tempfile::tempdir().unwrap();
+        let mut args = vec!["--insecure-registry", reg.addr.as_str(), "pull"];
+        if let Some(p) = platform {
+            args.extend(["--platform", p]);
+        }
+        args.push(&image);
+        kiln_ok(root.path(), &args);
+        let inspect: serde_json::Value = serde_json::from_str(&kiln_ok(root.path(), &["inspect", &image])).unwrap();
+        assert_eq!(inspect[0]["Architecture"], expect);
+        let diff_id = inspect[0]["RootFS"]["Layers"][0].as_str().unwrap().replace(':', "-");
+        let which = std::fs::read_to_string(root.path().join("snapshots").join(diff_id).join("fs/which")).unwrap();
+        assert_eq!(which, expect);
+    }
+    let root = tempfile::tempdir().unwrap();
+    let err = kiln_err(root.path(), &["--insecure-registry", &reg.addr, "pull", "--platform", "linux/s390x", &image]);
+    assert!(err.contains("no image for platform linux/s390x") && err.contains("linux/arm64"), "{err}");
+}
