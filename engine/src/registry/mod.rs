@@ -232,16 +232,22 @@ pub struct PushedImage {
 /// A registry client with kiln's settings.
 pub struct Registry {
     config: RegistryConfig,
-    /// For everything not listed as insecure.
-    https: oci_client::Client,
+    /// For everything not listed as insecure; made on first use (building
+    /// a TLS client loads the system's root certificates).
+    https: std::sync::OnceLock<oci_client::Client>,
     /// For insecure registries and `http://` mirrors only.
-    http: oci_client::Client,
+    http: std::sync::OnceLock<oci_client::Client>,
 }
 
 impl Registry {
     /// A client for `config`.
     pub fn new(config: RegistryConfig) -> Registry {
-        let client = |protocol| {
+        Registry { config, https: std::sync::OnceLock::new(), http: std::sync::OnceLock::new() }
+    }
+
+    /// The client for `host`: plain HTTP only where the config allows it.
+    fn client(&self, host: &str) -> &oci_client::Client {
+        let make = |protocol| {
             oci_client::Client::new(oci_client::client::ClientConfig {
                 protocol,
                 connect_timeout: Some(std::time::Duration::from_secs(10)),
@@ -251,16 +257,11 @@ impl Registry {
                 ..Default::default()
             })
         };
-        Registry {
-            config,
-            https: client(oci_client::client::ClientProtocol::Https),
-            http: client(oci_client::client::ClientProtocol::Http),
+        if self.config.is_plain_http(host) {
+            self.http.get_or_init(|| make(oci_client::client::ClientProtocol::Http))
+        } else {
+            self.https.get_or_init(|| make(oci_client::client::ClientProtocol::Https))
         }
-    }
-
-    /// The client for `host`: plain HTTP only where the config allows it.
-    fn client(&self, host: &str) -> &oci_client::Client {
-        if self.config.is_plain_http(host) { &self.http } else { &self.https }
     }
 
     /// A client from the global flags and config file.
@@ -295,8 +296,7 @@ impl Registry {
     /// unpacked into snapshots, the image named in the image store.
     pub async fn pull(&self, store: &Arc<Store>, reference: &str, platform: &Platform) -> anyhow::Result<PulledImage> {
         let name = normalize_reference(reference)?;
-        let parsed: Reference =
-            name.parse().map_err(|e| anyhow::anyhow!("invalid image reference {reference:?}: {e}"))?;
+        let parsed = to_oci_reference(&name);
         let mut failures: Vec<(Endpoint, RegistryError)> = Vec::new();
         for endpoint in self.endpoints(parsed.registry()) {
             match self.pull_from(store, &name, &parsed, &endpoint, platform).await {
@@ -513,8 +513,7 @@ impl Registry {
     /// has are not uploaded again.
     pub async fn push(&self, store: &Store, manifest_digest: &str, reference: &str) -> anyhow::Result<PushedImage> {
         let name = normalize_reference(reference)?;
-        let parsed: Reference =
-            name.parse().map_err(|e| anyhow::anyhow!("invalid image reference {reference:?}: {e}"))?;
+        let parsed = to_oci_reference(&name);
         let host = if parsed.registry() == "docker.io" { "index.docker.io" } else { parsed.registry() };
         let target = match parsed.tag() {
             Some(t) => Reference::with_tag(host.into(), parsed.repository().into(), t.into()),
@@ -582,6 +581,28 @@ impl Registry {
             Err(e) => return Err(e.into()),
         }
         auth::store_credentials(&self.config.auth_file, host, user, password)
+    }
+}
+
+/// An oci-client reference for a name from [`normalize_reference`]
+/// (`host/repo[:tag][@digest]`), built from its parts: parsing it again
+/// with oci-client's regex costs a second in debug builds.
+fn to_oci_reference(normalized: &str) -> Reference {
+    let (name_tag, digest) = match normalized.split_once('@') {
+        Some((n, d)) => (n, Some(d.to_string())),
+        None => (normalized, None),
+    };
+    let (registry, rest) = name_tag.split_once('/').unwrap_or(("docker.io", name_tag));
+    let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (repository, tag) = match rest[slash..].rfind(':') {
+        Some(i) => (&rest[..slash + i], Some(rest[slash + i + 1..].to_string())),
+        None => (rest, None),
+    };
+    match (tag, digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(registry.into(), repository.into(), t, d),
+        (Some(t), None) => Reference::with_tag(registry.into(), repository.into(), t),
+        (None, Some(d)) => Reference::with_digest(registry.into(), repository.into(), d),
+        (None, None) => Reference::with_tag(registry.into(), repository.into(), "latest".into()),
     }
 }
 
@@ -696,6 +717,24 @@ mod tests {
         let r = Registry::new(c);
         let eps = r.endpoints("docker.io");
         assert_eq!(eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5000", "m.example", "index.docker.io"]);
+    }
+
+    #[test]
+    fn oci_references_from_normalized_names() {
+        let d = format!("sha256:{}", "b".repeat(64));
+        for name in [
+            "docker.io/library/busybox:latest".to_string(),
+            "127.0.0.1:5000/a/b/c:v1".to_string(),
+            format!("127.0.0.1:5000/a/b@{d}"),
+        ] {
+            let ours = to_oci_reference(&name);
+            let theirs: Reference = name.parse().unwrap();
+            assert_eq!(
+                (ours.registry(), ours.repository(), ours.tag(), ours.digest()),
+                (theirs.registry(), theirs.repository(), theirs.tag(), theirs.digest()),
+                "{name}"
+            );
+        }
     }
 
     #[test]
