@@ -320,13 +320,10 @@ impl Registry {
             RegistryError::NotFound { .. } => 0,
             _ => 1,
         };
-        let tried: Vec<String> = failures.iter().map(|(ep, e)| format!("{}: {e}", ep.label)).collect();
-        let best = failures
-            .into_iter()
-            .min_by_key(|(_, e)| rank(e))
-            .map(|(_, e)| e)
-            .expect("at least one endpoint is always tried");
-        Err(anyhow::Error::new(best).context(format!("pulling {name} (tried {})", tried.join("; "))))
+        let best_index = (0..failures.len()).min_by_key(|&i| rank(&failures[i].1)).expect("an endpoint was tried");
+        let (_, best) = failures.remove(best_index);
+        let others: Vec<String> = failures.iter().map(|(ep, e)| format!("{}: {e}", ep.label)).collect();
+        Err(anyhow::Error::new(best).context(format!("pulling {name} (also tried {})", others.join("; "))))
     }
 
     async fn pull_from(
