@@ -21,6 +21,7 @@ pub mod error;
 pub mod goquote;
 pub mod graph;
 pub mod image;
+pub mod instructions;
 pub mod parser;
 pub mod shell;
 
