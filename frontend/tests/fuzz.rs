@@ -6,7 +6,20 @@
 
 use kiln_frontend::parser;
 use kiln_frontend::shell::{EnvList, Lex};
+use kiln_frontend::image::{History, ImageConfig};
+use kiln_frontend::{ImageMetaResolver, LowerOptions, Platform};
 use proptest::prelude::*;
+
+/// Every image exists and has an ONBUILD trigger taken from the input, so
+/// triggers get fuzzed too.
+struct FakeResolver(String);
+
+impl ImageMetaResolver for FakeResolver {
+    fn resolve(&self, _r: &str, _p: &Platform) -> Result<(ImageConfig, Vec<History>), String> {
+        let on_build = if self.0.is_empty() { vec![] } else { vec![self.0.clone()] };
+        Ok((ImageConfig { on_build, ..ImageConfig::default() }, vec![History::default()]))
+    }
+}
 
 const TOKENS: &[&str] = &[
     "FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "LABEL", "CMD", "ENTRYPOINT", "SHELL", "ONBUILD", "HEALTHCHECK",
@@ -28,6 +41,16 @@ fn check_all(input: &[u8]) {
         let _ = serde_json::to_string(&r.ast).unwrap();
     }
     let text = String::from_utf8_lossy(input);
+    let trigger: String = text.lines().nth(1).unwrap_or("").to_string();
+    let mut opts = LowerOptions { dockerignore: Some(text.to_string()), ..LowerOptions::default() };
+    opts.build_args.insert("A".into(), "x".into());
+    let _ = kiln_frontend::lower(input, &opts, &FakeResolver(trigger));
+    let mut prefixed = b"FROM img AS base\n".to_vec();
+    prefixed.extend_from_slice(input);
+    let _ = kiln_frontend::lower(&prefixed, &opts, &FakeResolver(String::new()));
+    if let Ok(m) = kiln_frontend::dockerignore::Matcher::new(&kiln_frontend::dockerignore::parse(&text)) {
+        let _ = m.matches(&text);
+    }
     let env = EnvList::from_slice(&["A=1", "B=", "PATH=/bin"]);
     for esc in ['\\', '`'] {
         let mut lex = Lex::new(esc);
