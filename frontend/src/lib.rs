@@ -24,6 +24,7 @@ pub mod image;
 pub mod instructions;
 pub mod lower;
 pub mod dockerignore;
+pub mod call;
 pub mod parser;
 pub mod shell;
 
