@@ -21,10 +21,15 @@ pub mod error;
 pub mod goquote;
 pub mod graph;
 pub mod image;
+pub mod instructions;
+pub mod lower;
+pub mod dockerignore;
+pub mod call;
 pub mod parser;
 pub mod shell;
 
 pub use error::FrontendError;
 pub use graph::{Definition, Op, OpIndex, OpMeta, OpNode, Platform};
 pub use image::{History, ImageConfig};
+pub use lower::{ImageMetaResolver, LowerOptions, lower};
 pub use parser::Span;
