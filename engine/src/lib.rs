@@ -13,5 +13,7 @@
 pub mod commands;
 pub mod config;
 pub mod executor;
+pub mod image_source;
+pub mod registry;
 pub mod runtime;
 pub mod unpack;
