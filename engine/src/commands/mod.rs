@@ -11,6 +11,7 @@ pub mod pull;
 pub mod push;
 pub mod rmi;
 pub mod tag;
+pub mod run;
 
 use crate::config::Global;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Import(import::Args),
     /// Load images from an OCI layout or a docker-archive tar.
     Load(load::Args),
+    /// Run a command in a new container.
+    Run(run::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -53,5 +56,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Login(a) => login::run(global, a),
         Command::Import(a) => import::run(global, a),
         Command::Load(a) => load::run(global, a),
+        Command::Run(a) => run::run(global, a),
     }
 }

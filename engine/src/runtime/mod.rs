@@ -48,10 +48,19 @@ use stubs::{StubKind, Stubs};
 pub struct Rootfs {
     /// Layer directories, bottom first (overlay format).
     pub lower: Vec<PathBuf>,
-    /// Empty directory that receives the changes.
+    /// Empty directory that receives the changes; empty path = a throw-away
+    /// upper inside the container's state dir (see [`Rootfs::throwaway`]).
     pub upper: PathBuf,
     /// Empty overlay work directory on the same filesystem as `upper`.
     pub work: PathBuf,
+}
+
+impl Rootfs {
+    /// `lower` with changes discarded when the container is cleaned up
+    /// (also by a sweep after a crash), as for `kiln run`.
+    pub fn throwaway(lower: Vec<PathBuf>) -> Self {
+        Rootfs { lower, upper: PathBuf::new(), work: PathBuf::new() }
+    }
 }
 
 /// An extra mount.
@@ -259,6 +268,7 @@ impl Runtime {
             dir,
             upper: spec.rootfs.upper.clone(),
             stubs: Stubs::default(),
+            throwaway_upper: false,
             container: None,
             pid: None,
             readers: Vec::new(),
@@ -326,6 +336,7 @@ pub struct Running {
     dir: PathBuf,
     upper: PathBuf,
     stubs: Stubs,
+    throwaway_upper: bool,
     container: Option<Container>,
     pid: Option<Pid>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -382,15 +393,19 @@ impl Running {
         anyhow::ensure!(!spec.args.is_empty(), "no command to run");
         let rootfs = self.dir.join("rootfs");
         std::fs::create_dir(&rootfs)?;
-        overlay::mount_overlay(
-            &overlay::OverlaySpec {
-                lower: &spec.rootfs.lower,
-                upper: Some((&spec.rootfs.upper, &spec.rootfs.work)),
-            },
-            &rootfs,
-        )?;
+        let (upper, work) = if spec.rootfs.upper.as_os_str().is_empty() {
+            let (u, w) = (self.dir.join("upper"), self.dir.join("work"));
+            std::fs::create_dir(&u)?;
+            std::fs::create_dir(&w)?;
+            self.throwaway_upper = true;
+            (u, w)
+        } else {
+            (spec.rootfs.upper.clone(), spec.rootfs.work.clone())
+        };
+        self.upper = upper.clone();
+        overlay::mount_overlay(&overlay::OverlaySpec { lower: &spec.rootfs.lower, upper: Some((&upper, &work)) }, &rootfs)?;
         // Mount points the image may lack; recorded so they can be removed.
-        let upper = &spec.rootfs.upper;
+        let upper = &upper;
         for d in ["/proc", "/dev", "/sys"] {
             self.stubs.ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
         }
@@ -423,7 +438,7 @@ impl Running {
         drop(root_fd);
 
         let hostname = if spec.hostname.is_empty() {
-            self.id.chars().take(12).collect()
+            self.id.trim_start_matches("kiln-").chars().take(12).collect()
         } else {
             spec.hostname.clone()
         };
@@ -504,6 +519,9 @@ impl Running {
 
     /// Persist what was created, so a sweep after a crash can remove it.
     fn save_stub_record(&self) -> anyhow::Result<()> {
+        if self.throwaway_upper {
+            return Ok(());
+        }
         let text = format!("{}\n{}", self.upper.display(), self.stubs.to_record());
         std::fs::write(self.dir.join("stubs"), text).context("saving stub record")
     }
@@ -526,7 +544,8 @@ impl Running {
                 tracing::warn!("deleting container {}: {e}", self.id);
             }
         }
-        self.runtime.cleanup_state(&self.id, Some((&self.upper, &self.stubs)))
+        let stubs = (!self.throwaway_upper).then_some((self.upper.as_path(), &self.stubs));
+        self.runtime.cleanup_state(&self.id, stubs)
     }
 }
 
