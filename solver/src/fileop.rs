@@ -197,12 +197,15 @@ impl LayerWriter {
             let pivot = parents_pivot(source);
             matches.extend(found.into_iter().map(|m| (m, pivot)));
         }
-        let owner = match &action.owner {
-            Some(o) => Some(resolve_owner(&self.merged, o)?),
+        let chown = action.owner.as_ref().map(|o| resolve_owner(&self.merged, o)).transpose()?;
+        let owner = match chown {
+            Some(ids) => Some(ids),
             // Context files belong to root once copied; layer files keep theirs.
             None if src.is_context() => Some((0, 0)),
             None => None,
         };
+        // Extracted archives keep the owners in the tar unless --chown.
+        let extract_attrs = Attrs { owner: chown, mode: action.mode };
         let attrs = Attrs { owner, mode: action.mode };
         let new_dir_owner = owner.unwrap_or((0, 0));
         let excludes = Matcher::new(&action.exclude)?;
@@ -231,7 +234,7 @@ impl LayerWriter {
             if action.extract_archives && entry.metadata.is_file() {
                 if let Some(archive) = open_tar(&entry.host_path)? {
                     self.prepare_parent_dir(&into_dir, new_dir_owner, true, action.create_dest_path)?;
-                    self.extract(archive, &into_dir, attrs).with_context(|| format!("extracting {}", matched.display()))?;
+                    self.extract(archive, &into_dir, extract_attrs).with_context(|| format!("extracting {}", matched.display()))?;
                     continue;
                 }
             }
@@ -389,12 +392,14 @@ impl LayerWriter {
                     continue;
                 }
             }
-            let uid = header.uid()? as u32;
-            let gid = header.gid()? as u32;
+            // Some archivers leave numeric fields blank: treat as 0.
+            let uid = header.uid().unwrap_or(0) as u32;
+            let gid = header.gid().unwrap_or(0) as u32;
             let (uid, gid) = attrs.owner.unwrap_or((uid, gid));
             lchown(&up, uid, gid)?;
             if !kind.is_symlink() {
-                let mode = attrs.mode.unwrap_or(header.mode()? & 0o7777);
+                let default_mode = if kind.is_dir() { 0o755 } else { 0o644 };
+                let mode = attrs.mode.unwrap_or(header.mode().map(|m| m & 0o7777).unwrap_or(default_mode));
                 std::fs::set_permissions(&up, std::fs::Permissions::from_mode(mode))?;
             }
             let mtime = header.mtime().unwrap_or(0) as i64;

@@ -15,6 +15,8 @@ use regex::Regex;
 #[derive(Debug, Clone, Default)]
 pub struct Matcher {
     patterns: Vec<(Regex, bool)>,
+    /// The `!` patterns, cleaned, split into components.
+    exceptions: Vec<Vec<String>>,
     has_exceptions: bool,
 }
 
@@ -22,6 +24,7 @@ impl Matcher {
     /// Compile `patterns` (`.dockerignore` lines, `!` for exceptions).
     pub fn new(patterns: &[String]) -> anyhow::Result<Matcher> {
         let mut out = Vec::new();
+        let mut exceptions = Vec::new();
         let mut has_exceptions = false;
         for raw in patterns {
             let raw = raw.trim();
@@ -39,9 +42,12 @@ impl Matcher {
             }
             let re = glob_to_regex(&cleaned, true)
                 .map_err(|e| anyhow::anyhow!("invalid pattern {raw:?}: {e}"))?;
+            if negated {
+                exceptions.push(cleaned.split('/').map(String::from).collect());
+            }
             out.push((re, negated));
         }
-        Ok(Matcher { patterns: out, has_exceptions })
+        Ok(Matcher { patterns: out, exceptions, has_exceptions })
     }
 
     /// Whether no pattern was given.
@@ -53,6 +59,21 @@ impl Matcher {
     /// be walked, since something below may be re-included).
     pub fn has_exceptions(&self) -> bool {
         self.has_exceptions
+    }
+
+    /// Whether an exception could re-include something below excluded
+    /// directory `dir` (then the walk must enter it).
+    pub fn may_reinclude_below(&self, dir: &str) -> bool {
+        let dir: Vec<&str> = dir.split('/').collect();
+        self.exceptions.iter().any(|pat| {
+            if pat.first().is_some_and(|c| c == "**") {
+                return true;
+            }
+            pat.len() > dir.len()
+                && pat.iter().zip(&dir).all(|(p, d)| {
+                    p == "**" || glob_to_regex(p, false).map(|re| re.is_match(d)).unwrap_or(false)
+                })
+        })
     }
 
     /// Whether `rel` (a clean `/`-separated path relative to the root) is
@@ -178,6 +199,11 @@ mod tests {
         assert!(!matcher.excluded("secret12.txt"));
         assert!(!matcher.excluded("src/main.rs"));
         assert!(matcher.has_exceptions());
+        let matcher = m(&["docs", "!docs/keep/*.md", "vendor", "!**/LICENSE"]);
+        assert!(matcher.may_reinclude_below("docs") && matcher.may_reinclude_below("docs/keep"));
+        assert!(matcher.may_reinclude_below("vendor"), "** may match anywhere");
+        let matcher = m(&["docs", "!docs/keep/*.md"]);
+        assert!(!matcher.may_reinclude_below("docs/other"));
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl SourceTree {
     /// re-include something below it.
     fn walk_into_excluded(&self, rel: &Path) -> io::Result<bool> {
         match self {
-            SourceTree::Context(c) if c.matcher.has_exceptions() => {
+            SourceTree::Context(c) if c.matcher.may_reinclude_below(&rel.to_string_lossy()) => {
                 Ok(self.view().lookup(rel)?.is_some_and(|e| e.metadata.is_dir()))
             }
             _ => Ok(false),
