@@ -231,13 +231,12 @@ impl LayerWriter {
                 continue;
             }
             let into_dir = if action.parents { dest.join(kept.parent().unwrap_or(Path::new(""))) } else { dest.clone() };
-            if action.extract_archives && entry.metadata.is_file() {
-                if let Some(archive) = open_tar(&entry.host_path)? {
+            if action.extract_archives && entry.metadata.is_file()
+                && let Some(archive) = open_tar(&entry.host_path)? {
                     self.prepare_parent_dir(&into_dir, new_dir_owner, true, action.create_dest_path)?;
                     self.extract(archive, &into_dir, extract_attrs).with_context(|| format!("extracting {}", matched.display()))?;
                     continue;
                 }
-            }
             let target = if dest_is_dir { into_dir.join(&name) } else { dest.clone() };
             let parent = target.parent().unwrap_or(Path::new(""));
             self.prepare_parent_dir(parent, new_dir_owner, dest_is_dir, action.create_dest_path)?;

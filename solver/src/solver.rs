@@ -379,12 +379,11 @@ async fn compute(
     no_cache: bool,
 ) -> Result<Output, SolveError> {
     let name = display_name(&node);
-    if !no_cache {
-        if let Some(layers) = inner.cached(&key) {
+    if !no_cache
+        && let Some(layers) = inner.cached(&key) {
             ctx.events.send(Event::Cached { vertex, name });
             return Ok(Output::Layers(layers));
         }
-    }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");
     ctx.events.send(Event::Started { vertex: vertex.clone(), name: name.clone() });
     let start = Instant::now();
@@ -426,20 +425,18 @@ fn content_checksums(node: &OpNode, inputs: &[Arc<Computed>]) -> anyhow::Result<
     match &node.op {
         Op::File(file) => {
             for action in &file.actions {
-                if let FileAction::Copy(copy) = action {
-                    if let Some(tree) = context_of(copy.src_input) {
+                if let FileAction::Copy(copy) = action
+                    && let Some(tree) = context_of(copy.src_input) {
                         sums.push(cachekey::copy_checksum(&tree, copy)?);
                     }
-                }
             }
         }
         Op::Exec(exec) => {
             for mount in &exec.mounts {
-                if let MountKind::Bind { input, source, .. } = &mount.kind {
-                    if let Some(tree) = context_of(*input) {
+                if let MountKind::Bind { input, source, .. } = &mount.kind
+                    && let Some(tree) = context_of(*input) {
                         sums.push(cachekey::subtree_checksum(&tree, source)?);
                     }
-                }
             }
         }
         _ => {}

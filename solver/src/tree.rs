@@ -100,11 +100,10 @@ impl ChecksumCache {
             sha256,
         };
         let probe = stamp(String::new());
-        if let Some(rec) = self.records.lock().unwrap().get(rel) {
-            if (ChecksumRecord { sha256: String::new(), ..rec.clone() }) == probe {
+        if let Some(rec) = self.records.lock().unwrap().get(rel)
+            && (ChecksumRecord { sha256: String::new(), ..rec.clone() }) == probe {
                 return Ok(rec.sha256.clone());
             }
-        }
         let sha = sha256_file(host)?;
         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.records.lock().unwrap().insert(rel.to_string(), stamp(sha.clone()));

@@ -53,7 +53,7 @@ impl Fixture {
     }
     fn copy(&self, action: CopyAction) -> anyhow::Result<()> {
         let base = SourceTree::Layers(LayeredView::new(vec![self.base.clone()]));
-        apply(&[self.base.clone()], &self.upper, &[base, self.tree(&[".dockerignore-none"])], &[FileAction::Copy(action)])
+        apply(&[self.base.clone()], &self.upper, &[base, self.tree(&[])], &[FileAction::Copy(action)])
     }
     fn actions(&self, actions: Vec<FileAction>) -> anyhow::Result<()> {
         let base = SourceTree::Layers(LayeredView::new(vec![self.base.clone()]));
