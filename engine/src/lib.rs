@@ -12,3 +12,6 @@
 
 pub mod commands;
 pub mod config;
+pub mod executor;
+pub mod runtime;
+pub mod unpack;
