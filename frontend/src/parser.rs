@@ -415,8 +415,10 @@ fn is_comment(line: &str) -> bool {
 
 /// Parse a Dockerfile (BuildKit's `Parse`).
 pub fn parse(input: &[u8]) -> Result<ParseResult, FrontendError> {
-    let text = String::from_utf8_lossy(input);
-    parse_str(&text)
+    match std::str::from_utf8(input) {
+        Ok(text) => parse_str(text),
+        Err(_) => parse_str(&String::from_utf8_lossy(input)),
+    }
 }
 
 fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
@@ -424,6 +426,7 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
     let mut sc = LineScanner { data: text, pos: 0, too_long: false };
     let mut current_line = 0usize;
     let mut root = Node::default();
+    root.children.reserve(text.len() / 48);
     let mut have_child = false;
     let mut warnings = Vec::new();
     let mut comments: Vec<String> = Vec::new();
@@ -446,7 +449,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
         current_line += 1;
         let start_line = current_line;
         let start_col = raw.chars().take_while(|c| c.is_whitespace()).count() + 1;
-        let mut end_col = trim_newline(raw).chars().count() + 1;
+        // The last physical line of the instruction, for its end column.
+        let mut last_line = raw;
 
         let (first, mut end_of_line) = d.trim_continuation(first);
         if end_of_line && first.is_empty() {
@@ -461,7 +465,7 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
             let token = trim_newline(raw);
             d.possible_directive(token).map_err(|m| err_at(m, current_line, current_line))?;
             current_line += 1;
-            end_col = token.chars().count() + 1;
+            last_line = raw;
             if is_comment(raw) {
                 continue;
             }
@@ -491,7 +495,7 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
                 while let Some(raw) = sc.scan() {
                     current_line += 1;
                     let mut t = trim_newline(raw);
-                    end_col = t.chars().count() + 1;
+                    last_line = raw;
                     if doc.chomp {
                         t = t.trim_start_matches('\t');
                     }
@@ -508,6 +512,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
                 child.heredocs.push(doc);
             }
         }
+        let last = trim_newline(last_line);
+        let end_col = if last.is_ascii() { last.len() } else { last.chars().count() } + 1;
         child.span = Span { start_line, start_col, end_line: current_line, end_col };
         if !have_child {
             root.span.start_line = start_line;
@@ -534,20 +540,28 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
 /// arguments per instruction (BuildKit's `newNodeFromLine`).
 fn new_node_from_line(line: &str, escape: char, comments: Vec<String>) -> Result<Node, String> {
     let (cmd, flags, args) = split_command(line);
-    let (next, json) = match cmd.to_ascii_lowercase().as_str() {
-        "add" | "copy" | "volume" => parse_maybe_json_to_list(&args)?,
-        "arg" => (parse_words(&args, escape).into_iter().map(Node::leaf).collect(), false),
-        "cmd" | "entrypoint" | "run" | "shell" => parse_maybe_json(&args)?,
-        "env" => (parse_name_val(&args, "ENV", escape)?, false),
-        "label" => (parse_name_val(&args, "LABEL", escape)?, false),
-        "expose" | "from" => (parse_whitespace_delimited(&args), false),
-        "healthcheck" => parse_health_config(&args)?,
-        "maintainer" | "stopsignal" | "user" | "workdir" => (parse_string(&args), false),
+    let mut lower = [0u8; 12];
+    let key = if cmd.len() <= lower.len() {
+        lower[..cmd.len()].copy_from_slice(cmd.as_bytes());
+        lower[..cmd.len()].make_ascii_lowercase();
+        std::str::from_utf8(&lower[..cmd.len()]).unwrap_or("")
+    } else {
+        ""
+    };
+    let (next, json) = match key {
+        "add" | "copy" | "volume" => parse_maybe_json_to_list(args)?,
+        "arg" => (parse_word_slices(args, escape).into_iter().map(Node::leaf).collect(), false),
+        "cmd" | "entrypoint" | "run" | "shell" => parse_maybe_json(args)?,
+        "env" => (parse_name_val(args, "ENV", escape)?, false),
+        "label" => (parse_name_val(args, "LABEL", escape)?, false),
+        "expose" | "from" => (parse_whitespace_delimited(args), false),
+        "healthcheck" => parse_health_config(args)?,
+        "maintainer" | "stopsignal" | "user" | "workdir" => (parse_string(args), false),
         "onbuild" => {
             if args.is_empty() {
                 (Vec::new(), false)
             } else {
-                let child = new_node_from_line(&args, escape, Vec::new())?;
+                let child = new_node_from_line(args, escape, Vec::new())?;
                 (vec![Node { children: vec![child], ..Node::default() }], false)
             }
         }
@@ -567,15 +581,15 @@ fn new_node_from_line(line: &str, escape: char, comments: Vec<String>) -> Result
 }
 
 /// Keyword, flags, rest (BuildKit's `splitCommand`).
-fn split_command(line: &str) -> (&str, Vec<String>, String) {
+fn split_command(line: &str) -> (&str, Vec<String>, &str) {
     let line = line.trim();
     match line.find(is_re_ws) {
-        None => (line, Vec::new(), String::new()),
+        None => (line, Vec::new(), ""),
         Some(i) => {
             let cmd = &line[..i];
             let rest = line[i..].trim_start_matches(is_re_ws);
             let (args, flags) = extract_builder_flags(rest);
-            (cmd, flags, args.trim().to_string())
+            (cmd, flags, args.trim())
         }
     }
 }
@@ -694,6 +708,14 @@ fn safe_tail(s: &str, mut pos: usize) -> &str {
 
 /// Split on whitespace keeping quotes and escapes (BuildKit's `parseWords`).
 pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
+    parse_word_slices(rest, escape).into_iter().map(str::to_string).collect()
+}
+
+/// [`parse_words`] without copying: every character BuildKit appends to a
+/// word is the next one of the input (an escape is kept together with the
+/// character it escapes; only a final, dangling escape is dropped), so each
+/// word is a slice `rest[start..end]`.
+fn parse_word_slices(rest: &str, escape: char) -> Vec<&str> {
     #[derive(PartialEq)]
     enum Phase {
         Spaces,
@@ -702,30 +724,32 @@ pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
     }
     let mut words = Vec::new();
     let mut phase = Phase::Spaces;
-    let mut word = String::new();
+    let (mut start, mut end) = (0usize, 0usize);
     let mut quote = '\0';
     let mut blank_ok = false;
-    let mut it = rest.char_indices().peekable();
+    let mut it = rest.char_indices();
     loop {
         let cur = it.next();
         if phase == Phase::Spaces {
-            let Some((_, ch)) = cur else { break };
+            let Some((i, ch)) = cur else { break };
             if ch.is_whitespace() {
                 continue;
             }
             phase = Phase::Word;
+            start = i;
+            end = i;
         }
-        let Some((_, mut ch)) = cur else {
-            if blank_ok || !word.is_empty() {
-                words.push(word);
+        let Some((i, ch)) = cur else {
+            if blank_ok || end > start {
+                words.push(&rest[start..end]);
             }
             break;
         };
         if phase == Phase::Word {
             if ch.is_whitespace() {
                 phase = Phase::Spaces;
-                if blank_ok || !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
+                if blank_ok || end > start {
+                    words.push(&rest[start..end]);
                 }
                 blank_ok = false;
                 continue;
@@ -735,35 +759,33 @@ pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
                 blank_ok = true;
                 phase = Phase::Quote;
             }
+            end = i + ch.len_utf8();
             if ch == escape {
                 match it.next() {
-                    None => continue,
-                    Some((_, n)) => {
-                        word.push(ch);
-                        ch = n;
+                    None => {
+                        end = i;
+                        continue;
                     }
+                    Some((j, n)) => end = j + n.len_utf8(),
                 }
             }
-            word.push(ch);
             continue;
         }
         // In quotes.
         if ch == quote {
             phase = Phase::Word;
         }
+        end = i + ch.len_utf8();
         if ch == escape && quote != '\'' {
             match it.next() {
                 None => {
+                    end = i;
                     phase = Phase::Word;
                     continue;
                 }
-                Some((_, n)) => {
-                    word.push(ch);
-                    ch = n;
-                }
+                Some((j, n)) => end = j + n.len_utf8(),
             }
         }
-        word.push(ch);
     }
     words
 }
@@ -771,7 +793,7 @@ pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
 /// ENV/LABEL arguments as `key value sep` triples (BuildKit's
 /// `parseNameVal`): `k=v ...` gives sep `=`, legacy `k v` gives sep ``.
 pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, String> {
-    let words = parse_words(rest, escape);
+    let words = parse_word_slices(rest, escape);
     if words.is_empty() {
         return Ok(Vec::new());
     }
@@ -788,7 +810,7 @@ pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, 
         let Some((k, v)) = w.split_once('=') else {
             return Err(format!(
                 "Syntax error - can't find = in {}. Must be of the form: name=value",
-                quote(&w)
+                quote(w)
             ));
         };
         out.push(Node::leaf(k));
@@ -829,7 +851,7 @@ fn parse_string(rest: &str) -> Vec<Node> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonError {
     /// Not JSON, or not an array: callers fall back to shell form.
-    NotJson(String),
+    NotJson,
     /// A JSON array with a non-string element: an error.
     NotStringArray,
 }
@@ -841,9 +863,9 @@ pub const NOT_STRING_ARRAY: &str = "when using JSON array syntax, arrays must be
 pub fn parse_json(rest: &str) -> Result<Vec<Node>, JsonError> {
     let rest = rest.trim_start();
     if !rest.starts_with('[') {
-        return Err(JsonError::NotJson(format!("Error parsing {} as a JSON array", quote(rest))));
+        return Err(JsonError::NotJson);
     }
-    let values: Vec<serde_json::Value> = serde_json::from_str(rest).map_err(|e| JsonError::NotJson(e.to_string()))?;
+    let values: Vec<serde_json::Value> = serde_json::from_str(rest).map_err(|_| JsonError::NotJson)?;
     values
         .into_iter()
         .map(|v| match v {
@@ -860,7 +882,7 @@ fn parse_maybe_json(rest: &str) -> Result<(Vec<Node>, bool), String> {
     match parse_json(rest) {
         Ok(n) => Ok((n, true)),
         Err(JsonError::NotStringArray) => Err(NOT_STRING_ARRAY.into()),
-        Err(JsonError::NotJson(_)) => Ok((vec![Node::leaf(rest)], false)),
+        Err(JsonError::NotJson) => Ok((vec![Node::leaf(rest)], false)),
     }
 }
 
@@ -868,7 +890,7 @@ fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<Node>, bool), String> {
     match parse_json(rest) {
         Ok(n) => Ok((n, true)),
         Err(JsonError::NotStringArray) => Err(NOT_STRING_ARRAY.into()),
-        Err(JsonError::NotJson(_)) => Ok((parse_whitespace_delimited(rest), false)),
+        Err(JsonError::NotJson) => Ok((parse_whitespace_delimited(rest), false)),
     }
 }
 
