@@ -63,7 +63,7 @@ pub struct Node {
     pub value: String,
     /// The arguments (BuildKit's `Next` chain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub next: Vec<Node>,
+    pub next: Vec<Arg>,
     /// Instructions (root) or the nested instruction (ONBUILD argument).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Node>,
@@ -86,10 +86,39 @@ pub struct Node {
     pub prev_comment: Vec<String>,
 }
 
-impl Node {
-    fn leaf(value: impl Into<String>) -> Node {
-        Node { value: value.into(), ..Node::default() }
+/// One argument of an instruction (an element of BuildKit's `Next` chain):
+/// a value, or for ONBUILD a nested instruction in `children`. Kept small
+/// on purpose, as there are several per instruction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Arg {
+    /// The argument text.
+    pub value: String,
+    /// ONBUILD: the nested instruction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Node>,
+}
+
+impl Arg {
+    fn leaf(value: impl Into<String>) -> Arg {
+        Arg { value: value.into(), children: Vec::new() }
     }
+
+    fn dump_into(&self, s: &mut String) {
+        if self.children.is_empty() {
+            s.push_str(&quote(&self.value));
+        } else {
+            let mut inner = self.value.to_lowercase();
+            for c in &self.children {
+                inner.push('(');
+                inner.push_str(&c.dump());
+                inner.push_str(")\n");
+            }
+            s.push_str(inner.trim_matches(char::is_whitespace));
+        }
+    }
+}
+
+impl Node {
 
     /// The dump format of BuildKit's `Node.Dump()`: `(run "echo" "hi")` per
     /// instruction, keyword lower-cased, arguments Go-quoted.
@@ -112,11 +141,7 @@ impl Node {
         }
         for n in &self.next {
             s.push(' ');
-            if n.children.is_empty() {
-                s.push_str(&quote(&n.value));
-            } else {
-                s.push_str(&n.dump());
-            }
+            n.dump_into(&mut s);
         }
         s.trim_matches(char::is_whitespace).to_string()
     }
@@ -387,7 +412,7 @@ impl<'a> LineScanner<'a> {
             return None;
         }
         let rest = &self.data[self.pos..];
-        let len = match memchr_nl(rest.as_bytes()) {
+        let len = match rest.find('\n') {
             Some(i) if i < MAX_LINE => i + 1,
             None if rest.len() < MAX_LINE => rest.len(),
             _ => {
@@ -398,11 +423,6 @@ impl<'a> LineScanner<'a> {
         self.pos += len;
         Some(&rest[..len])
     }
-}
-
-#[inline]
-fn memchr_nl(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
 }
 
 fn trim_newline(s: &str) -> &str {
@@ -550,7 +570,7 @@ fn new_node_from_line(line: &str, escape: char, comments: Vec<String>) -> Result
     };
     let (next, json) = match key {
         "add" | "copy" | "volume" => parse_maybe_json_to_list(args)?,
-        "arg" => (parse_word_slices(args, escape).into_iter().map(Node::leaf).collect(), false),
+        "arg" => (parse_word_slices(args, escape).into_iter().map(Arg::leaf).collect(), false),
         "cmd" | "entrypoint" | "run" | "shell" => parse_maybe_json(args)?,
         "env" => (parse_name_val(args, "ENV", escape)?, false),
         "label" => (parse_name_val(args, "LABEL", escape)?, false),
@@ -562,12 +582,12 @@ fn new_node_from_line(line: &str, escape: char, comments: Vec<String>) -> Result
                 (Vec::new(), false)
             } else {
                 let child = new_node_from_line(args, escape, Vec::new())?;
-                (vec![Node { children: vec![child], ..Node::default() }], false)
+                (vec![Arg { value: String::new(), children: vec![child] }], false)
             }
         }
         // BuildKit's parser keeps unknown instructions (with one empty
         // argument); they are rejected when typed.
-        _ => (vec![Node::default()], false),
+        _ => (vec![Arg::default()], false),
     };
     Ok(Node {
         value: cmd.to_string(),
@@ -722,7 +742,7 @@ fn parse_word_slices(rest: &str, escape: char) -> Vec<&str> {
         Word,
         Quote,
     }
-    let mut words = Vec::new();
+    let mut words = Vec::with_capacity(4);
     let mut phase = Phase::Spaces;
     let (mut start, mut end) = (0usize, 0usize);
     let mut quote = '\0';
@@ -792,7 +812,7 @@ fn parse_word_slices(rest: &str, escape: char) -> Vec<&str> {
 
 /// ENV/LABEL arguments as `key value sep` triples (BuildKit's
 /// `parseNameVal`): `k=v ...` gives sep `=`, legacy `k v` gives sep ``.
-pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, String> {
+pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Arg>, String> {
     let words = parse_word_slices(rest, escape);
     if words.is_empty() {
         return Ok(Vec::new());
@@ -803,7 +823,7 @@ pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, 
         };
         let name = &rest[..i];
         let value = rest[i..].trim_start_matches(is_re_ws);
-        return Ok(vec![Node::leaf(name), Node::leaf(value), Node::leaf("")]);
+        return Ok(vec![Arg::leaf(name), Arg::leaf(value), Arg::leaf("")]);
     }
     let mut out = Vec::with_capacity(words.len() * 3);
     for w in words {
@@ -813,25 +833,25 @@ pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, 
                 quote(w)
             ));
         };
-        out.push(Node::leaf(k));
-        out.push(Node::leaf(v));
-        out.push(Node::leaf("="));
+        out.push(Arg::leaf(k));
+        out.push(Arg::leaf(v));
+        out.push(Arg::leaf("="));
     }
     Ok(out)
 }
 
-fn parse_whitespace_delimited(rest: &str) -> Vec<Node> {
+fn parse_whitespace_delimited(rest: &str) -> Vec<Arg> {
     if rest.is_empty() {
         return Vec::new();
     }
     // Go's `regexp.Split` on `[\t\v\f\r ]+`: each run of separators splits once.
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(4);
     let mut start = 0;
     let mut in_sep = false;
     for (i, c) in rest.char_indices() {
         if is_re_ws(c) {
             if !in_sep {
-                out.push(Node::leaf(&rest[start..i]));
+                out.push(Arg::leaf(&rest[start..i]));
                 in_sep = true;
             }
         } else if in_sep {
@@ -839,12 +859,12 @@ fn parse_whitespace_delimited(rest: &str) -> Vec<Node> {
             in_sep = false;
         }
     }
-    out.push(Node::leaf(if in_sep { "" } else { &rest[start..] }));
+    out.push(Arg::leaf(if in_sep { "" } else { &rest[start..] }));
     out
 }
 
-fn parse_string(rest: &str) -> Vec<Node> {
-    if rest.is_empty() { Vec::new() } else { vec![Node::leaf(rest)] }
+fn parse_string(rest: &str) -> Vec<Arg> {
+    if rest.is_empty() { Vec::new() } else { vec![Arg::leaf(rest)] }
 }
 
 /// Why [`parse_json`] failed.
@@ -860,33 +880,242 @@ pub enum JsonError {
 pub const NOT_STRING_ARRAY: &str = "when using JSON array syntax, arrays must be comprised of strings only";
 
 /// Parse a JSON array of strings (BuildKit's `parseJSON`).
-pub fn parse_json(rest: &str) -> Result<Vec<Node>, JsonError> {
+pub fn parse_json(rest: &str) -> Result<Vec<Arg>, JsonError> {
     let rest = rest.trim_start();
     if !rest.starts_with('[') {
         return Err(JsonError::NotJson);
     }
-    let values: Vec<serde_json::Value> = serde_json::from_str(rest).map_err(|_| JsonError::NotJson)?;
-    values
-        .into_iter()
-        .map(|v| match v {
-            serde_json::Value::String(s) => Ok(Node::leaf(s)),
-            _ => Err(JsonError::NotStringArray),
-        })
-        .collect()
+    let values = json::string_array(rest).ok_or(JsonError::NotJson)?;
+    values.into_iter().map(|v| v.map(Arg::leaf).ok_or(JsonError::NotStringArray)).collect()
 }
 
-fn parse_maybe_json(rest: &str) -> Result<(Vec<Node>, bool), String> {
+/// A small JSON reader with Go `encoding/json` rules (whitespace, number
+/// syntax, escapes; a lone surrogate escape becomes U+FFFD), specialised
+/// for "an array whose elements should be strings".
+mod json {
+    struct R<'a> {
+        b: &'a [u8],
+        s: &'a str,
+        i: usize,
+        depth: usize,
+    }
+
+    /// `Some(elements)` for a syntactically valid JSON array (non-string
+    /// elements as `None`), `None` for anything that is not valid JSON.
+    pub fn string_array(s: &str) -> Option<Vec<Option<String>>> {
+        let mut r = R { b: s.as_bytes(), s, i: 0, depth: 0 };
+        r.ws();
+        if r.b.get(r.i) != Some(&b'[') {
+            return None;
+        }
+        r.i += 1;
+        let mut out = Vec::new();
+        r.ws();
+        if r.b.get(r.i) == Some(&b']') {
+            r.i += 1;
+        } else {
+            loop {
+                r.ws();
+                if r.b.get(r.i) == Some(&b'"') {
+                    out.push(Some(r.string()?));
+                } else {
+                    r.value()?;
+                    out.push(None);
+                }
+                r.ws();
+                match r.b.get(r.i) {
+                    Some(b',') => r.i += 1,
+                    Some(b']') => {
+                        r.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        r.ws();
+        (r.i == r.b.len()).then_some(out)
+    }
+
+    impl R<'_> {
+        fn ws(&mut self) {
+            while matches!(self.b.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.i += 1;
+            }
+        }
+
+        fn lit(&mut self, l: &str) -> Option<()> {
+            self.b[self.i..].starts_with(l.as_bytes()).then(|| self.i += l.len())
+        }
+
+        fn value(&mut self) -> Option<()> {
+            self.ws();
+            match *self.b.get(self.i)? {
+                b'"' => self.string().map(|_| ()),
+                b't' => self.lit("true"),
+                b'f' => self.lit("false"),
+                b'n' => self.lit("null"),
+                b'[' | b'{' => {
+                    self.depth += 1;
+                    if self.depth > 10000 {
+                        return None;
+                    }
+                    let close = if self.b[self.i] == b'[' { b']' } else { b'}' };
+                    self.i += 1;
+                    self.ws();
+                    if self.b.get(self.i) == Some(&close) {
+                        self.i += 1;
+                    } else {
+                        loop {
+                            if close == b'}' {
+                                self.ws();
+                                if self.b.get(self.i) != Some(&b'"') {
+                                    return None;
+                                }
+                                self.string()?;
+                                self.ws();
+                                if self.b.get(self.i) != Some(&b':') {
+                                    return None;
+                                }
+                                self.i += 1;
+                            }
+                            self.value()?;
+                            self.ws();
+                            match self.b.get(self.i) {
+                                Some(b',') => self.i += 1,
+                                Some(c) if *c == close => {
+                                    self.i += 1;
+                                    break;
+                                }
+                                _ => return None,
+                            }
+                        }
+                    }
+                    self.depth -= 1;
+                    Some(())
+                }
+                _ => self.number(),
+            }
+        }
+
+        fn digits(&mut self) -> usize {
+            let start = self.i;
+            while self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+                self.i += 1;
+            }
+            self.i - start
+        }
+
+        fn number(&mut self) -> Option<()> {
+            if self.b.get(self.i) == Some(&b'-') {
+                self.i += 1;
+            }
+            match self.b.get(self.i) {
+                Some(b'0') => self.i += 1,
+                Some(b'1'..=b'9') => {
+                    self.digits();
+                }
+                _ => return None,
+            }
+            if self.b.get(self.i) == Some(&b'.') {
+                self.i += 1;
+                if self.digits() == 0 {
+                    return None;
+                }
+            }
+            if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+                self.i += 1;
+                if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                    self.i += 1;
+                }
+                if self.digits() == 0 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+
+        fn hex4(&mut self) -> Option<u32> {
+            let h = self.s.get(self.i..self.i + 4)?;
+            if !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            self.i += 4;
+            u32::from_str_radix(h, 16).ok()
+        }
+
+        fn string(&mut self) -> Option<String> {
+            self.i += 1; // opening quote
+            let mut out = String::new();
+            let mut run = self.i;
+            loop {
+                let c = *self.b.get(self.i)?;
+                match c {
+                    b'"' => {
+                        out.push_str(&self.s[run..self.i]);
+                        self.i += 1;
+                        return Some(out);
+                    }
+                    0..=0x1f => return None,
+                    b'\\' => {
+                        out.push_str(&self.s[run..self.i]);
+                        self.i += 1;
+                        let e = *self.b.get(self.i)?;
+                        self.i += 1;
+                        match e {
+                            b'"' => out.push('"'),
+                            b'\\' => out.push('\\'),
+                            b'/' => out.push('/'),
+                            b'b' => out.push('\u{8}'),
+                            b'f' => out.push('\u{c}'),
+                            b'n' => out.push('\n'),
+                            b'r' => out.push('\r'),
+                            b't' => out.push('\t'),
+                            b'u' => {
+                                let u = self.hex4()?;
+                                if (0xD800..0xDC00).contains(&u)
+                                    && self.b.get(self.i) == Some(&b'\\')
+                                    && self.b.get(self.i + 1) == Some(&b'u')
+                                {
+                                    let save = self.i;
+                                    self.i += 2;
+                                    match self.hex4() {
+                                        Some(lo) if (0xDC00..0xE000).contains(&lo) => {
+                                            let c = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
+                                            out.push(char::from_u32(c).unwrap_or('\u{fffd}'));
+                                        }
+                                        _ => {
+                                            self.i = save;
+                                            out.push('\u{fffd}');
+                                        }
+                                    }
+                                } else {
+                                    out.push(char::from_u32(u).unwrap_or('\u{fffd}'));
+                                }
+                            }
+                            _ => return None,
+                        }
+                        run = self.i;
+                    }
+                    _ => self.i += 1,
+                }
+            }
+        }
+    }
+}
+
+fn parse_maybe_json(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     if rest.is_empty() {
         return Ok((Vec::new(), false));
     }
     match parse_json(rest) {
         Ok(n) => Ok((n, true)),
         Err(JsonError::NotStringArray) => Err(NOT_STRING_ARRAY.into()),
-        Err(JsonError::NotJson) => Ok((vec![Node::leaf(rest)], false)),
+        Err(JsonError::NotJson) => Ok((vec![Arg::leaf(rest)], false)),
     }
 }
 
-fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<Node>, bool), String> {
+fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     match parse_json(rest) {
         Ok(n) => Ok((n, true)),
         Err(JsonError::NotStringArray) => Err(NOT_STRING_ARRAY.into()),
@@ -894,7 +1123,7 @@ fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<Node>, bool), String> {
     }
 }
 
-fn parse_health_config(rest: &str) -> Result<(Vec<Node>, bool), String> {
+fn parse_health_config(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     let b = rest.as_bytes();
     let sep = b.iter().position(|&c| byte_is_space(c)).unwrap_or(b.len());
     if sep == 0 {
@@ -903,7 +1132,7 @@ fn parse_health_config(rest: &str) -> Result<(Vec<Node>, bool), String> {
     let next = b[sep..].iter().position(|&c| !byte_is_space(c)).map_or(b.len(), |i| sep + i);
     let typ = &rest[..sep];
     let (cmd, json) = parse_maybe_json(safe_tail(rest, next))?;
-    let mut out = vec![Node::leaf(typ)];
+    let mut out = vec![Arg::leaf(typ)];
     out.extend(cmd);
     Ok((out, json))
 }
@@ -980,6 +1209,19 @@ mod tests {
             "(from \"busybox\" \"AS\" \"b\")\n(run [\"--mount=type=cache,target=/x\"] \"echo   hi\")\n(env \"A\" \"1\" \"=\" \"B\" \"2\" \"=\")"
         );
         assert_eq!(r.ast.children[1].span, Span { start_line: 2, start_col: 1, end_line: 3, end_col: 5 });
+    }
+
+    #[test]
+    fn json_arrays_follow_go_rules() {
+        let v = |s: &str| parse_json(s).map(|a| a.into_iter().map(|a| a.value).collect::<Vec<_>>());
+        assert_eq!(v(r#"["a\u00e9\ud83d\ude00", "\/"]"#).unwrap(), ["aé😀", "/"]);
+        assert_eq!(v(r#"["\ud800x"]"#).unwrap(), ["\u{fffd}x"], "lone surrogate becomes U+FFFD");
+        assert_eq!(v("[1, {\"a\": [true, null]}]"), Err(JsonError::NotStringArray));
+        assert_eq!(v("[\"a\" \"b\"]"), Err(JsonError::NotJson));
+        assert_eq!(v("[01]"), Err(JsonError::NotJson));
+        assert_eq!(v("[\"a\"] x"), Err(JsonError::NotJson));
+        assert_eq!(v("[\"\t\"]"), Err(JsonError::NotJson), "raw control character");
+        assert_eq!(v(" [ ] ").unwrap(), Vec::<String>::new());
     }
 
     #[test]
