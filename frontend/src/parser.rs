@@ -456,7 +456,9 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
     while let Some(raw) = sc.scan() {
         let raw = if current_line == 0 { raw.strip_prefix('\u{feff}').unwrap_or(raw) } else { raw };
         if is_comment(raw) {
-            let c = raw.trim_start()[1..].trim();
+            // BuildKit drops the line's first byte (not the `#`) and trims.
+            let c = String::from_utf8_lossy(&raw.as_bytes()[1..]);
+            let c = c.trim();
             if c.is_empty() {
                 comments.clear();
             } else {
