@@ -567,7 +567,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The state a `from=` / `--from` names: a stage, or an image.
-    fn from_input(&mut self, from: &str, stage: usize, span: Span, platform: &Platform) -> Result<OpIndex, FrontendError> {
+    fn source_input(&mut self, from: &str, stage: usize, span: Span, platform: &Platform) -> Result<OpIndex, FrontendError> {
         if let Some(j) = self.find_stage(from, self.stages.len()) {
             if j == stage {
                 return Err(FrontendError::at(
@@ -635,7 +635,7 @@ impl<'a> Builder<'a> {
                 join_path(&st.image.config.working_dir, &target)
             };
             let mut input_for = |b: &mut Self, from: &str| -> Result<usize, FrontendError> {
-                let op = if from.is_empty() { b.context() } else { b.from_input(from, stage, c.span, &st.platform)? };
+                let op = if from.is_empty() { b.context() } else { b.source_input(from, stage, c.span, &st.platform)? };
                 inputs.push(op);
                 Ok(inputs.len() - 1)
             };
@@ -689,13 +689,13 @@ impl<'a> Builder<'a> {
             };
             mounts.push(Mount { target, kind });
         }
-        let network = match r.network.as_deref().map(|n| x(n)).transpose()?.as_deref() {
+        let network = match r.network.as_deref().map(&x).transpose()?.as_deref() {
             None | Some("default") => NetworkMode::Default,
             Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
             Some(n) => return Err(FrontendError::at(format!("unsupported network mode {n:?}"), c.span)),
         };
-        let insecure = r.security.as_deref().map(|s| x(s)).transpose()?.as_deref() == Some("insecure");
+        let insecure = r.security.as_deref().map(&x).transpose()?.as_deref() == Some("insecure");
         // Environment: image env, then ARGs in scope not set by ENV, then
         // proxy build args.
         let mut run_env = st.image.config.env.clone();
@@ -751,8 +751,8 @@ impl<'a> Builder<'a> {
         let dest_raw = x(&cp.dest)?;
         let dest = join_path(&st.image.config.working_dir, &dest_raw);
         let dest = if dest_raw.ends_with('/') && !dest.ends_with('/') { format!("{dest}/") } else { dest };
-        let owner = cp.chown.as_deref().map(|o| x(o)).transpose()?.filter(|o| !o.is_empty()).map(|o| owner_of(&o));
-        let mode = match cp.chmod.as_deref().map(|m| x(m)).transpose()? {
+        let owner = cp.chown.as_deref().map(&x).transpose()?.filter(|o| !o.is_empty()).map(|o| owner_of(&o));
+        let mode = match cp.chmod.as_deref().map(&x).transpose()? {
             Some(m) => Some(
                 u32::from_str_radix(&m, 8)
                     .map_err(|_| FrontendError::at(format!("invalid chmod parameter: {m}"), c.span))?,
@@ -785,7 +785,7 @@ impl<'a> Builder<'a> {
             shown_sources.push(s.clone());
             if cp.add && (s.starts_with("http://") || s.starts_with("https://")) && !is_git(&s) {
                 let filename = s.rsplit('/').next().filter(|f| !f.is_empty()).unwrap_or("index.html").to_string();
-                let checksum = cp.checksum.as_deref().map(|c| x(c)).transpose()?;
+                let checksum = cp.checksum.as_deref().map(&x).transpose()?;
                 let op = self.add_source(SourceOp::Http { url: s.clone(), checksum, filename: filename.clone(), mode });
                 inputs.push(op);
                 actions.push(copy_action(inputs.len() - 1, vec![format!("/{filename}")], &dest, &owner, mode, cp, exclude.clone(), false));
@@ -805,7 +805,7 @@ impl<'a> Builder<'a> {
             let src = match &cp.from {
                 Some(f) => {
                     let f = x(f)?;
-                    self.from_input(&f, stage, c.span, &st.platform)?
+                    self.source_input(&f, stage, c.span, &st.platform)?
                 }
                 None => self.context(),
             };
