@@ -53,8 +53,8 @@ const PROXY_ARGS: &[&str] = &[
 ///   base images are `Source::Image` nodes with normalized references;
 ///   `Source::Scratch` stands in for an empty rootfs that a RUN needs;
 /// - RUN → `Exec` with input 0 = the rootfs (its changes are the result);
-///   `args` already wrapped in SHELL for shell form (heredoc scripts are
-///   passed to the shell as BuildKit does); `env` = image env followed by the
+///   `args` already wrapped in SHELL for shell form (a heredoc script is
+///   passed to the shell unexpanded, as BuildKit does); `env` = image env followed by the
 ///   ARGs in scope not overridden by ENV (and proxy build args); mounts name
 ///   further inputs by position (`Bind.input`, `Cache.from`);
 /// - COPY/ADD → one `File` op with `base: Some(0)` (input 0 = previous
@@ -603,11 +603,10 @@ impl<'a> Builder<'a> {
             let first = cmd.first().cloned().unwrap_or_default();
             let is_single = crate::parser::parse_heredoc(&first).ok().flatten().is_some();
             if is_single {
+                // BuildKit runs the body itself in the shell, unexpanded
+                // (the shell expands it at run time).
                 let h = &r.heredocs[0];
-                let mut data = if h.chomp { crate::parser::chomp_heredoc_content(&h.content) } else { h.content.clone() };
-                if h.expand {
-                    data = expand_raw(&data, env, c.span)?;
-                }
+                let data = if h.chomp { crate::parser::chomp_heredoc_content(&h.content) } else { h.content.clone() };
                 cmd = vec![data];
             } else {
                 let mut full = first;
@@ -997,7 +996,7 @@ FROM busybox\nCOPY --from=build /src/out /out\nENTRYPOINT [\"/out\"]\n";
     fn mounts_link_heredocs_and_ignore() {
         let df = b"FROM busybox AS a\nFROM busybox\n\
 RUN --mount=type=cache,target=/c --mount=type=bind,from=a,source=/x,target=/x --mount=type=secret,id=tok make\n\
-COPY --link f /f\nCOPY <<EOF /etc/conf\nv=$HOME\nEOF\nRUN <<EOF\necho hi\nEOF\n";
+COPY --link f /f\nCOPY <<EOF /etc/conf\nv=$HOME\nEOF\nRUN <<EOF\necho hi $HOME\nEOF\n";
         let mut o = opts();
         o.dockerignore = Some("*.tmp\n!keep.tmp\n".into());
         let d = lower(df, &o, &Fake).unwrap();
@@ -1011,7 +1010,7 @@ COPY --link f /f\nCOPY <<EOF /etc/conf\nv=$HOME\nEOF\nRUN <<EOF\necho hi\nEOF\n"
         assert!(d.ops.iter().any(|n| matches!(&n.op, Op::File(f) if f.base.is_none())));
         assert!(d.ops.iter().any(|n| matches!(&n.op, Op::Source(SourceOp::Local { exclude, .. }) if exclude == &["*.tmp", "!keep.tmp"])));
         assert!(d.ops.iter().any(|n| matches!(&n.op, Op::File(f) if matches!(&f.actions[0], FileAction::Mkfile { path, data, .. } if path == "/etc/conf" && data == b"v=\n"))));
-        assert!(matches!(&d.ops[d.target].op, Op::Exec(e) if e.args == ["/bin/sh", "-c", "echo hi\n"]));
+        assert!(matches!(&d.ops[d.target].op, Op::Exec(e) if e.args == ["/bin/sh", "-c", "echo hi $HOME\n"]));
         // Layer count on the chain equals non-empty history entries.
         let layers = d.image.history.iter().filter(|h| !h.empty_layer).count();
         assert_eq!(layers, 1 + 4);
