@@ -1226,6 +1226,91 @@ mod tests {
         assert_eq!(v(" [ ] ").unwrap(), Vec::<String>::new());
     }
 
+    /// BuildKit's `parseWords` transcribed literally (a character at a
+    /// time), to check the allocation-free version against.
+    fn parse_words_reference(rest: &str, escape: char) -> Vec<String> {
+        let (mut words, mut word) = (Vec::new(), String::new());
+        let (mut phase, mut quote, mut blank_ok) = (0, '\0', false);
+        let chars: Vec<char> = rest.chars().collect();
+        let mut pos = 0;
+        while pos <= chars.len() {
+            let ch = chars.get(pos).copied().unwrap_or('\0');
+            if phase == 0 {
+                if pos == chars.len() {
+                    break;
+                }
+                if ch.is_whitespace() {
+                    pos += 1;
+                    continue;
+                }
+                phase = 1;
+            }
+            if pos == chars.len() {
+                if blank_ok || !word.is_empty() {
+                    words.push(word.clone());
+                }
+                break;
+            }
+            let mut ch = ch;
+            if phase == 1 {
+                if ch.is_whitespace() {
+                    phase = 0;
+                    if blank_ok || !word.is_empty() {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    blank_ok = false;
+                    pos += 1;
+                    continue;
+                }
+                if ch == '\'' || ch == '"' {
+                    quote = ch;
+                    blank_ok = true;
+                    phase = 2;
+                }
+                if ch == escape {
+                    if pos + 1 == chars.len() {
+                        pos += 1;
+                        continue;
+                    }
+                    word.push(ch);
+                    pos += 1;
+                    ch = chars[pos];
+                }
+                word.push(ch);
+                pos += 1;
+                continue;
+            }
+            if ch == quote {
+                phase = 1;
+            }
+            if ch == escape && quote != '\'' {
+                if pos + 1 == chars.len() {
+                    phase = 1;
+                    pos += 1;
+                    continue;
+                }
+                pos += 1;
+                word.push(ch);
+                ch = chars[pos];
+            }
+            word.push(ch);
+            pos += 1;
+        }
+        words
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn word_slices_match_buildkit_parse_words(
+            s in proptest::collection::vec(proptest::sample::select(vec!["a", "b", " ", "\t", "'", "\"", "\\", "`", "é", "=", "\u{a0}"]), 0..24)
+        ) {
+            let s = s.concat();
+            for esc in ['\\', '`'] {
+                proptest::prop_assert_eq!(parse_words(&s, esc), parse_words_reference(&s, esc));
+            }
+        }
+    }
+
     #[test]
     fn whitespace_split_merges_runs() {
         let v: Vec<String> = parse_whitespace_delimited("a  b\t c").into_iter().map(|n| n.value).collect();
