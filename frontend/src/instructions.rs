@@ -651,7 +651,7 @@ fn parse_healthcheck(node: &Node) -> Result<HealthcheckCommand, FrontendError> {
     )?;
     let args = values(node);
     let Some(typ) = args.first() else {
-        return Err(FrontendError::at("HEALTHCHECK requires an argument", node.span));
+        return Err(FrontendError::at("HEALTHCHECK requires at least one argument", node.span));
     };
     let typ = typ.to_ascii_uppercase();
     let mut hc = HealthcheckCommand::default();
