@@ -24,6 +24,7 @@ mod netns;
 mod spec;
 mod stubs;
 pub mod user;
+mod workload;
 
 use std::fs::File;
 use std::io::Read;
@@ -472,7 +473,8 @@ impl Running {
 
         let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
             .with_root_path(self.runtime.libcontainer_dir())
-            .context("libcontainer state dir")?;
+            .context("libcontainer state dir")?
+            .with_executor(workload::ExecveExecutor);
         if stdio.stdin == Stdin::Null {
             builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
         }
