@@ -15,6 +15,8 @@
 //! - [`index::CacheIndex`] — cache key → result record (the snapshot chain
 //!   and anything the solver needs to reuse a step).
 //! - [`images::ImageStore`] — image names → manifest digests.
+//! - [`layered::LayeredView`] — a merged read-only view of a layer chain
+//!   (whiteouts, opaque dirs, symlinks resolved inside the root).
 //!
 //! Every write is atomic (temp file + fsync + rename); a crash at any point
 //! leaves the store consistent, with leftovers under `tmp/` that the next
@@ -25,6 +27,8 @@ pub mod content;
 pub mod fsutil;
 pub mod images;
 pub mod index;
+pub mod layered;
+pub mod lock;
 pub mod snapshots;
 
 use std::path::{Path, PathBuf};
@@ -46,9 +50,12 @@ impl Store {
     /// Open (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> anyhow::Result<Store> {
         std::fs::create_dir_all(root)?;
+        let content = content::ContentStore::open(root)?;
+        // Blobs half-written by a process that died; live writers are skipped.
+        content.remove_stale_ingests()?;
         Ok(Store {
             root: root.to_path_buf(),
-            content: content::ContentStore::open(root)?,
+            content,
             snapshots: snapshots::Snapshotter::open(root)?,
             index: index::CacheIndex::open(root)?,
             images: images::ImageStore::open(root)?,
@@ -58,5 +65,17 @@ impl Store {
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Hold the store-wide lock `name` (`locks/<name>.lock`) exclusively
+    /// until the returned guard drops; blocks while another process holds it.
+    /// Used for work that must happen once per store, e.g. unpacking one
+    /// layer or garbage collection.
+    pub fn lock(&self, name: &str) -> anyhow::Result<lock::FileLock> {
+        anyhow::ensure!(
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+            "invalid lock name {name:?}"
+        );
+        Ok(lock::FileLock::exclusive(&self.root.join("locks").join(format!("{name}.lock")))?)
     }
 }

@@ -12,3 +12,8 @@
 
 pub mod commands;
 pub mod config;
+pub mod executor;
+pub mod image_source;
+pub mod registry;
+pub mod runtime;
+pub mod unpack;

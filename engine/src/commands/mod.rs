@@ -2,6 +2,16 @@
 //! `run(&Global, Args) -> anyhow::Result<i32>` returning the exit code.
 
 pub mod debug;
+pub mod images;
+pub mod import;
+pub mod inspect;
+pub mod load;
+pub mod login;
+pub mod pull;
+pub mod push;
+pub mod rmi;
+pub mod tag;
+pub mod run;
 
 use crate::config::Global;
 
@@ -11,11 +21,41 @@ pub enum Command {
     /// Developer tools (e.g. `kiln debug parse`).
     #[command(subcommand)]
     Debug(debug::DebugCommand),
+    /// Pull an image from a registry.
+    Pull(pull::Args),
+    /// Push an image to a registry.
+    Push(push::Args),
+    /// List local images.
+    Images(images::Args),
+    /// Give a local image another name.
+    Tag(tag::Args),
+    /// Remove local image names.
+    Rmi(rmi::Args),
+    /// Show local images as JSON (like `docker image inspect`).
+    Inspect(inspect::Args),
+    /// Store registry credentials.
+    Login(login::Args),
+    /// Make a one-layer image from a root filesystem tarball.
+    Import(import::Args),
+    /// Load images from an OCI layout or a docker-archive tar.
+    Load(load::Args),
+    /// Run a command in a new container.
+    Run(run::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
 pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Debug(c) => debug::run(global, c),
+        Command::Pull(a) => pull::run(global, a),
+        Command::Push(a) => push::run(global, a),
+        Command::Images(a) => images::run(global, a),
+        Command::Tag(a) => tag::run(global, a),
+        Command::Rmi(a) => rmi::run(global, a),
+        Command::Inspect(a) => inspect::run(global, a),
+        Command::Login(a) => login::run(global, a),
+        Command::Import(a) => import::run(global, a),
+        Command::Load(a) => load::run(global, a),
+        Command::Run(a) => run::run(global, a),
     }
 }

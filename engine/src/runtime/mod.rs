@@ -1,0 +1,652 @@
+//! Containers on overlay rootfs, run with libcontainer.
+//!
+//! One [`ContainerSpec`] describes one process: its rootfs (layer
+//! directories as overlay lowerdirs plus the upperdir/workdir that receive
+//! its changes), argv/env/cwd/user, extra mounts, network mode, hostname
+//! and limits. [`Runtime::start`] mounts the overlay, creates the mount
+//! points the image lacks, writes `/etc/hosts` and `/etc/resolv.conf`,
+//! builds the OCI spec and starts the container; [`Running::wait`] reaps it
+//! and cleans everything up: the libcontainer state and cgroup, every mount,
+//! and the mount-point stubs in the upperdir, so the upperdir is exactly
+//! the process's diff. [`Runtime::run`] does both.
+//!
+//! State lives under `<state root>/containers/<id>/`, guarded by an
+//! `flock` held for the container's lifetime; [`Runtime::new`] sweeps the
+//! state of every container whose owner died (e.g. `kill -9` of kiln).
+//!
+//! Network modes: `None` and `Default` both get a new network namespace with
+//! only `lo` up — there is no egress yet (a builder usually wants it, but
+//! this machine has no network to give); `Host` shares the host's.
+
+mod fsat;
+pub mod overlay;
+mod netns;
+mod spec;
+mod stubs;
+pub mod user;
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+pub use kiln_frontend::graph::NetworkMode;
+pub use kiln_solver::LogSink;
+pub use kiln_solver::worker::LogStream;
+
+use stubs::{StubKind, Stubs};
+
+/// The rootfs of a container: read-only layers and where changes go.
+#[derive(Debug, Clone)]
+pub struct Rootfs {
+    /// Layer directories, bottom first (overlay format).
+    pub lower: Vec<PathBuf>,
+    /// Empty directory that receives the changes; empty path = a throw-away
+    /// upper inside the container's state dir (see [`Rootfs::throwaway`]).
+    pub upper: PathBuf,
+    /// Empty overlay work directory on the same filesystem as `upper`.
+    pub work: PathBuf,
+}
+
+impl Rootfs {
+    /// `lower` with changes discarded when the container is cleaned up
+    /// (also by a sweep after a crash), as for `kiln run`.
+    pub fn throwaway(lower: Vec<PathBuf>) -> Self {
+        Rootfs { lower, upper: PathBuf::new(), work: PathBuf::new() }
+    }
+}
+
+/// An extra mount.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    /// Absolute path in the container.
+    pub target: PathBuf,
+    /// What is mounted.
+    pub source: MountSource,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// What a [`Mount`] mounts.
+#[derive(Debug, Clone)]
+pub enum MountSource {
+    /// A host file or directory.
+    Bind(PathBuf),
+    /// Layer directories (bottom first) as an overlay; if the mount is
+    /// writable, writes go to a throw-away upper dir.
+    Layers(Vec<PathBuf>),
+    /// A fresh tmpfs of `size` bytes (0 = kernel default).
+    Tmpfs {
+        /// Size in bytes; 0 for the default.
+        size: u64,
+    },
+}
+
+/// cgroup limits.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<i64>,
+    /// CPU limit in CPUs (e.g. 0.5).
+    pub cpus: Option<f64>,
+}
+
+/// Everything about one container.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    /// Container name; `None` picks a unique one. Letters, digits, `_.-`.
+    pub name: Option<String>,
+    /// The rootfs.
+    pub rootfs: Rootfs,
+    /// argv (argv\[0\] looked up in `PATH` inside the container).
+    pub args: Vec<String>,
+    /// `KEY=VALUE`; `PATH`, `HOME` and `HOSTNAME` are added when missing.
+    pub env: Vec<String>,
+    /// Absolute working directory, created if missing ("" = `/`).
+    pub cwd: String,
+    /// `name|uid[:group|gid]` resolved in the rootfs; "" = root.
+    pub user: String,
+    /// Extra mounts, in order.
+    pub mounts: Vec<Mount>,
+    /// Network mode.
+    pub network: NetworkMode,
+    /// Hostname ("" = the container name, cut to 12 characters).
+    pub hostname: String,
+    /// cgroup limits.
+    pub limits: Limits,
+}
+
+impl ContainerSpec {
+    /// A spec running `args` on `rootfs` as root in `/`, no network.
+    pub fn new(rootfs: Rootfs, args: Vec<String>) -> Self {
+        ContainerSpec {
+            name: None,
+            rootfs,
+            args,
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: String::new(),
+            mounts: Vec::new(),
+            network: NetworkMode::None,
+            hostname: String::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Where the container's stdin comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdin {
+    /// `/dev/null`.
+    Null,
+    /// kiln's own stdin (`kiln run -i`).
+    Inherit,
+}
+
+/// Where the container's stdout and stderr go.
+#[derive(Clone)]
+pub enum Output {
+    /// kiln's own stdout/stderr.
+    Inherit,
+    /// Chunks as they arrive, tagged with their stream.
+    Stream(LogSink),
+}
+
+/// The container's standard streams.
+#[derive(Clone)]
+pub struct Stdio {
+    /// stdin.
+    pub stdin: Stdin,
+    /// stdout and stderr.
+    pub output: Output,
+}
+
+impl Stdio {
+    /// stdin from `/dev/null`, output to `sink`.
+    pub fn stream(sink: LogSink) -> Self {
+        Stdio { stdin: Stdin::Null, output: Output::Stream(sink) }
+    }
+}
+
+/// Runs containers; owns the state directory.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    state_root: PathBuf,
+}
+
+impl Runtime {
+    /// Use `state_root` (e.g. `<kiln root>/run`) for container state, and
+    /// clean up whatever containers of dead kiln processes left there.
+    pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let rt = Runtime { state_root: state_root.into() };
+        std::fs::create_dir_all(rt.containers_dir())
+            .with_context(|| format!("creating {}", rt.containers_dir().display()))?;
+        std::fs::create_dir_all(rt.libcontainer_dir())
+            .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
+        rt.sweep()?;
+        Ok(rt)
+    }
+
+    fn containers_dir(&self) -> PathBuf {
+        self.state_root.join("containers")
+    }
+
+    fn libcontainer_dir(&self) -> PathBuf {
+        self.state_root.join("libcontainer")
+    }
+
+    /// Clean up containers whose owning process is gone: kill them, delete
+    /// their libcontainer state and cgroup, unmount, remove stubs and state.
+    /// Returns how many were cleaned.
+    pub fn sweep(&self) -> anyhow::Result<usize> {
+        let mut cleaned = 0;
+        for entry in std::fs::read_dir(self.containers_dir())? {
+            let entry = entry?;
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let dir = entry.path();
+            // The owner holds an exclusive flock on the lock file for the
+            // container's lifetime; getting it means the owner is gone.
+            let Ok(lock) = File::open(dir.join("lock")) else {
+                // Half-created (no lock yet) or half-removed: take it only if old.
+                if is_older_than(&dir, 60) {
+                    self.cleanup_state(&id, None)?;
+                    cleaned += 1;
+                }
+                continue;
+            };
+            #[allow(deprecated)] // a plain fd lock; nix's Flock wrapper would own the File
+            if nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
+                continue;
+            }
+            let stubs = read_stub_record(&dir);
+            self.cleanup_state(&id, stubs.as_ref().map(|(u, s)| (u.as_path(), s)))?;
+            cleaned += 1;
+        }
+        // libcontainer state without kiln state: our cleanup deletes the
+        // libcontainer state first, so this is left over from a crash.
+        for entry in std::fs::read_dir(self.libcontainer_dir())? {
+            let entry = entry?;
+            if !self.containers_dir().join(entry.file_name()).exists() {
+                delete_libcontainer(&entry.path());
+                cleaned += 1;
+            }
+        }
+        Ok(cleaned)
+    }
+
+    /// Start a container; its process is running when this returns.
+    pub fn start(&self, spec: &ContainerSpec, stdio: Stdio) -> anyhow::Result<Running> {
+        let id = match &spec.name {
+            Some(name) => {
+                validate_name(name)?;
+                name.clone()
+            }
+            None => random_id(),
+        };
+        let dir = self.containers_dir().join(&id);
+        std::fs::create_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!("container name {id:?} is already in use")
+            } else {
+                anyhow::Error::new(e).context(format!("creating {}", dir.display()))
+            }
+        })?;
+        let lock = File::create(dir.join("lock")).with_context(|| format!("creating {}/lock", dir.display()))?;
+        #[allow(deprecated)]
+        nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).context("locking container state")?;
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
+        let mut running = Running {
+            runtime: self.clone(),
+            id,
+            dir,
+            upper: spec.rootfs.upper.clone(),
+            stubs: Stubs::default(),
+            throwaway_upper: false,
+            container: None,
+            pid: None,
+            readers: Vec::new(),
+            _lock: lock,
+            cleaned: false,
+        };
+        // On error `running` drops here, which cleans up what was done.
+        running.setup(spec, stdio)?;
+        Ok(running)
+    }
+
+    /// Start a container and wait for it; returns its exit code (128+N if
+    /// killed by signal N). Everything is cleaned up on every path.
+    pub fn run(&self, spec: &ContainerSpec, stdio: Stdio) -> anyhow::Result<i32> {
+        self.start(spec, stdio)?.wait()
+    }
+
+    /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
+    /// take out of the upperdir after unmounting.
+    fn cleanup_state(&self, id: &str, stubs: Option<(&Path, &Stubs)>) -> anyhow::Result<()> {
+        let lc = self.libcontainer_dir().join(id);
+        if lc.exists() {
+            delete_libcontainer(&lc);
+        }
+        let dir = self.containers_dir().join(id);
+        overlay::unmount_all_under(&dir)?;
+        let left = overlay::mounts_under(&dir)?;
+        if !left.is_empty() {
+            // Never recurse into a directory that still has a mount below it.
+            bail!("container {id}: could not unmount {}", left[0].display());
+        }
+        if let Some((upper, stubs)) = stubs {
+            stubs
+                .remove_from_upper(upper)
+                .with_context(|| format!("container {id}: removing mount-point stubs"))?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Kill and delete a libcontainer container (state dir and cgroup); if its
+/// state cannot be loaded, at least remove the directory.
+fn delete_libcontainer(lc: &Path) {
+    match Container::load(lc.to_path_buf()) {
+        Ok(mut c) => {
+            if let Err(e) = c.delete(true) {
+                tracing::warn!("deleting container state {}: {e}", lc.display());
+            }
+        }
+        Err(e) => tracing::warn!("loading container state {}: {e}", lc.display()),
+    }
+    if lc.exists() {
+        let _ = std::fs::remove_dir_all(lc);
+    }
+}
+
+/// A started container. Dropping it without [`Running::wait`] kills the
+/// container and cleans up.
+pub struct Running {
+    runtime: Runtime,
+    id: String,
+    dir: PathBuf,
+    upper: PathBuf,
+    stubs: Stubs,
+    throwaway_upper: bool,
+    container: Option<Container>,
+    pid: Option<Pid>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    _lock: File,
+    cleaned: bool,
+}
+
+impl Running {
+    /// The container id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Host pid of the container's first process.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.map(|p| p.as_raw())
+    }
+
+    /// Send `signal` to the container's first process.
+    pub fn kill(&self, signal: i32) -> anyhow::Result<()> {
+        let pid = self.pid.context("container has no process")?;
+        let sig = nix::sys::signal::Signal::try_from(signal).context("bad signal number")?;
+        nix::sys::signal::kill(pid, sig).context("signalling the container")?;
+        Ok(())
+    }
+
+    /// Wait for the process to exit, clean up, and return its exit code.
+    pub fn wait(mut self) -> anyhow::Result<i32> {
+        let pid = self.pid.context("container has no process")?;
+        let status = loop {
+            match waitpid(pid, None) {
+                Ok(s) => break s,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    let _ = self.cleanup();
+                    return Err(e).context("waiting for the container");
+                }
+            }
+        };
+        self.pid = None;
+        let code = match status {
+            WaitStatus::Exited(_, code) => code,
+            WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+            other => bail!("unexpected wait status {other:?}"),
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        self.cleanup()?;
+        Ok(code)
+    }
+
+    fn setup(&mut self, spec: &ContainerSpec, stdio: Stdio) -> anyhow::Result<()> {
+        anyhow::ensure!(!spec.args.is_empty(), "no command to run");
+        let rootfs = self.dir.join("rootfs");
+        std::fs::create_dir(&rootfs)?;
+        let (upper, work) = if spec.rootfs.upper.as_os_str().is_empty() {
+            let (u, w) = (self.dir.join("upper"), self.dir.join("work"));
+            std::fs::create_dir(&u)?;
+            std::fs::create_dir(&w)?;
+            self.throwaway_upper = true;
+            (u, w)
+        } else {
+            (spec.rootfs.upper.clone(), spec.rootfs.work.clone())
+        };
+        self.upper = upper.clone();
+        overlay::mount_overlay(&overlay::OverlaySpec { lower: &spec.rootfs.lower, upper: Some((&upper, &work)) }, &rootfs)?;
+        // Mount points the image may lack; recorded so they can be removed.
+        let upper = &upper;
+        for d in ["/proc", "/dev", "/sys"] {
+            self.stubs.ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
+        }
+        for f in ["/etc/hosts", "/etc/resolv.conf"] {
+            self.stubs.ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
+        }
+        let mut mounts = Vec::new();
+        for (i, m) in spec.mounts.iter().enumerate() {
+            anyhow::ensure!(m.target.is_absolute(), "mount target {} must be absolute", m.target.display());
+            let kind = match &m.source {
+                MountSource::Bind(src) => {
+                    let meta = std::fs::metadata(src).with_context(|| format!("bind source {}", src.display()))?;
+                    if meta.is_dir() { StubKind::Dir } else { StubKind::File }
+                }
+                _ => StubKind::Dir,
+            };
+            self.stubs.ensure(&rootfs, upper, &m.target, kind)?;
+            let host_dir = match &m.source {
+                MountSource::Layers(layers) => Some(self.mount_layers(i, layers, m.readonly)?),
+                _ => None,
+            };
+            mounts.push((m.clone(), host_dir));
+        }
+        self.save_stub_record()?;
+        let root_fd = fsat::open_dir(&rootfs)?;
+        let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
+        anyhow::ensure!(cwd.starts_with('/'), "working directory {cwd:?} must be absolute");
+        mkdir_all_in_root(&root_fd, Path::new(cwd)).with_context(|| format!("creating working directory {cwd}"))?;
+        let user = user::resolve_user(root_fd.as_fd(), &spec.user)?;
+        drop(root_fd);
+
+        let hostname = if spec.hostname.is_empty() {
+            self.id.trim_start_matches("kiln-").chars().take(12).collect()
+        } else {
+            spec.hostname.clone()
+        };
+        let hosts_file = self.dir.join("hosts");
+        let resolv_file = self.dir.join("resolv.conf");
+        std::fs::write(&hosts_file, hosts_content(&hostname, spec.network))?;
+        std::fs::write(&resolv_file, resolv_content(spec.network))?;
+
+        let netns = match spec.network {
+            NetworkMode::Host => None,
+            NetworkMode::None | NetworkMode::Default => Some(netns::new_loopback_netns()?),
+        };
+        let netns_path = netns.as_ref().map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
+        let config = spec::build(&spec::SpecInput {
+            id: &self.id,
+            rootfs: &rootfs,
+            args: &spec.args,
+            env: &spec.env,
+            cwd,
+            user: &user,
+            hostname: &hostname,
+            hosts_file: &hosts_file,
+            resolv_file: &resolv_file,
+            mounts: &mounts,
+            netns_path,
+            limits: &spec.limits,
+        });
+        let bundle = self.dir.join("bundle");
+        std::fs::create_dir(&bundle)?;
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
+
+        let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
+            .with_root_path(self.runtime.libcontainer_dir())
+            .context("libcontainer state dir")?;
+        if stdio.stdin == Stdin::Null {
+            builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
+        }
+        if let Output::Stream(sink) = &stdio.output {
+            for stream in [LogStream::Stdout, LogStream::Stderr] {
+                let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+                builder = match stream {
+                    LogStream::Stdout => builder.with_stdout(write),
+                    LogStream::Stderr => builder.with_stderr(write),
+                };
+                self.readers.push(spawn_reader(read, stream, sink.clone()));
+            }
+        }
+        let mut container = builder
+            .as_init(&bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
+        drop(netns);
+        self.pid = container.pid();
+        let started = container.start();
+        self.container = Some(container);
+        started.map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
+        Ok(())
+    }
+
+    /// Mount layer directories for a [`MountSource::Layers`] mount under the
+    /// state dir; returns the host directory to bind into the container.
+    fn mount_layers(&self, index: usize, layers: &[PathBuf], readonly: bool) -> anyhow::Result<PathBuf> {
+        let base = self.dir.join("mounts").join(index.to_string());
+        let target = base.join("merged");
+        std::fs::create_dir_all(&target)?;
+        if readonly {
+            overlay::mount_overlay(&overlay::OverlaySpec { lower: layers, upper: None }, &target)?;
+        } else {
+            let (upper, work) = (base.join("upper"), base.join("work"));
+            std::fs::create_dir(&upper)?;
+            std::fs::create_dir(&work)?;
+            overlay::mount_overlay(&overlay::OverlaySpec { lower: layers, upper: Some((&upper, &work)) }, &target)?;
+        }
+        Ok(target)
+    }
+
+    /// Persist what was created, so a sweep after a crash can remove it.
+    fn save_stub_record(&self) -> anyhow::Result<()> {
+        if self.throwaway_upper {
+            return Ok(());
+        }
+        let text = format!("{}\n{}", self.upper.display(), self.stubs.to_record());
+        std::fs::write(self.dir.join("stubs"), text).context("saving stub record")
+    }
+
+    fn cleanup(&mut self) -> anyhow::Result<()> {
+        if self.cleaned {
+            return Ok(());
+        }
+        self.cleaned = true;
+        if let Some(pid) = self.pid.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        // Deleting through the handle we have saves re-reading its state.
+        if let Some(mut c) = self.container.take() {
+            if let Err(e) = c.delete(true) {
+                tracing::warn!("deleting container {}: {e}", self.id);
+            }
+        }
+        let stubs = (!self.throwaway_upper).then_some((self.upper.as_path(), &self.stubs));
+        self.runtime.cleanup_state(&self.id, stubs)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            tracing::error!("cleaning up container {}: {e:#}", self.id);
+        }
+    }
+}
+
+fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut f = File::from(read);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => sink(stream, &buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// `mkdir -p` of an absolute container path, never following symlinks.
+fn mkdir_all_in_root(root: &OwnedFd, path: &Path) -> anyhow::Result<()> {
+    let mut dir = root.try_clone()?;
+    for name in fsat::components(path)? {
+        match fsat::lstat_at(dir.as_fd(), name)? {
+            None => fsat::mkdir_at(dir.as_fd(), name, 0o755)?,
+            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
+            Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+                // A symlinked working directory is resolved by the container
+                // itself at chdir time, inside its root.
+                return Ok(());
+            }
+            Some(_) => bail!("{} exists and is not a directory", path.display()),
+        }
+        dir = fsat::open_beneath(dir.as_fd(), Path::new(name), libc::O_DIRECTORY | libc::O_RDONLY, fsat::Resolve::NoSymlinks)?;
+    }
+    Ok(())
+}
+
+fn hosts_content(hostname: &str, network: NetworkMode) -> String {
+    if network == NetworkMode::Host {
+        if let Ok(h) = std::fs::read_to_string("/etc/hosts") {
+            return h;
+        }
+    }
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n127.0.1.1\t{hostname}\n"
+    )
+}
+
+/// The host's resolv.conf; outside the host namespace, loopback name
+/// servers (unreachable from there) are dropped, as docker does.
+fn resolv_content(network: NetworkMode) -> String {
+    let host = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if network == NetworkMode::Host {
+        return host;
+    }
+    host.lines()
+        .filter(|l| {
+            let mut w = l.split_whitespace();
+            !(w.next() == Some("nameserver") && w.next().is_some_and(|ip| ip.starts_with("127.") || ip == "::1"))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn validate_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    anyhow::ensure!(ok, "container name {name:?}: use letters, digits, `_`, `.` and `-` only");
+    Ok(())
+}
+
+fn random_id() -> String {
+    let mut bytes = [0u8; 8];
+    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    format!("kiln-{}", hex::encode(bytes))
+}
+
+fn is_older_than(path: &Path, secs: u64) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() > secs)
+}
+
+fn read_stub_record(dir: &Path) -> Option<(PathBuf, Stubs)> {
+    let text = std::fs::read_to_string(dir.join("stubs")).ok()?;
+    let (upper, rest) = text.split_once('\n')?;
+    Some((PathBuf::from(upper), Stubs::from_record(rest)?))
+}
