@@ -70,6 +70,11 @@ fn without_epoch_times_are_now_and_layers_keep_mtimes() {
     let store = Store::open(tmp.path()).unwrap();
     let spec = spec(chain(&store));
     let built = export(&store, &spec, &Output::parse("type=image").unwrap(), None).unwrap().unwrap();
+    // type=image: the store can name it, and resolves the name back.
+    kiln_exporter::tag_image(&store, &built, &["kiln-test/tagged:1".to_string()]).unwrap();
+    let record = store.images.resolve("kiln-test/tagged:1").unwrap();
+    assert_eq!(record.target.digest, built.manifest.digest().to_string());
+    assert_eq!(record.config_digest, built.config.digest().to_string());
     let config = ImageConfiguration::from_reader(&read_blob(&store.content, &built.config.digest().to_string()).unwrap()[..]).unwrap();
     let created = config.created().clone().unwrap();
     assert!(created.starts_with("20") && created != "2023-11-14T22:13:20Z", "{created}");
