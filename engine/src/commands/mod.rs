@@ -12,6 +12,7 @@ pub mod push;
 pub mod rmi;
 pub mod tag;
 pub mod run;
+pub mod save;
 
 use crate::config::Global;
 
@@ -41,6 +42,8 @@ pub enum Command {
     Load(load::Args),
     /// Run a command in a new container.
     Run(run::Args),
+    /// Write local images to a docker-archive or OCI layout.
+    Save(save::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -57,5 +60,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Import(a) => import::run(global, a),
         Command::Load(a) => load::run(global, a),
         Command::Run(a) => run::run(global, a),
+        Command::Save(a) => save::run(global, a),
     }
 }
