@@ -1214,6 +1214,23 @@ mod tests {
     }
 
     #[test]
+    fn bom_crlf_backtick_escape_and_comments_in_continuations() {
+        let src = "\u{feff}# escape=`\r\n\r\nFROM a\r\nRUN echo \\ `\r\n# comment\r\n  b\r\ncopy <<-EOT /x\r\n\thi\r\n\tEOT\r\n";
+        let r = parse(src.as_bytes()).unwrap();
+        assert_eq!(r.escape_token, '`');
+        assert_eq!(r.directives[0].name, "escape");
+        assert_eq!(r.ast.dump(), "(from \"a\")\n(run \"echo \\\\   b\")\n(copy \"<<-EOT\" \"/x\")");
+        assert_eq!(r.ast.children[1].span, Span { start_line: 4, start_col: 1, end_line: 6, end_col: 4 });
+        let h = &r.ast.children[2].heredocs[0];
+        assert_eq!((h.name.as_str(), h.content.as_str(), h.chomp), ("EOT", "\thi\r\n", true));
+        // A directive after an instruction is just a comment.
+        let r = parse(b"FROM a\n# escape=`\nRUN x \\\n y\n").unwrap();
+        assert_eq!(r.escape_token, '\\');
+        assert!(parse(b"# escape=x\nFROM a\n").is_err());
+        assert!(parse(b"# escape=`\n# escape=`\nFROM a\n").is_err());
+    }
+
+    #[test]
     fn json_arrays_follow_go_rules() {
         let v = |s: &str| parse_json(s).map(|a| a.into_iter().map(|a| a.value).collect::<Vec<_>>());
         assert_eq!(v(r#"["a\u00e9\ud83d\ude00", "\/"]"#).unwrap(), ["aé😀", "/"]);
