@@ -446,7 +446,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
     let mut sc = LineScanner { data: text, pos: 0, too_long: false };
     let mut current_line = 0usize;
     let mut root = Node::default();
-    root.children.reserve(text.len() / 48);
+    // One allocation for the instruction list: at most one per line.
+    root.children.reserve(text.bytes().filter(|&b| b == b'\n').count() + 1);
     let mut have_child = false;
     let mut warnings = Vec::new();
     let mut comments: Vec<String> = Vec::new();
