@@ -43,6 +43,7 @@ pub struct Entry {
 }
 
 /// What one layer says about one path.
+#[allow(clippy::large_enum_variant)] // short-lived, never stored
 enum LayerState {
     /// The layer says nothing: look further down.
     Absent,

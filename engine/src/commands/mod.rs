@@ -11,6 +11,10 @@ pub mod pull;
 pub mod push;
 pub mod rmi;
 pub mod tag;
+pub mod run;
+pub mod save;
+pub mod du;
+pub mod prune;
 
 use crate::config::Global;
 
@@ -38,6 +42,14 @@ pub enum Command {
     Import(import::Args),
     /// Load images from an OCI layout or a docker-archive tar.
     Load(load::Args),
+    /// Run a command in a new container.
+    Run(run::Args),
+    /// Write local images to a docker-archive or OCI layout.
+    Save(save::Args),
+    /// Show build-cache disk usage.
+    Du(du::Args),
+    /// Remove build cache.
+    Prune(prune::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -53,5 +65,9 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Login(a) => login::run(global, a),
         Command::Import(a) => import::run(global, a),
         Command::Load(a) => load::run(global, a),
+        Command::Run(a) => run::run(global, a),
+        Command::Save(a) => save::run(global, a),
+        Command::Du(a) => du::run(global, a),
+        Command::Prune(a) => prune::run(global, a),
     }
 }
