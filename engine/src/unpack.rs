@@ -296,7 +296,15 @@ fn apply_entry<R: Read>(
             tracing::warn!(entry = %name_for_errors, xattr = %key, "ignoring overlay xattr in layer");
             continue;
         }
-        set_xattr(pfd, Some(name), key, value).map_err(io_err)?;
+        match set_xattr(pfd, Some(name), key, value) {
+            Ok(()) => {}
+            // Some attributes cannot live on some files (user.* on a
+            // symlink) or this filesystem: losing one beats failing the pull.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOTSUP)) => {
+                tracing::warn!(entry = %name_for_errors, xattr = %key, error = %e, "xattr not kept");
+            }
+            Err(e) => return Err(io_err(e)),
+        }
     }
     if is_dir_entry {
         return Ok(Some((components, times)));
