@@ -150,7 +150,8 @@ fn digest_mismatch_is_refused_and_leaves_nothing() {
     // Corrupt the layer in the registry's storage (same length).
     let layout = busybox_layout();
     let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(layout.join("blobs/sha256").join(busybox_manifest_digest().trim_start_matches("sha256:"))).unwrap(),
+        &std::fs::read(layout.join("blobs/sha256").join(busybox_manifest_digest().trim_start_matches("sha256:")))
+            .unwrap(),
     )
     .unwrap();
     let layer = manifest["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
@@ -161,7 +162,8 @@ fn digest_mismatch_is_refused_and_leaves_nothing() {
     std::fs::write(&data, bytes).unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let err = kiln_err(root.path(), &["--insecure-registry", &reg.addr, "pull", &format!("{}/library/busybox", reg.addr)]);
+    let err =
+        kiln_err(root.path(), &["--insecure-registry", &reg.addr, "pull", &format!("{}/library/busybox", reg.addr)]);
     assert!(err.contains("digest mismatch"), "{err}");
     assert!(!root.path().join("blobs/sha256").join(&layer).exists(), "the corrupt layer must not be stored");
     assert!(tree(&root.path().join("snapshots")).is_empty());
@@ -257,8 +259,10 @@ fn concurrent_pulls_into_one_root() {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let snapshots: Vec<String> =
-        std::fs::read_dir(root.path().join("snapshots")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let snapshots: Vec<String> = std::fs::read_dir(root.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(snapshots.len(), 1, "one shared snapshot: {snapshots:?}");
     assert!(root.path().join("snapshots").join(&snapshots[0]).join("fs/bin/busybox").is_file());
     let blobs = tree(&root.path().join("blobs/sha256"));
@@ -312,7 +316,12 @@ fn docker_manifest_list_platforms_and_layer_compressions() {
             blob.len()
         );
         let manifest_digest = sha256(manifest.as_bytes());
-        reg.put_manifest(repo, &manifest_digest, "application/vnd.docker.distribution.manifest.v2+json", manifest.as_bytes());
+        reg.put_manifest(
+            repo,
+            &manifest_digest,
+            "application/vnd.docker.distribution.manifest.v2+json",
+            manifest.as_bytes(),
+        );
         entries.push(format!(
             r#"{{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#,
             manifest.len()

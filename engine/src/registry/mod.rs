@@ -130,9 +130,10 @@ impl RegistryConfig {
     pub fn is_plain_http(&self, host: &str) -> bool {
         let name = host.rsplit_once(':').map(|(n, _)| n).unwrap_or(host);
         self.insecure.iter().any(|entry| entry == host || (!entry.contains(':') && entry == name))
-            || self.mirrors.iter().any(|(_, url)| {
-                url.strip_prefix("http://").is_some_and(|rest| rest.split('/').next() == Some(host))
-            })
+            || self
+                .mirrors
+                .iter()
+                .any(|(_, url)| url.strip_prefix("http://").is_some_and(|rest| rest.split('/').next() == Some(host)))
     }
 
     /// Flags first, then `<root>/config.json` (see the module docs).
@@ -166,7 +167,8 @@ impl RegistryConfig {
             }
             Some(serde_json::Value::Object(map)) => {
                 for (host, urls) in map {
-                    let urls = urls.as_array().ok_or_else(|| bad(&format!("registry-mirrors.{host}: expected a list")))?;
+                    let urls =
+                        urls.as_array().ok_or_else(|| bad(&format!("registry-mirrors.{host}: expected a list")))?;
                     for u in urls {
                         let u = u
                             .as_str()
@@ -343,18 +345,21 @@ impl Registry {
         let auth = auth::credentials_for(&self.config.auth_file, &endpoint.host)?;
         self.client(&endpoint.host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
-        let (bytes, _) =
-            self.client(&endpoint.host).pull_manifest_raw(&target, &auth, manifest::ACCEPTED).await.map_err(classify)?;
+        let (bytes, _) = self
+            .client(&endpoint.host)
+            .pull_manifest_raw(&target, &auth, manifest::ACCEPTED)
+            .await
+            .map_err(classify)?;
         let mut digest = sha256_digest(&bytes);
-        if let Some(expected) = parsed.digest() {
-            if expected != digest {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("manifest of {name}"),
-                    expected: expected.into(),
-                    actual: digest,
-                }
-                .into());
+        if let Some(expected) = parsed.digest()
+            && expected != digest
+        {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("manifest of {name}"),
+                expected: expected.into(),
+                actual: digest,
             }
+            .into());
         }
         let bad = |reason: String| RegistryError::BadManifest { reference: name.to_string(), reason };
         let mut manifest = Manifest::parse(&bytes, None).map_err(bad)?;
@@ -370,8 +375,11 @@ impl Registry {
             store.content.put_bytes(&bytes, Some(&digest))?;
             index_digest = Some(digest.clone());
             let child = target.clone_with_digest(chosen.digest.clone());
-            let (child_bytes, _) =
-                self.client(&endpoint.host).pull_manifest_raw(&child, &auth, manifest::ACCEPTED).await.map_err(classify)?;
+            let (child_bytes, _) = self
+                .client(&endpoint.host)
+                .pull_manifest_raw(&child, &auth, manifest::ACCEPTED)
+                .await
+                .map_err(classify)?;
             let child_digest = sha256_digest(&child_bytes);
             if child_digest != chosen.digest {
                 return Err(RegistryError::DigestMismatch {
@@ -437,8 +445,7 @@ impl Registry {
             .await?;
 
         store.content.put_bytes(&manifest_bytes, Some(&digest))?;
-        let descriptor =
-            images::Descriptor { media_type, digest: digest.clone(), size: manifest_bytes.len() as u64 };
+        let descriptor = images::Descriptor { media_type, digest: digest.clone(), size: manifest_bytes.len() as u64 };
         store.images.put(name, &descriptor)?;
         Ok(PulledImage {
             name: name.to_string(),
@@ -466,7 +473,11 @@ impl Registry {
             size: desc.size as i64,
             ..Default::default()
         };
-        let mut sized = self.client(target.registry()).pull_blob_stream(target, &oci_desc).await.map_err(|e| classify(e, name, label))?;
+        let mut sized = self
+            .client(target.registry())
+            .pull_blob_stream(target, &oci_desc)
+            .await
+            .map_err(|e| classify(e, name, label))?;
         let mut writer = store.content.writer()?;
         while let Some(chunk) = sized.stream.next().await {
             let chunk = chunk.map_err(|e| {
@@ -621,10 +632,7 @@ fn file_stream(
 /// `rootfs.diff_ids` of an image config.
 fn diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
     let json: serde_json::Value = serde_json::from_slice(config).map_err(|e| format!("config is not JSON: {e}"))?;
-    let ids = json
-        .pointer("/rootfs/diff_ids")
-        .and_then(|d| d.as_array())
-        .ok_or("config has no rootfs.diff_ids")?;
+    let ids = json.pointer("/rootfs/diff_ids").and_then(|d| d.as_array()).ok_or("config has no rootfs.diff_ids")?;
     ids.iter()
         .map(|d| {
             let d = d.as_str().ok_or("rootfs.diff_ids holds a non-string")?;
@@ -656,7 +664,9 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> Registr
                 RegistryError::NotFound { reference, registry }
             } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
                 RegistryError::Unauthorized { reference, registry }
-            } else if codes.iter().any(|c| matches!(c, OciErrorCode::ManifestInvalid | OciErrorCode::ManifestBlobUnknown))
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::ManifestInvalid | OciErrorCode::ManifestBlobUnknown))
             {
                 RegistryError::BadManifest { reference, reason: format!("{envelope} ({url})") }
             } else {
@@ -664,7 +674,9 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> Registr
             }
         }
         OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound { reference, registry },
-        OciDistributionError::ServerError { code: 401 | 403, .. } => RegistryError::Unauthorized { reference, registry },
+        OciDistributionError::ServerError { code: 401 | 403, .. } => {
+            RegistryError::Unauthorized { reference, registry }
+        }
         OciDistributionError::RequestError(err) => {
             let mut detail = err.to_string();
             let mut source = std::error::Error::source(&err);
@@ -713,7 +725,10 @@ mod tests {
         assert!(c.is_plain_http("localhost:7000") && c.is_plain_http("localhost"));
         let r = Registry::new(c);
         let eps = r.endpoints("docker.io");
-        assert_eq!(eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5000", "m.example", "index.docker.io"]);
+        assert_eq!(
+            eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(),
+            ["127.0.0.1:5000", "m.example", "index.docker.io"]
+        );
     }
 
     #[test]
