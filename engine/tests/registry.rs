@@ -82,7 +82,8 @@ fn push_then_pull_back_by_digest_and_skopeo_agrees() {
     let out = kiln_ok(root.path(), &["--insecure-registry", insecure, "push", &pushed_ref]);
     let digest = busybox_manifest_digest();
     assert!(out.contains(&format!("digest: {digest}")), "{out}");
-    assert!(out.contains("2 blob(s) uploaded, 0 already there"), "{out}");
+    // The blobs came from library/busybox of this registry: mounted, not uploaded.
+    assert!(out.contains("0 blob(s) uploaded, 2 mounted, 0 already there"), "{out}");
 
     // skopeo, not kiln, reads what kiln pushed.
     let inspect = std::process::Command::new("skopeo")
@@ -98,7 +99,24 @@ fn push_then_pull_back_by_digest_and_skopeo_agrees() {
 
     // Pushing again uploads nothing.
     let again = kiln_ok(root.path(), &["--insecure-registry", insecure, "push", &pushed_ref]);
-    assert!(again.contains("0 blob(s) uploaded, 2 already there"), "{again}");
+    assert!(again.contains("0 blob(s) uploaded, 0 mounted, 2 already there"), "{again}");
+
+    // An image the registry has never seen is uploaded, and skopeo reads it.
+    let rootfs = root.path().join("rootfs.tar");
+    std::fs::write(&rootfs, layer_tar("imported")).unwrap();
+    let local_ref = format!("{}/kiln/imported:v1", reg.addr);
+    kiln_ok(root.path(), &["import", rootfs.to_str().unwrap(), &local_ref]);
+    let out = kiln_ok(root.path(), &["--insecure-registry", insecure, "push", &local_ref]);
+    assert!(out.contains("2 blob(s) uploaded, 0 mounted, 0 already there"), "{out}");
+    let inspect = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{local_ref}"))
+        .output()
+        .unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let local = kiln_ok(root.path(), &["inspect", &local_ref]);
+    let local: serde_json::Value = serde_json::from_str(&local).unwrap();
+    assert_eq!(sha256(&inspect.stdout), local[0]["Descriptor"]["digest"].as_str().unwrap(), "same manifest bytes");
 
     // A fresh store pulls it back by digest.
     let fresh = tempfile::tempdir().unwrap();

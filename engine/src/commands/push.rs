@@ -25,10 +25,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
     let pushed = super::pull::runtime()?.block_on(registry.push(&store, &record.target.digest, &target))?;
     println!(
-        "{}: digest: {} ({} blob(s) uploaded, {} already there)",
+        "{}: digest: {} ({} blob(s) uploaded, {} mounted, {} already there)",
         kiln_cache::images::familiar_name(&pushed.reference),
         pushed.manifest_digest,
         pushed.blobs_uploaded,
+        pushed.blobs_mounted,
         pushed.blobs_skipped
     );
     Ok(0)

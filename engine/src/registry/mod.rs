@@ -227,8 +227,18 @@ pub struct PushedImage {
     pub manifest_digest: String,
     /// Blobs uploaded.
     pub blobs_uploaded: usize,
-    /// Blobs the registry already had.
+    /// Blobs mounted from another repository of the same registry (no upload).
+    pub blobs_mounted: usize,
+    /// Blobs the repository already had.
     pub blobs_skipped: usize,
+}
+
+/// How one blob got to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlobPush {
+    Uploaded,
+    Mounted,
+    AlreadyThere,
 }
 
 /// A registry client with kiln's settings.
@@ -542,19 +552,30 @@ impl Registry {
         self.client(host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
         let blobs: Vec<Descriptor> = std::iter::once(config).chain(layers).collect();
-        let outcomes: Vec<bool> = futures::stream::iter(blobs)
+        let mount_sources = mount_sources(store, parsed.registry(), parsed.repository());
+        let outcomes: Vec<BlobPush> = futures::stream::iter(blobs)
             .map(|blob| {
                 let target = &target;
+                let source_repo = mount_sources.get(&blob.digest).cloned();
                 async move {
-                    if self.client(host).blob_exists(target, &blob.digest).await.map_err(classify)? {
-                        return anyhow::Ok(false);
+                    let client = self.client(host);
+                    if client.blob_exists(target, &blob.digest).await.map_err(classify)? {
+                        return anyhow::Ok(BlobPush::AlreadyThere);
+                    }
+                    // A repository of this registry we pulled it from may
+                    // lend it; if the registry declines, upload.
+                    if let Some(repo) = source_repo {
+                        let source = Reference::with_tag(host.into(), repo, "latest".into());
+                        if client.mount_blob(target, &source, &blob.digest).await.is_ok() {
+                            return Ok(BlobPush::Mounted);
+                        }
                     }
                     let file = store.content.open_blob(&blob.digest)?;
-                    self.client(host)
+                    client
                         .push_blob_stream(target, file_stream(file), &blob.digest, Some(blob.size))
                         .await
                         .map_err(classify)?;
-                    Ok(true)
+                    Ok(BlobPush::Uploaded)
                 }
             })
             .buffer_unordered(PARALLEL_BLOBS)
@@ -564,12 +585,13 @@ impl Registry {
         let content_type = http::HeaderValue::from_str(&media_type)
             .map_err(|_| bad(format!("media type {media_type:?} is not a valid header value")))?;
         self.client(host).push_manifest_raw(&target, bytes, content_type).await.map_err(classify)?;
-        let uploaded = outcomes.iter().filter(|u| **u).count();
+        let count = |kind| outcomes.iter().filter(|o| **o == kind).count();
         Ok(PushedImage {
             reference: name.clone(),
             manifest_digest: manifest_digest.to_string(),
-            blobs_uploaded: uploaded,
-            blobs_skipped: outcomes.len() - uploaded,
+            blobs_uploaded: count(BlobPush::Uploaded),
+            blobs_mounted: count(BlobPush::Mounted),
+            blobs_skipped: count(BlobPush::AlreadyThere),
         })
     }
 
@@ -590,6 +612,26 @@ impl Registry {
         }
         auth::store_credentials(&self.config.auth_file, host, user, password)
     }
+}
+
+/// Blob digest → another repository of `registry` holding it, from the
+/// images the local store has under names in that registry. Best effort:
+/// unreadable images are skipped.
+fn mount_sources(store: &Store, registry: &str, repository: &str) -> std::collections::HashMap<String, String> {
+    let mut sources = std::collections::HashMap::new();
+    for record in store.images.list().unwrap_or_default() {
+        let reference = to_oci_reference(&record.name);
+        if reference.registry() != registry || reference.repository() == repository {
+            continue;
+        }
+        let Ok(bytes) = store.content.read(&record.target.digest) else { continue };
+        if let Ok(Manifest::Image { config, layers, .. }) = Manifest::parse(&bytes, None) {
+            for blob in std::iter::once(config).chain(layers) {
+                sources.entry(blob.digest).or_insert_with(|| reference.repository().to_string());
+            }
+        }
+    }
+    sources
 }
 
 /// An oci-client reference for a name from [`normalize_reference`]
