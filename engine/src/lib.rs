@@ -12,6 +12,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod executor;
 pub mod image_source;
 pub mod registry;

@@ -12,6 +12,7 @@ pub mod push;
 pub mod rmi;
 pub mod tag;
 pub mod run;
+pub mod serve;
 
 use crate::config::Global;
 
@@ -41,6 +42,8 @@ pub enum Command {
     Load(load::Args),
     /// Run a command in a new container.
     Run(run::Args),
+    /// Run the daemon: kiln's REST API and a Docker API subset.
+    Serve(serve::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -57,5 +60,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Import(a) => import::run(global, a),
         Command::Load(a) => load::run(global, a),
         Command::Run(a) => run::run(global, a),
+        Command::Serve(a) => serve::run(global, a),
     }
 }
