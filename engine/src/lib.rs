@@ -10,6 +10,7 @@
 //! ([`kiln_solver::Executor`], [`kiln_solver::ImageSource`]).
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod commands;
 pub mod config;
 pub mod daemon;

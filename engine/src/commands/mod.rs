@@ -48,6 +48,13 @@ pub enum Command {
 
 /// Run one subcommand; returns the process exit code.
 pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
+    // With --host / KILN_HOST, commands are requests to a daemon (`serve`
+    // listens there instead; `debug` is always local).
+    if let Some(host) = &global.host {
+        if !matches!(command, Command::Serve(_) | Command::Debug(_)) {
+            return crate::client::run(global, host, command);
+        }
+    }
     match command {
         Command::Debug(c) => debug::run(global, c),
         Command::Pull(a) => pull::run(global, a),

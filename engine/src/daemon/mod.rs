@@ -306,7 +306,7 @@ async fn handle(state: Arc<State>, req: hyper::Request<Incoming>, peer: &str) ->
 }
 
 async fn route(state: Arc<State>, req: hyper::Request<Incoming>) -> web::ApiResult {
-    let path = req.uri().path().to_string();
+    let path = web::percent_decode_path(req.uri().path())?;
     if let Some(rest) = path.strip_prefix("/v1/") {
         return api::route(state, req, rest.to_string()).await;
     }

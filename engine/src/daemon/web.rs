@@ -140,6 +140,15 @@ impl Query {
 
 /// Decode `%XX` escapes and `+` (as space, as in forms); the result must be UTF-8.
 pub fn percent_decode(s: &str) -> Result<String, ApiError> {
+    decode(s, true)
+}
+
+/// Decode `%XX` escapes in a URI path (`+` stays `+`).
+pub fn percent_decode_path(s: &str) -> Result<String, ApiError> {
+    decode(s, false)
+}
+
+fn decode(s: &str, plus_is_space: bool) -> Result<String, ApiError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -153,7 +162,7 @@ pub fn percent_decode(s: &str) -> Result<String, ApiError> {
                 out.push(byte);
                 i += 3;
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
