@@ -13,6 +13,7 @@ pub mod rmi;
 pub mod tag;
 pub mod run;
 pub mod serve;
+pub mod save;
 
 use crate::config::Global;
 
@@ -44,6 +45,8 @@ pub enum Command {
     Run(run::Args),
     /// Run the daemon: kiln's REST API and a Docker API subset.
     Serve(serve::Args),
+    /// Write local images to a docker-archive or OCI layout.
+    Save(save::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -68,5 +71,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Load(a) => load::run(global, a),
         Command::Run(a) => run::run(global, a),
         Command::Serve(a) => serve::run(global, a),
+        Command::Save(a) => save::run(global, a),
     }
 }
