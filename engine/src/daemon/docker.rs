@@ -222,9 +222,10 @@ async fn images_create(state: Arc<State>, query: &Query) -> ApiResult {
         None => from.to_string(),
     };
     let platform = query.get("platform").filter(|p| !p.is_empty()).map(str::to_string);
+    let tag = query.get("tag").filter(|t| !t.is_empty()).unwrap_or("latest").to_string();
     let (response, mut lines) = streaming("application/json");
     tokio::spawn(async move {
-        lines.send(&json!({ "status": format!("Pulling from {}", repository_of(&reference)), "id": "kiln" })).await;
+        lines.send(&json!({ "status": format!("Pulling from {}", repository_of(&reference)), "id": tag })).await;
         let pull = pull_image(&state, &reference, platform.as_deref());
         let result = tokio::select! {
             r = pull => r,
