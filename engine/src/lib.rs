@@ -14,6 +14,8 @@ pub mod build;
 pub mod commands;
 pub mod config;
 pub mod executor;
+pub mod image_source;
 pub mod progress;
+pub mod registry;
 pub mod runtime;
 pub mod unpack;

@@ -227,7 +227,7 @@ const GZIP_BLOCK: usize = 256 * 1024;
 /// so splitting costs almost no ratio.
 const GZIP_DICT: usize = 32 * 1024;
 
-/// A gzip writer that deflates fixed-size blocks on the rayon pool, each
+/// A gzip writer that deflates fixed-size blocks on a thread pool, each
 /// ending in a sync flush (byte-aligned, non-final), the last one with the
 /// final bit; the blocks concatenate into one valid deflate stream. The
 /// CRC is computed on the calling thread. Output is deterministic.
@@ -280,7 +280,7 @@ impl<W: Write> ParallelGzip<W> {
         self.dict = next_dict.split_off(cut);
         let (tx, rx) = mpsc::sync_channel(1);
         let level = self.level;
-        rayon::spawn(move || {
+        gzip_pool().spawn(move || {
             let _ = tx.send(deflate_block(level, &dict, &block, last));
         });
         self.in_flight.push_back(rx);
@@ -323,6 +323,20 @@ impl<W: Write> Write for ParallelGzip<W> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// The pool gzip blocks are deflated on. Not rayon's global pool: layers
+/// are written in parallel on that one, and a layer waiting for its blocks
+/// there could take every thread and wait forever.
+fn gzip_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(compression_threads())
+            .thread_name(|i| format!("kiln-gzip-{i}"))
+            .build()
+            .expect("gzip thread pool")
+    })
 }
 
 /// Raw-deflate one block primed with `dict`; sync-flushed, or finished

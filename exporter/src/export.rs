@@ -71,3 +71,17 @@ fn merged(store: &Store, spec: &ImageSpec) -> anyhow::Result<MergedTree> {
     }
     MergedTree::from_layers(&dirs)
 }
+
+/// Name `built` in the store's image store under each of `names` (what
+/// `type=image` does after [`export`]; pushing is the engine's part).
+pub fn tag_image(store: &Store, built: &BuiltImage, names: &[String]) -> anyhow::Result<()> {
+    let target = kiln_cache::images::Descriptor {
+        media_type: built.manifest.media_type().to_string(),
+        digest: built.manifest.digest().to_string(),
+        size: built.manifest.size(),
+    };
+    for name in names {
+        store.images.put(name, &target).map_err(|e| e.context(format!("naming the image {name}")))?;
+    }
+    Ok(())
+}

@@ -3,8 +3,10 @@
 //!
 //! As BuildKit's image writer (`exporter/containerimage/writer.go`,
 //! `normalizeLayersAndHistory`): every history entry without
-//! `empty_layer` takes the next layer; a layer whose diff is empty is
-//! dropped from the image and its history entry marked `empty_layer`.
+//! `empty_layer` takes the next layer; surplus entries are marked empty,
+//! missing ones appended; a layer whose diff is empty is dropped from the
+//! image and its history entry marked `empty_layer` (BuildKit's writer did
+//! this with the empty gzip layer; later versions avoid making it).
 //! Missing `created` times are the image's; with `SOURCE_DATE_EPOCH` the
 //! image time is the epoch and later history times are clamped to it, so
 //! the config and manifest are byte-for-byte reproducible.
@@ -117,13 +119,14 @@ pub fn build_image(store: &Store, spec: &ImageSpec, options: &ImageOptions) -> a
     let created = rfc3339(created_secs);
     let (history, kept) = normalize_history(&spec.history, &layers, &created, options.source_date_epoch)?;
     let oci = options.oci_mediatypes;
+    let empty_object = serde_json::json!({});
 
     let config = ConfigFile {
         created: &created,
         architecture: &spec.architecture,
         os: &spec.os,
         variant: spec.variant.as_deref(),
-        config: &spec.config,
+        config: if spec.config.is_null() { &empty_object } else { &spec.config },
         rootfs: RootFs { kind: "layers", diff_ids: kept.iter().map(|l| l.diff_id.clone()).collect() },
         history,
     };
@@ -165,22 +168,23 @@ fn normalize_history(
     let mut history = history.to_vec();
     let with_layer = history.iter().filter(|h| h.empty_layer() != Some(true)).count();
     if with_layer > layers.len() {
-        // More layer-making steps than layers: the first extras made none.
-        let mut extra = with_layer - layers.len();
+        // More layer-making steps than layers: the last ones made none.
+        let mut seen = 0;
         for h in history.iter_mut() {
-            if extra == 0 {
-                break;
+            if seen >= layers.len() {
+                h.set_empty_layer(Some(true));
             }
             if h.empty_layer() != Some(true) {
-                h.set_empty_layer(Some(true));
-                extra -= 1;
+                seen += 1;
             }
         }
     }
     if layers.len() > with_layer {
-        // Layers nobody described (e.g. a base without history) come first.
-        let missing = (0..layers.len() - with_layer).map(|_| HistoryBuilder::default().build().expect("all optional"));
-        history.splice(0..0, missing);
+        // Layers nobody described get entries at the end.
+        for _ in 0..layers.len() - with_layer {
+            let h = HistoryBuilder::default().created_by("created by kiln").comment("kiln.exporter.image.v0").build();
+            history.push(h.expect("all fields optional"));
+        }
     }
     let mut kept = Vec::new();
     let mut next = 0;
@@ -228,4 +232,63 @@ pub fn canonical_json<T: Serialize>(value: &T) -> anyhow::Result<Vec<u8>> {
 /// Annotations map with the given entries.
 pub(crate) fn annotations(entries: &[(&str, &str)]) -> HashMap<String, String> {
     entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compression::CompressionKind;
+
+    fn layer(empty: bool) -> LayerBlob {
+        LayerBlob {
+            snapshot: "s".into(),
+            compression: CompressionKind::Gzip,
+            digest: "sha256:00".into(),
+            size: 1,
+            diff_id: "sha256:00".into(),
+            empty,
+            reused: false,
+        }
+    }
+
+    fn entry(created: Option<&str>, empty: bool) -> History {
+        let mut h = HistoryBuilder::default().created_by("step").build().unwrap();
+        h.set_created(created.map(str::to_string));
+        if empty {
+            h.set_empty_layer(Some(true));
+        }
+        h
+    }
+
+    fn empties(h: &[History]) -> Vec<bool> {
+        h.iter().map(|h| h.empty_layer() == Some(true)).collect()
+    }
+
+    #[test]
+    fn history_pairs_with_layers_as_buildkit_does() {
+        let now = "2026-01-01T00:00:00Z";
+        // An empty diff is dropped and its entry marked.
+        let (h, kept) = normalize_history(&[entry(None, false), entry(None, true), entry(None, false)], &[layer(false), layer(true)], now, None).unwrap();
+        assert_eq!(empties(&h), [false, true, true]);
+        assert_eq!(kept.len(), 1);
+        assert!(h.iter().all(|h| h.created().as_deref() == Some(now)));
+        // Surplus entries (the last ones) become empty.
+        let (h, kept) = normalize_history(&[entry(None, false), entry(None, false)], &[layer(false)], now, None).unwrap();
+        assert_eq!((empties(&h), kept.len()), (vec![false, true], 1));
+        // Missing entries are appended.
+        let (h, kept) = normalize_history(&[entry(None, false)], &[layer(false), layer(false)], now, None).unwrap();
+        assert_eq!((h.len(), kept.len()), (2, 2));
+        assert_eq!(h[1].comment().as_deref(), Some("kiln.exporter.image.v0"));
+        // With an epoch, later times are clamped and earlier ones kept.
+        let (h, _) = normalize_history(
+            &[entry(Some("2001-01-01T00:00:00Z"), false), entry(Some("2030-01-01T00:00:00Z"), true)],
+            &[layer(false)],
+            "2023-11-14T22:13:20Z",
+            Some(1_700_000_000),
+        )
+        .unwrap();
+        assert_eq!(h[0].created().as_deref(), Some("2001-01-01T00:00:00Z"));
+        assert_eq!(h[1].created().as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert!(normalize_history(&[entry(Some("soon"), false)], &[layer(false)], now, Some(1)).is_err());
+    }
 }

@@ -19,7 +19,7 @@ use kiln_cache::Store;
 use kiln_cache::snapshots::BlobRecord;
 use rayon::prelude::*;
 
-use crate::blobs::BlobWriter;
+use crate::blobs::{blob_writer, commit_blob};
 use crate::compression::{Compression, CompressionKind, LayerStream};
 use crate::tarfs::{TarFsWriter, is_opaque_dir, is_whiteout, os_name};
 
@@ -156,7 +156,7 @@ impl<'a> LayerWriter<'a> {
             if let Some(diff_id) = &meta.diff_id {
                 let usable = |r: &&BlobRecord| {
                     let kind = CompressionKind::from_media_type(&r.media_type);
-                    kind.is_some() && self.store.content.blob_path(&r.digest).is_file()
+                    kind.is_some() && self.store.content.exists(&r.digest)
                 };
                 let exact = meta.blobs.iter().filter(usable).find(|r| {
                     CompressionKind::from_media_type(&r.media_type) == Some(wanted)
@@ -176,12 +176,12 @@ impl<'a> LayerWriter<'a> {
                 }
             }
         }
-        let sink = BlobWriter::new(&self.store.content)?;
+        let sink = blob_writer(&self.store.content)?;
         let stream = LayerStream::new(sink, self.options.compression)?;
         let (stream, entries) =
             write_layer_tar(&dir, stream, clamp).with_context(|| format!("writing the layer of snapshot {id:?}"))?;
         let (sink, d) = stream.finish()?;
-        sink.commit(&d.digest)?;
+        commit_blob(sink, &d.digest, d.size)?;
         if clamp.is_none() {
             // Record it so the next export reuses it.
             meta.diff_id = Some(d.diff_id.clone());

@@ -28,7 +28,7 @@ pub mod time;
 
 pub use blobs::read_blob;
 pub use compression::{Compression, CompressionKind};
-pub use export::export;
+pub use export::{export, tag_image};
 pub use image::{BuiltImage, ImageOptions, ImageSpec, build_image};
 pub use layer::{LayerBlob, LayerOptions, LayerWriter};
 pub use layout::{NamedImage, save_docker, save_oci};

@@ -165,6 +165,17 @@ impl<W: Write> TarFsWriter<W> {
         header.set_gid(meta.gid() as u64);
         header.set_mtime(self.mtime(meta.mtime()));
         header.set_size(size);
+        // Numbers too large for USTAR's octal fields go in PAX, as Go does.
+        const MAX_OCTAL_7: u64 = 0o7777777;
+        const MAX_OCTAL_11: u64 = 0o77777777777;
+        if size > MAX_OCTAL_11 {
+            pax_record(&mut pax, "size", size.to_string().as_bytes());
+        }
+        for (key, id) in [("uid", meta.uid()), ("gid", meta.gid())] {
+            if u64::from(id) > MAX_OCTAL_7 {
+                pax_record(&mut pax, key, id.to_string().as_bytes());
+            }
+        }
         if !set_ustar_path(&mut header, &name) {
             pax_record(&mut pax, "path", name.as_bytes());
             set_ustar_path(&mut header, truncate_name(&name));
@@ -283,4 +294,32 @@ fn truncate_name(name: &str) -> &str {
 pub fn os_name(name: &OsStr) -> io::Result<&str> {
     name.to_str()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("file name {name:?} is not UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_record_length_counts_itself() {
+        for n in 0..200 {
+            let mut out = Vec::new();
+            pax_record(&mut out, "path", "x".repeat(n).as_bytes());
+            let text = String::from_utf8(out.clone()).unwrap();
+            let (len, _) = text.split_once(' ').unwrap();
+            assert_eq!(len.parse::<usize>().unwrap(), out.len(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn ustar_path_splits_like_go() {
+        let mut h = Header::new_ustar();
+        assert!(set_ustar_path(&mut h, "dir/"));
+        assert_eq!(&h.as_ustar().unwrap().name[..4], b"dir/");
+        let long = format!("{}/{}", "p".repeat(120), "n".repeat(50));
+        assert!(set_ustar_path(&mut h, &long));
+        assert_eq!(h.path_bytes().as_ref(), long.as_bytes());
+        assert!(!set_ustar_path(&mut h, &"x".repeat(101)), "no separator to split at");
+        assert!(!set_ustar_path(&mut h, "caf\u{e9}"), "non-ASCII goes to PAX");
+    }
 }

@@ -24,6 +24,7 @@ mod netns;
 mod spec;
 mod stubs;
 pub mod user;
+mod workload;
 
 use std::fs::File;
 use std::io::Read;
@@ -48,10 +49,19 @@ use stubs::{StubKind, Stubs};
 pub struct Rootfs {
     /// Layer directories, bottom first (overlay format).
     pub lower: Vec<PathBuf>,
-    /// Empty directory that receives the changes.
+    /// Empty directory that receives the changes; empty path = a throw-away
+    /// upper inside the container's state dir (see [`Rootfs::throwaway`]).
     pub upper: PathBuf,
     /// Empty overlay work directory on the same filesystem as `upper`.
     pub work: PathBuf,
+}
+
+impl Rootfs {
+    /// `lower` with changes discarded when the container is cleaned up
+    /// (also by a sweep after a crash), as for `kiln run`.
+    pub fn throwaway(lower: Vec<PathBuf>) -> Self {
+        Rootfs { lower, upper: PathBuf::new(), work: PathBuf::new() }
+    }
 }
 
 /// An extra mount.
@@ -259,6 +269,7 @@ impl Runtime {
             dir,
             upper: spec.rootfs.upper.clone(),
             stubs: Stubs::default(),
+            throwaway_upper: false,
             container: None,
             pid: None,
             readers: Vec::new(),
@@ -326,6 +337,7 @@ pub struct Running {
     dir: PathBuf,
     upper: PathBuf,
     stubs: Stubs,
+    throwaway_upper: bool,
     container: Option<Container>,
     pid: Option<Pid>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -382,15 +394,19 @@ impl Running {
         anyhow::ensure!(!spec.args.is_empty(), "no command to run");
         let rootfs = self.dir.join("rootfs");
         std::fs::create_dir(&rootfs)?;
-        overlay::mount_overlay(
-            &overlay::OverlaySpec {
-                lower: &spec.rootfs.lower,
-                upper: Some((&spec.rootfs.upper, &spec.rootfs.work)),
-            },
-            &rootfs,
-        )?;
+        let (upper, work) = if spec.rootfs.upper.as_os_str().is_empty() {
+            let (u, w) = (self.dir.join("upper"), self.dir.join("work"));
+            std::fs::create_dir(&u)?;
+            std::fs::create_dir(&w)?;
+            self.throwaway_upper = true;
+            (u, w)
+        } else {
+            (spec.rootfs.upper.clone(), spec.rootfs.work.clone())
+        };
+        self.upper = upper.clone();
+        overlay::mount_overlay(&overlay::OverlaySpec { lower: &spec.rootfs.lower, upper: Some((&upper, &work)) }, &rootfs)?;
         // Mount points the image may lack; recorded so they can be removed.
-        let upper = &spec.rootfs.upper;
+        let upper = &upper;
         for d in ["/proc", "/dev", "/sys"] {
             self.stubs.ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
         }
@@ -423,7 +439,7 @@ impl Running {
         drop(root_fd);
 
         let hostname = if spec.hostname.is_empty() {
-            self.id.chars().take(12).collect()
+            self.id.trim_start_matches("kiln-").chars().take(12).collect()
         } else {
             spec.hostname.clone()
         };
@@ -457,7 +473,8 @@ impl Running {
 
         let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
             .with_root_path(self.runtime.libcontainer_dir())
-            .context("libcontainer state dir")?;
+            .context("libcontainer state dir")?
+            .with_executor(workload::ExecveExecutor);
         if stdio.stdin == Stdin::Null {
             builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
         }
@@ -488,6 +505,12 @@ impl Running {
     /// Mount layer directories for a [`MountSource::Layers`] mount under the
     /// state dir; returns the host directory to bind into the container.
     fn mount_layers(&self, index: usize, layers: &[PathBuf], readonly: bool) -> anyhow::Result<PathBuf> {
+        if readonly && layers.len() == 1 {
+            // overlayfs wants two lowers when there is no upper; one
+            // read-only layer is simply bind-mounted read-only.
+            anyhow::ensure!(layers[0].is_dir(), "layer mount: {} is not a directory", layers[0].display());
+            return Ok(layers[0].clone());
+        }
         let base = self.dir.join("mounts").join(index.to_string());
         let target = base.join("merged");
         std::fs::create_dir_all(&target)?;
@@ -504,6 +527,9 @@ impl Running {
 
     /// Persist what was created, so a sweep after a crash can remove it.
     fn save_stub_record(&self) -> anyhow::Result<()> {
+        if self.throwaway_upper {
+            return Ok(());
+        }
         let text = format!("{}\n{}", self.upper.display(), self.stubs.to_record());
         std::fs::write(self.dir.join("stubs"), text).context("saving stub record")
     }
@@ -526,7 +552,8 @@ impl Running {
                 tracing::warn!("deleting container {}: {e}", self.id);
             }
         }
-        self.runtime.cleanup_state(&self.id, Some((&self.upper, &self.stubs)))
+        let stubs = (!self.throwaway_upper).then_some((self.upper.as_path(), &self.stubs));
+        self.runtime.cleanup_state(&self.id, stubs)
     }
 }
 
