@@ -11,11 +11,13 @@
 #![deny(missing_docs)]
 
 pub mod build;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod executor;
 pub mod image_source;
-pub mod progress;
 pub mod registry;
+pub mod progress;
 pub mod runtime;
 pub mod unpack;

@@ -91,5 +91,5 @@ fn main() {
         bench("conformance corpus", &corpus, 3000);
     }
     let big = generated(10_000).into_bytes();
-    bench("generated 10,000 instructions", &[big], 30);
+    bench("generated 10,000 instructions", &[big], 60);
 }

@@ -281,6 +281,7 @@ impl<'a> Builder<'a> {
         }
         let exclude = self.opts.dockerignore.as_deref().map(crate::dockerignore::parse).unwrap_or_default();
         let i = self.add_source(SourceOp::Local { name: "context".into(), include: vec![], exclude });
+        self.ops[i].meta.description = "[internal] load build context".into();
         self.context = Some(i);
         i
     }
@@ -333,7 +334,17 @@ impl<'a> Builder<'a> {
                 .resolver
                 .resolve(&reference, &platform)
                 .map_err(|e| FrontendError::at(format!("failed to resolve {reference}: {e}"), stage.span))?;
-            let op = self.add_source(SourceOp::Image { reference, platform: platform.clone() });
+            let op = self.add_source(SourceOp::Image { reference: reference.clone(), platform: platform.clone() });
+            if self.ops[op].meta.description.is_empty() {
+                let single = self.stages.len() == 1 && stage.name.is_none();
+                let prefix = if single { String::new() } else { format!("{} ", self.stage_label(i)) };
+                self.ops[op].meta = OpMeta {
+                    description: format!("[{prefix}1/{}] FROM {reference}", stage.commands.len() + 1),
+                    span: Some(stage.span),
+                    stage: Some(self.stage_label(i)),
+                    ignore_cache: self.opts.no_cache,
+                };
+            }
             (Some(op), ImageSpec { config, history, platform: platform.clone() })
         };
         image.platform = platform.clone();
@@ -948,6 +959,7 @@ FROM busybox\nCOPY --from=build /src/out /out\nENTRYPOINT [\"/out\"]\n";
         assert_eq!(exec.0.env, ["PATH=/bin", "V=1"]);
         assert_eq!(exec.0.cwd, "/src");
         assert_eq!(exec.1.meta.description, "[build 5/5] RUN make $V");
+        assert!(d.ops.iter().any(|o| o.meta.description == "[stage-2 1/3] FROM docker.io/library/busybox:latest"));
         // Context is one shared local source.
         let locals = d.ops.iter().filter(|o| matches!(o.op, Op::Source(SourceOp::Local { .. }))).count();
         assert_eq!(locals, 1);

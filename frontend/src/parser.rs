@@ -446,7 +446,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
     let mut sc = LineScanner { data: text, pos: 0, too_long: false };
     let mut current_line = 0usize;
     let mut root = Node::default();
-    root.children.reserve(text.len() / 48);
+    // One allocation for the instruction list: at most one per line.
+    root.children.reserve(text.bytes().filter(|&b| b == b'\n').count() + 1);
     let mut have_child = false;
     let mut warnings = Vec::new();
     let mut comments: Vec<String> = Vec::new();
@@ -1211,6 +1212,23 @@ mod tests {
             "(from \"busybox\" \"AS\" \"b\")\n(run [\"--mount=type=cache,target=/x\"] \"echo   hi\")\n(env \"A\" \"1\" \"=\" \"B\" \"2\" \"=\")"
         );
         assert_eq!(r.ast.children[1].span, Span { start_line: 2, start_col: 1, end_line: 3, end_col: 5 });
+    }
+
+    #[test]
+    fn bom_crlf_backtick_escape_and_comments_in_continuations() {
+        let src = "\u{feff}# escape=`\r\n\r\nFROM a\r\nRUN echo \\ `\r\n# comment\r\n  b\r\ncopy <<-EOT /x\r\n\thi\r\n\tEOT\r\n";
+        let r = parse(src.as_bytes()).unwrap();
+        assert_eq!(r.escape_token, '`');
+        assert_eq!(r.directives[0].name, "escape");
+        assert_eq!(r.ast.dump(), "(from \"a\")\n(run \"echo \\\\   b\")\n(copy \"<<-EOT\" \"/x\")");
+        assert_eq!(r.ast.children[1].span, Span { start_line: 4, start_col: 1, end_line: 6, end_col: 4 });
+        let h = &r.ast.children[2].heredocs[0];
+        assert_eq!((h.name.as_str(), h.content.as_str(), h.chomp), ("EOT", "\thi\r\n", true));
+        // A directive after an instruction is just a comment.
+        let r = parse(b"FROM a\n# escape=`\nRUN x \\\n y\n").unwrap();
+        assert_eq!(r.escape_token, '\\');
+        assert!(parse(b"# escape=x\nFROM a\n").is_err());
+        assert!(parse(b"# escape=`\n# escape=`\nFROM a\n").is_err());
     }
 
     #[test]
