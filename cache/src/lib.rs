@@ -23,6 +23,7 @@
 //! open removes.
 #![deny(missing_docs)]
 
+pub mod check;
 pub mod content;
 pub mod fsutil;
 pub mod images;
@@ -50,21 +51,27 @@ impl Store {
     /// Open (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> anyhow::Result<Store> {
         std::fs::create_dir_all(root)?;
-        let content = content::ContentStore::open(root)?;
-        // Blobs half-written by a process that died; live writers are skipped.
-        content.remove_stale_ingests()?;
-        Ok(Store {
+        let store = Store {
             root: root.to_path_buf(),
-            content,
+            content: content::ContentStore::open(root)?,
             snapshots: snapshots::Snapshotter::open(root)?,
             index: index::CacheIndex::open(root)?,
             images: images::ImageStore::open(root)?,
-        })
+        };
+        // What dead processes left under tmp/; live work is locked and kept.
+        check::clean_tmp(&store)?;
+        Ok(store)
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// A private scratch directory on the store's filesystem, removed when
+    /// dropped (or by the next open if the process dies).
+    pub fn scratch_dir(&self) -> anyhow::Result<check::ScratchDir> {
+        check::ScratchDir::new(&self.root)
     }
 
     /// Hold the store-wide lock `name` (`locks/<name>.lock`) exclusively

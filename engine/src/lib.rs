@@ -10,10 +10,12 @@
 //! ([`kiln_solver::Executor`], [`kiln_solver::ImageSource`]).
 #![deny(missing_docs)]
 
+pub mod build;
 pub mod commands;
 pub mod config;
 pub mod executor;
 pub mod image_source;
 pub mod registry;
+pub mod progress;
 pub mod runtime;
 pub mod unpack;

@@ -126,7 +126,7 @@ pub fn unpack(blob: impl Read, target: &Path) -> Result<UnpackSummary, UnpackErr
 pub fn unpack_tar(tar_stream: impl Read, target: &Path) -> Result<UnpackSummary, UnpackError> {
     let root = open_dir_path(target).map_err(|source| UnpackError::Io { entry: ".".into(), source })?;
     let mut archive = tar::Archive::new(HashingReader { inner: tar_stream, hasher: Sha256::new() });
-    let mut dir_times: Vec<(Vec<Vec<u8>>, Times)> = Vec::new();
+    let mut dir_times: Vec<DeferredDirTimes> = Vec::new();
     let mut entries = 0u64;
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
@@ -150,6 +150,9 @@ pub fn unpack_tar(tar_stream: impl Read, target: &Path) -> Result<UnpackSummary,
     Ok(UnpackSummary { diff_id: format!("sha256:{}", hex::encode(rest.hasher.finalize())), entries })
 }
 
+/// A directory (as path components) and the times to give it at the end.
+type DeferredDirTimes = (Vec<Vec<u8>>, Times);
+
 #[derive(Debug, Clone, Copy)]
 struct Times {
     secs: i64,
@@ -161,13 +164,13 @@ struct Times {
 fn apply_entry<R: Read>(
     root: &OwnedFd,
     entry: &mut tar::Entry<'_, R>,
-) -> Result<Option<(Vec<Vec<u8>>, Times)>, UnpackError> {
+) -> Result<Option<DeferredDirTimes>, UnpackError> {
     let raw_path = entry.path_bytes().into_owned();
     let name_for_errors = String::from_utf8_lossy(&raw_path).into_owned();
     let unsafe_entry = |reason: &str| UnpackError::Unsafe { entry: name_for_errors.clone(), reason: reason.to_string() };
     let io_err = |source: std::io::Error| UnpackError::Io { entry: name_for_errors.clone(), source };
 
-    let components = split_path(&raw_path).map_err(|r| unsafe_entry(r))?;
+    let components = split_path(&raw_path).map_err(unsafe_entry)?;
     let kind = entry.header().entry_type();
     let Some((name, parents)) = components.split_last() else {
         return Ok(None); // the root itself ("./"): nothing to create

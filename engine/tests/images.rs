@@ -183,3 +183,38 @@ async fn image_source_prefers_local_images_then_pulls() {
     let again = source.resolve("busybox", &platform).await.unwrap();
     assert_eq!(again.manifest_digest, pulled.manifest_digest);
 }
+
+#[test]
+fn kill_9_mid_import_leaves_nothing_the_next_start_keeps() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fifo = work.path().join("slow.tar");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["import", fifo.to_str().unwrap(), "never:1"])
+        .spawn()
+        .unwrap();
+    // Feed half a layer, then kill kiln while it waits for the rest.
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    std::io::Write::write_all(&mut writer, &vec![0u8; 300_000]).unwrap();
+    let ingest = root.path().join("tmp/ingest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tree(&ingest).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "kiln never started writing the blob");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    drop(writer);
+    assert_eq!(tree(&ingest).len(), 1, "the dead process left its partial blob");
+
+    // The next kiln start removes it; nothing was named or stored.
+    assert!(kiln_ok(root.path(), &["images", "-q"]).is_empty());
+    assert!(tree(&ingest).is_empty(), "partial blob removed at the next start");
+    assert!(tree(&root.path().join("blobs/sha256")).is_empty());
+}

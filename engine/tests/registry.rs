@@ -14,7 +14,7 @@ fn mirror_flag(reg: &TestRegistry) -> String {
 }
 
 fn only_dirs_empty(root: &Path) {
-    for sub in ["tmp/ingest", "tmp/snapshots"] {
+    for sub in ["tmp/ingest", "tmp/snapshots", "tmp/scratch"] {
         let left = tree(&root.join(sub));
         assert!(left.is_empty(), "{sub} has leftovers: {left:?}");
     }

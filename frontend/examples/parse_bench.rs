@@ -23,10 +23,44 @@ fn generated(n: usize) -> String {
     s
 }
 
+/// CPU seconds this process has used (user + system, from /proc), so the
+/// figure is not skewed by other processes competing for the core.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
 fn bench(name: &str, inputs: &[Vec<u8>], rounds: usize) {
+    // Best of five trials: the machine is shared, so the fastest trial is
+    // the one least disturbed by other processes.
+    let mut best: Option<(f64, f64)> = None;
+    for _ in 0..5 {
+        let r = trial(inputs, rounds);
+        if best.is_none_or(|b| r.1 < b.1) {
+            best = Some(r);
+        }
+    }
+    let (secs, cpu) = best.unwrap_or((1.0, 1.0));
     let bytes: usize = inputs.iter().map(Vec::len).sum();
+    let mb = (bytes * rounds) as f64 / 1e6;
+    let instructions: usize = inputs.iter().filter_map(|i| kiln_frontend::parser::parse(i).ok()).map(|r| r.ast.children.len()).sum();
+    println!(
+        "{name}: {} files, {bytes} bytes x {rounds} rounds (best of 5): wall {secs:.2}s = {:.1} MB/s, cpu {cpu:.2}s = {:.1} MB/s ({instructions} instructions/round)",
+        inputs.len(),
+        mb / secs,
+        mb / cpu,
+    );
+}
+
+/// One timed run: (wall seconds, CPU seconds).
+fn trial(inputs: &[Vec<u8>], rounds: usize) -> (f64, f64) {
     let mut instructions = 0;
     let start = Instant::now();
+    let cpu0 = cpu_seconds();
     for _ in 0..rounds {
         for i in inputs {
             if let Ok(r) = kiln_frontend::parser::parse(i) {
@@ -34,14 +68,8 @@ fn bench(name: &str, inputs: &[Vec<u8>], rounds: usize) {
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let mb = (bytes * rounds) as f64 / 1e6;
-    println!(
-        "{name}: {} files, {bytes} bytes x {rounds} rounds in {secs:.3}s = {:.1} MB/s ({} instructions/round)",
-        inputs.len(),
-        mb / secs,
-        instructions / rounds
-    );
+    std::hint::black_box(instructions);
+    (start.elapsed().as_secs_f64(), (cpu_seconds() - cpu0).max(0.01))
 }
 
 fn main() {
@@ -60,8 +88,8 @@ fn main() {
     if corpus.is_empty() {
         println!("corpus: skipped because shared/ is not beside the repo");
     } else {
-        bench("conformance corpus", &corpus, 2000);
+        bench("conformance corpus", &corpus, 3000);
     }
     let big = generated(10_000).into_bytes();
-    bench("generated 10,000 instructions", &[big], 20);
+    bench("generated 10,000 instructions", &[big], 60);
 }

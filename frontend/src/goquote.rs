@@ -38,8 +38,8 @@ pub fn quote(s: &str) -> String {
 
 /// Approximation of Go's `unicode.IsPrint` (see [`quote`]).
 pub fn is_print(c: char) -> bool {
-    if c == ' ' {
-        return true;
+    if c.is_ascii() {
+        return (' '..='~').contains(&c);
     }
     if c.is_control() || c.is_whitespace() {
         return false;

@@ -612,7 +612,15 @@ pub fn parse_command(node: &Node) -> Result<Command, FrontendError> {
             let mut c = child.clone();
             c.span = node.span;
             parse_command(&c)?;
-            Instruction::Onbuild { expression: child.original.clone() }
+            // As BuildKit: the trigger text, then each heredoc's body and
+            // terminator, so the trigger can be parsed again later.
+            let mut expression = child.original.clone();
+            for h in &node.heredocs {
+                expression.push('\n');
+                expression.push_str(&h.content);
+                expression.push_str(&h.name);
+            }
+            Instruction::Onbuild { expression }
         }
         _ => {
             let hint = suggest(&node.value, INSTRUCTIONS.iter().copied())
@@ -643,7 +651,7 @@ fn parse_healthcheck(node: &Node) -> Result<HealthcheckCommand, FrontendError> {
     )?;
     let args = values(node);
     let Some(typ) = args.first() else {
-        return Err(FrontendError::at("HEALTHCHECK requires an argument", node.span));
+        return Err(FrontendError::at("HEALTHCHECK requires at least one argument", node.span));
     };
     let typ = typ.to_ascii_uppercase();
     let mut hc = HealthcheckCommand::default();

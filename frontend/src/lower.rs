@@ -53,8 +53,8 @@ const PROXY_ARGS: &[&str] = &[
 ///   base images are `Source::Image` nodes with normalized references;
 ///   `Source::Scratch` stands in for an empty rootfs that a RUN needs;
 /// - RUN → `Exec` with input 0 = the rootfs (its changes are the result);
-///   `args` already wrapped in SHELL for shell form (heredoc scripts are
-///   passed to the shell as BuildKit does); `env` = image env followed by the
+///   `args` already wrapped in SHELL for shell form (a heredoc script is
+///   passed to the shell unexpanded, as BuildKit does); `env` = image env followed by the
 ///   ARGs in scope not overridden by ENV (and proxy build args); mounts name
 ///   further inputs by position (`Bind.input`, `Cache.from`);
 /// - COPY/ADD → one `File` op with `base: Some(0)` (input 0 = previous
@@ -281,6 +281,7 @@ impl<'a> Builder<'a> {
         }
         let exclude = self.opts.dockerignore.as_deref().map(crate::dockerignore::parse).unwrap_or_default();
         let i = self.add_source(SourceOp::Local { name: "context".into(), include: vec![], exclude });
+        self.ops[i].meta.description = "[internal] load build context".into();
         self.context = Some(i);
         i
     }
@@ -333,7 +334,17 @@ impl<'a> Builder<'a> {
                 .resolver
                 .resolve(&reference, &platform)
                 .map_err(|e| FrontendError::at(format!("failed to resolve {reference}: {e}"), stage.span))?;
-            let op = self.add_source(SourceOp::Image { reference, platform: platform.clone() });
+            let op = self.add_source(SourceOp::Image { reference: reference.clone(), platform: platform.clone() });
+            if self.ops[op].meta.description.is_empty() {
+                let single = self.stages.len() == 1 && stage.name.is_none();
+                let prefix = if single { String::new() } else { format!("{} ", self.stage_label(i)) };
+                self.ops[op].meta = OpMeta {
+                    description: format!("[{prefix}1/{}] FROM {reference}", stage.commands.len() + 1),
+                    span: Some(stage.span),
+                    stage: Some(self.stage_label(i)),
+                    ignore_cache: self.opts.no_cache,
+                };
+            }
             (Some(op), ImageSpec { config, history, platform: platform.clone() })
         };
         image.platform = platform.clone();
@@ -567,7 +578,7 @@ impl<'a> Builder<'a> {
     }
 
     /// The state a `from=` / `--from` names: a stage, or an image.
-    fn from_input(&mut self, from: &str, stage: usize, span: Span, platform: &Platform) -> Result<OpIndex, FrontendError> {
+    fn source_input(&mut self, from: &str, stage: usize, span: Span, platform: &Platform) -> Result<OpIndex, FrontendError> {
         if let Some(j) = self.find_stage(from, self.stages.len()) {
             if j == stage {
                 return Err(FrontendError::at(
@@ -603,11 +614,10 @@ impl<'a> Builder<'a> {
             let first = cmd.first().cloned().unwrap_or_default();
             let is_single = crate::parser::parse_heredoc(&first).ok().flatten().is_some();
             if is_single {
+                // BuildKit runs the body itself in the shell, unexpanded
+                // (the shell expands it at run time).
                 let h = &r.heredocs[0];
-                let mut data = if h.chomp { crate::parser::chomp_heredoc_content(&h.content) } else { h.content.clone() };
-                if h.expand {
-                    data = expand_raw(&data, env, c.span)?;
-                }
+                let data = if h.chomp { crate::parser::chomp_heredoc_content(&h.content) } else { h.content.clone() };
                 cmd = vec![data];
             } else {
                 let mut full = first;
@@ -635,7 +645,7 @@ impl<'a> Builder<'a> {
                 join_path(&st.image.config.working_dir, &target)
             };
             let mut input_for = |b: &mut Self, from: &str| -> Result<usize, FrontendError> {
-                let op = if from.is_empty() { b.context() } else { b.from_input(from, stage, c.span, &st.platform)? };
+                let op = if from.is_empty() { b.context() } else { b.source_input(from, stage, c.span, &st.platform)? };
                 inputs.push(op);
                 Ok(inputs.len() - 1)
             };
@@ -689,13 +699,13 @@ impl<'a> Builder<'a> {
             };
             mounts.push(Mount { target, kind });
         }
-        let network = match r.network.as_deref().map(|n| x(n)).transpose()?.as_deref() {
+        let network = match r.network.as_deref().map(&x).transpose()?.as_deref() {
             None | Some("default") => NetworkMode::Default,
             Some("none") => NetworkMode::None,
             Some("host") => NetworkMode::Host,
             Some(n) => return Err(FrontendError::at(format!("unsupported network mode {n:?}"), c.span)),
         };
-        let insecure = r.security.as_deref().map(|s| x(s)).transpose()?.as_deref() == Some("insecure");
+        let insecure = r.security.as_deref().map(&x).transpose()?.as_deref() == Some("insecure");
         // Environment: image env, then ARGs in scope not set by ENV, then
         // proxy build args.
         let mut run_env = st.image.config.env.clone();
@@ -751,8 +761,8 @@ impl<'a> Builder<'a> {
         let dest_raw = x(&cp.dest)?;
         let dest = join_path(&st.image.config.working_dir, &dest_raw);
         let dest = if dest_raw.ends_with('/') && !dest.ends_with('/') { format!("{dest}/") } else { dest };
-        let owner = cp.chown.as_deref().map(|o| x(o)).transpose()?.filter(|o| !o.is_empty()).map(|o| owner_of(&o));
-        let mode = match cp.chmod.as_deref().map(|m| x(m)).transpose()? {
+        let owner = cp.chown.as_deref().map(&x).transpose()?.filter(|o| !o.is_empty()).map(|o| owner_of(&o));
+        let mode = match cp.chmod.as_deref().map(&x).transpose()? {
             Some(m) => Some(
                 u32::from_str_radix(&m, 8)
                     .map_err(|_| FrontendError::at(format!("invalid chmod parameter: {m}"), c.span))?,
@@ -785,7 +795,7 @@ impl<'a> Builder<'a> {
             shown_sources.push(s.clone());
             if cp.add && (s.starts_with("http://") || s.starts_with("https://")) && !is_git(&s) {
                 let filename = s.rsplit('/').next().filter(|f| !f.is_empty()).unwrap_or("index.html").to_string();
-                let checksum = cp.checksum.as_deref().map(|c| x(c)).transpose()?;
+                let checksum = cp.checksum.as_deref().map(&x).transpose()?;
                 let op = self.add_source(SourceOp::Http { url: s.clone(), checksum, filename: filename.clone(), mode });
                 inputs.push(op);
                 actions.push(copy_action(inputs.len() - 1, vec![format!("/{filename}")], &dest, &owner, mode, cp, exclude.clone(), false));
@@ -805,7 +815,7 @@ impl<'a> Builder<'a> {
             let src = match &cp.from {
                 Some(f) => {
                     let f = x(f)?;
-                    self.from_input(&f, stage, c.span, &st.platform)?
+                    self.source_input(&f, stage, c.span, &st.platform)?
                 }
                 None => self.context(),
             };
@@ -949,6 +959,7 @@ FROM busybox\nCOPY --from=build /src/out /out\nENTRYPOINT [\"/out\"]\n";
         assert_eq!(exec.0.env, ["PATH=/bin", "V=1"]);
         assert_eq!(exec.0.cwd, "/src");
         assert_eq!(exec.1.meta.description, "[build 5/5] RUN make $V");
+        assert!(d.ops.iter().any(|o| o.meta.description == "[stage-2 1/3] FROM docker.io/library/busybox:latest"));
         // Context is one shared local source.
         let locals = d.ops.iter().filter(|o| matches!(o.op, Op::Source(SourceOp::Local { .. }))).count();
         assert_eq!(locals, 1);
@@ -997,7 +1008,7 @@ FROM busybox\nCOPY --from=build /src/out /out\nENTRYPOINT [\"/out\"]\n";
     fn mounts_link_heredocs_and_ignore() {
         let df = b"FROM busybox AS a\nFROM busybox\n\
 RUN --mount=type=cache,target=/c --mount=type=bind,from=a,source=/x,target=/x --mount=type=secret,id=tok make\n\
-COPY --link f /f\nCOPY <<EOF /etc/conf\nv=$HOME\nEOF\nRUN <<EOF\necho hi\nEOF\n";
+COPY --link f /f\nCOPY <<EOF /etc/conf\nv=$HOME\nEOF\nRUN <<EOF\necho hi $HOME\nEOF\n";
         let mut o = opts();
         o.dockerignore = Some("*.tmp\n!keep.tmp\n".into());
         let d = lower(df, &o, &Fake).unwrap();
@@ -1011,7 +1022,7 @@ COPY --link f /f\nCOPY <<EOF /etc/conf\nv=$HOME\nEOF\nRUN <<EOF\necho hi\nEOF\n"
         assert!(d.ops.iter().any(|n| matches!(&n.op, Op::File(f) if f.base.is_none())));
         assert!(d.ops.iter().any(|n| matches!(&n.op, Op::Source(SourceOp::Local { exclude, .. }) if exclude == &["*.tmp", "!keep.tmp"])));
         assert!(d.ops.iter().any(|n| matches!(&n.op, Op::File(f) if matches!(&f.actions[0], FileAction::Mkfile { path, data, .. } if path == "/etc/conf" && data == b"v=\n"))));
-        assert!(matches!(&d.ops[d.target].op, Op::Exec(e) if e.args == ["/bin/sh", "-c", "echo hi\n"]));
+        assert!(matches!(&d.ops[d.target].op, Op::Exec(e) if e.args == ["/bin/sh", "-c", "echo hi $HOME\n"]));
         // Layer count on the chain equals non-empty history entries.
         let layers = d.image.history.iter().filter(|h| !h.empty_layer).count();
         assert_eq!(layers, 1 + 4);

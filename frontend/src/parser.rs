@@ -63,7 +63,7 @@ pub struct Node {
     pub value: String,
     /// The arguments (BuildKit's `Next` chain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub next: Vec<Node>,
+    pub next: Vec<Arg>,
     /// Instructions (root) or the nested instruction (ONBUILD argument).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<Node>,
@@ -86,10 +86,39 @@ pub struct Node {
     pub prev_comment: Vec<String>,
 }
 
-impl Node {
-    fn leaf(value: impl Into<String>) -> Node {
-        Node { value: value.into(), ..Node::default() }
+/// One argument of an instruction (an element of BuildKit's `Next` chain):
+/// a value, or for ONBUILD a nested instruction in `children`. Kept small
+/// on purpose, as there are several per instruction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Arg {
+    /// The argument text.
+    pub value: String,
+    /// ONBUILD: the nested instruction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub children: Vec<Node>,
+}
+
+impl Arg {
+    fn leaf(value: impl Into<String>) -> Arg {
+        Arg { value: value.into(), children: Vec::new() }
     }
+
+    fn dump_into(&self, s: &mut String) {
+        if self.children.is_empty() {
+            s.push_str(&quote(&self.value));
+        } else {
+            let mut inner = self.value.to_lowercase();
+            for c in &self.children {
+                inner.push('(');
+                inner.push_str(&c.dump());
+                inner.push_str(")\n");
+            }
+            s.push_str(inner.trim_matches(char::is_whitespace));
+        }
+    }
+}
+
+impl Node {
 
     /// The dump format of BuildKit's `Node.Dump()`: `(run "echo" "hi")` per
     /// instruction, keyword lower-cased, arguments Go-quoted.
@@ -112,11 +141,7 @@ impl Node {
         }
         for n in &self.next {
             s.push(' ');
-            if n.children.is_empty() {
-                s.push_str(&quote(&n.value));
-            } else {
-                s.push_str(&n.dump());
-            }
+            n.dump_into(&mut s);
         }
         s.trim_matches(char::is_whitespace).to_string()
     }
@@ -387,7 +412,7 @@ impl<'a> LineScanner<'a> {
             return None;
         }
         let rest = &self.data[self.pos..];
-        let len = match memchr_nl(rest.as_bytes()) {
+        let len = match rest.find('\n') {
             Some(i) if i < MAX_LINE => i + 1,
             None if rest.len() < MAX_LINE => rest.len(),
             _ => {
@@ -400,11 +425,6 @@ impl<'a> LineScanner<'a> {
     }
 }
 
-#[inline]
-fn memchr_nl(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'\n')
-}
-
 fn trim_newline(s: &str) -> &str {
     s.trim_end_matches(['\r', '\n'])
 }
@@ -415,8 +435,10 @@ fn is_comment(line: &str) -> bool {
 
 /// Parse a Dockerfile (BuildKit's `Parse`).
 pub fn parse(input: &[u8]) -> Result<ParseResult, FrontendError> {
-    let text = String::from_utf8_lossy(input);
-    parse_str(&text)
+    match std::str::from_utf8(input) {
+        Ok(text) => parse_str(text),
+        Err(_) => parse_str(&String::from_utf8_lossy(input)),
+    }
 }
 
 fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
@@ -424,6 +446,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
     let mut sc = LineScanner { data: text, pos: 0, too_long: false };
     let mut current_line = 0usize;
     let mut root = Node::default();
+    // One allocation for the instruction list: at most one per line.
+    root.children.reserve(text.bytes().filter(|&b| b == b'\n').count() + 1);
     let mut have_child = false;
     let mut warnings = Vec::new();
     let mut comments: Vec<String> = Vec::new();
@@ -433,7 +457,9 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
     while let Some(raw) = sc.scan() {
         let raw = if current_line == 0 { raw.strip_prefix('\u{feff}').unwrap_or(raw) } else { raw };
         if is_comment(raw) {
-            let c = raw.trim_start()[1..].trim();
+            // BuildKit drops the line's first byte (not the `#`) and trims.
+            let c = String::from_utf8_lossy(&raw.as_bytes()[1..]);
+            let c = c.trim();
             if c.is_empty() {
                 comments.clear();
             } else {
@@ -446,7 +472,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
         current_line += 1;
         let start_line = current_line;
         let start_col = raw.chars().take_while(|c| c.is_whitespace()).count() + 1;
-        let mut end_col = trim_newline(raw).chars().count() + 1;
+        // The last physical line of the instruction, for its end column.
+        let mut last_line = raw;
 
         let (first, mut end_of_line) = d.trim_continuation(first);
         if end_of_line && first.is_empty() {
@@ -461,7 +488,7 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
             let token = trim_newline(raw);
             d.possible_directive(token).map_err(|m| err_at(m, current_line, current_line))?;
             current_line += 1;
-            end_col = token.chars().count() + 1;
+            last_line = raw;
             if is_comment(raw) {
                 continue;
             }
@@ -491,7 +518,7 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
                 while let Some(raw) = sc.scan() {
                     current_line += 1;
                     let mut t = trim_newline(raw);
-                    end_col = t.chars().count() + 1;
+                    last_line = raw;
                     if doc.chomp {
                         t = t.trim_start_matches('\t');
                     }
@@ -508,6 +535,8 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
                 child.heredocs.push(doc);
             }
         }
+        let last = trim_newline(last_line);
+        let end_col = if last.is_ascii() { last.len() } else { last.chars().count() } + 1;
         child.span = Span { start_line, start_col, end_line: current_line, end_col };
         if !have_child {
             root.span.start_line = start_line;
@@ -534,26 +563,34 @@ fn parse_str(text: &str) -> Result<ParseResult, FrontendError> {
 /// arguments per instruction (BuildKit's `newNodeFromLine`).
 fn new_node_from_line(line: &str, escape: char, comments: Vec<String>) -> Result<Node, String> {
     let (cmd, flags, args) = split_command(line);
-    let (next, json) = match cmd.to_ascii_lowercase().as_str() {
-        "add" | "copy" | "volume" => parse_maybe_json_to_list(&args)?,
-        "arg" => (parse_words(&args, escape).into_iter().map(Node::leaf).collect(), false),
-        "cmd" | "entrypoint" | "run" | "shell" => parse_maybe_json(&args)?,
-        "env" => (parse_name_val(&args, "ENV", escape)?, false),
-        "label" => (parse_name_val(&args, "LABEL", escape)?, false),
-        "expose" | "from" => (parse_whitespace_delimited(&args), false),
-        "healthcheck" => parse_health_config(&args)?,
-        "maintainer" | "stopsignal" | "user" | "workdir" => (parse_string(&args), false),
+    let mut lower = [0u8; 12];
+    let key = if cmd.len() <= lower.len() {
+        lower[..cmd.len()].copy_from_slice(cmd.as_bytes());
+        lower[..cmd.len()].make_ascii_lowercase();
+        std::str::from_utf8(&lower[..cmd.len()]).unwrap_or("")
+    } else {
+        ""
+    };
+    let (next, json) = match key {
+        "add" | "copy" | "volume" => parse_maybe_json_to_list(args)?,
+        "arg" => (parse_word_slices(args, escape).into_iter().map(Arg::leaf).collect(), false),
+        "cmd" | "entrypoint" | "run" | "shell" => parse_maybe_json(args)?,
+        "env" => (parse_name_val(args, "ENV", escape)?, false),
+        "label" => (parse_name_val(args, "LABEL", escape)?, false),
+        "expose" | "from" => (parse_whitespace_delimited(args), false),
+        "healthcheck" => parse_health_config(args)?,
+        "maintainer" | "stopsignal" | "user" | "workdir" => (parse_string(args), false),
         "onbuild" => {
             if args.is_empty() {
                 (Vec::new(), false)
             } else {
-                let child = new_node_from_line(&args, escape, Vec::new())?;
-                (vec![Node { children: vec![child], ..Node::default() }], false)
+                let child = new_node_from_line(args, escape, Vec::new())?;
+                (vec![Arg { value: String::new(), children: vec![child] }], false)
             }
         }
         // BuildKit's parser keeps unknown instructions (with one empty
         // argument); they are rejected when typed.
-        _ => (vec![Node::default()], false),
+        _ => (vec![Arg::default()], false),
     };
     Ok(Node {
         value: cmd.to_string(),
@@ -567,15 +604,15 @@ fn new_node_from_line(line: &str, escape: char, comments: Vec<String>) -> Result
 }
 
 /// Keyword, flags, rest (BuildKit's `splitCommand`).
-fn split_command(line: &str) -> (&str, Vec<String>, String) {
+fn split_command(line: &str) -> (&str, Vec<String>, &str) {
     let line = line.trim();
     match line.find(is_re_ws) {
-        None => (line, Vec::new(), String::new()),
+        None => (line, Vec::new(), ""),
         Some(i) => {
             let cmd = &line[..i];
             let rest = line[i..].trim_start_matches(is_re_ws);
             let (args, flags) = extract_builder_flags(rest);
-            (cmd, flags, args.trim().to_string())
+            (cmd, flags, args.trim())
         }
     }
 }
@@ -694,38 +731,48 @@ fn safe_tail(s: &str, mut pos: usize) -> &str {
 
 /// Split on whitespace keeping quotes and escapes (BuildKit's `parseWords`).
 pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
+    parse_word_slices(rest, escape).into_iter().map(str::to_string).collect()
+}
+
+/// [`parse_words`] without copying: every character BuildKit appends to a
+/// word is the next one of the input (an escape is kept together with the
+/// character it escapes; only a final, dangling escape is dropped), so each
+/// word is a slice `rest[start..end]`.
+fn parse_word_slices(rest: &str, escape: char) -> Vec<&str> {
     #[derive(PartialEq)]
     enum Phase {
         Spaces,
         Word,
         Quote,
     }
-    let mut words = Vec::new();
+    let mut words = Vec::with_capacity(4);
     let mut phase = Phase::Spaces;
-    let mut word = String::new();
+    let (mut start, mut end) = (0usize, 0usize);
     let mut quote = '\0';
     let mut blank_ok = false;
-    let mut it = rest.char_indices().peekable();
+    let mut it = rest.char_indices();
     loop {
         let cur = it.next();
         if phase == Phase::Spaces {
-            let Some((_, ch)) = cur else { break };
+            let Some((i, ch)) = cur else { break };
             if ch.is_whitespace() {
                 continue;
             }
             phase = Phase::Word;
+            start = i;
+            end = i;
         }
-        let Some((_, mut ch)) = cur else {
-            if blank_ok || !word.is_empty() {
-                words.push(word);
+        let Some((i, ch)) = cur else {
+            if blank_ok || end > start {
+                words.push(&rest[start..end]);
             }
             break;
         };
         if phase == Phase::Word {
             if ch.is_whitespace() {
                 phase = Phase::Spaces;
-                if blank_ok || !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
+                if blank_ok || end > start {
+                    words.push(&rest[start..end]);
                 }
                 blank_ok = false;
                 continue;
@@ -735,43 +782,41 @@ pub fn parse_words(rest: &str, escape: char) -> Vec<String> {
                 blank_ok = true;
                 phase = Phase::Quote;
             }
+            end = i + ch.len_utf8();
             if ch == escape {
                 match it.next() {
-                    None => continue,
-                    Some((_, n)) => {
-                        word.push(ch);
-                        ch = n;
+                    None => {
+                        end = i;
+                        continue;
                     }
+                    Some((j, n)) => end = j + n.len_utf8(),
                 }
             }
-            word.push(ch);
             continue;
         }
         // In quotes.
         if ch == quote {
             phase = Phase::Word;
         }
+        end = i + ch.len_utf8();
         if ch == escape && quote != '\'' {
             match it.next() {
                 None => {
+                    end = i;
                     phase = Phase::Word;
                     continue;
                 }
-                Some((_, n)) => {
-                    word.push(ch);
-                    ch = n;
-                }
+                Some((j, n)) => end = j + n.len_utf8(),
             }
         }
-        word.push(ch);
     }
     words
 }
 
 /// ENV/LABEL arguments as `key value sep` triples (BuildKit's
 /// `parseNameVal`): `k=v ...` gives sep `=`, legacy `k v` gives sep ``.
-pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, String> {
-    let words = parse_words(rest, escape);
+pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Arg>, String> {
+    let words = parse_word_slices(rest, escape);
     if words.is_empty() {
         return Ok(Vec::new());
     }
@@ -781,35 +826,35 @@ pub fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<Node>, 
         };
         let name = &rest[..i];
         let value = rest[i..].trim_start_matches(is_re_ws);
-        return Ok(vec![Node::leaf(name), Node::leaf(value), Node::leaf("")]);
+        return Ok(vec![Arg::leaf(name), Arg::leaf(value), Arg::leaf("")]);
     }
     let mut out = Vec::with_capacity(words.len() * 3);
     for w in words {
         let Some((k, v)) = w.split_once('=') else {
             return Err(format!(
                 "Syntax error - can't find = in {}. Must be of the form: name=value",
-                quote(&w)
+                quote(w)
             ));
         };
-        out.push(Node::leaf(k));
-        out.push(Node::leaf(v));
-        out.push(Node::leaf("="));
+        out.push(Arg::leaf(k));
+        out.push(Arg::leaf(v));
+        out.push(Arg::leaf("="));
     }
     Ok(out)
 }
 
-fn parse_whitespace_delimited(rest: &str) -> Vec<Node> {
+fn parse_whitespace_delimited(rest: &str) -> Vec<Arg> {
     if rest.is_empty() {
         return Vec::new();
     }
     // Go's `regexp.Split` on `[\t\v\f\r ]+`: each run of separators splits once.
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(4);
     let mut start = 0;
     let mut in_sep = false;
     for (i, c) in rest.char_indices() {
         if is_re_ws(c) {
             if !in_sep {
-                out.push(Node::leaf(&rest[start..i]));
+                out.push(Arg::leaf(&rest[start..i]));
                 in_sep = true;
             }
         } else if in_sep {
@@ -817,19 +862,19 @@ fn parse_whitespace_delimited(rest: &str) -> Vec<Node> {
             in_sep = false;
         }
     }
-    out.push(Node::leaf(if in_sep { "" } else { &rest[start..] }));
+    out.push(Arg::leaf(if in_sep { "" } else { &rest[start..] }));
     out
 }
 
-fn parse_string(rest: &str) -> Vec<Node> {
-    if rest.is_empty() { Vec::new() } else { vec![Node::leaf(rest)] }
+fn parse_string(rest: &str) -> Vec<Arg> {
+    if rest.is_empty() { Vec::new() } else { vec![Arg::leaf(rest)] }
 }
 
 /// Why [`parse_json`] failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonError {
     /// Not JSON, or not an array: callers fall back to shell form.
-    NotJson(String),
+    NotJson,
     /// A JSON array with a non-string element: an error.
     NotStringArray,
 }
@@ -838,41 +883,250 @@ pub enum JsonError {
 pub const NOT_STRING_ARRAY: &str = "when using JSON array syntax, arrays must be comprised of strings only";
 
 /// Parse a JSON array of strings (BuildKit's `parseJSON`).
-pub fn parse_json(rest: &str) -> Result<Vec<Node>, JsonError> {
+pub fn parse_json(rest: &str) -> Result<Vec<Arg>, JsonError> {
     let rest = rest.trim_start();
     if !rest.starts_with('[') {
-        return Err(JsonError::NotJson(format!("Error parsing {} as a JSON array", quote(rest))));
+        return Err(JsonError::NotJson);
     }
-    let values: Vec<serde_json::Value> = serde_json::from_str(rest).map_err(|e| JsonError::NotJson(e.to_string()))?;
-    values
-        .into_iter()
-        .map(|v| match v {
-            serde_json::Value::String(s) => Ok(Node::leaf(s)),
-            _ => Err(JsonError::NotStringArray),
-        })
-        .collect()
+    let values = json::string_array(rest).ok_or(JsonError::NotJson)?;
+    values.into_iter().map(|v| v.map(Arg::leaf).ok_or(JsonError::NotStringArray)).collect()
 }
 
-fn parse_maybe_json(rest: &str) -> Result<(Vec<Node>, bool), String> {
+/// A small JSON reader with Go `encoding/json` rules (whitespace, number
+/// syntax, escapes; a lone surrogate escape becomes U+FFFD), specialised
+/// for "an array whose elements should be strings".
+mod json {
+    struct R<'a> {
+        b: &'a [u8],
+        s: &'a str,
+        i: usize,
+        depth: usize,
+    }
+
+    /// `Some(elements)` for a syntactically valid JSON array (non-string
+    /// elements as `None`), `None` for anything that is not valid JSON.
+    pub fn string_array(s: &str) -> Option<Vec<Option<String>>> {
+        let mut r = R { b: s.as_bytes(), s, i: 0, depth: 0 };
+        r.ws();
+        if r.b.get(r.i) != Some(&b'[') {
+            return None;
+        }
+        r.i += 1;
+        let mut out = Vec::new();
+        r.ws();
+        if r.b.get(r.i) == Some(&b']') {
+            r.i += 1;
+        } else {
+            loop {
+                r.ws();
+                if r.b.get(r.i) == Some(&b'"') {
+                    out.push(Some(r.string()?));
+                } else {
+                    r.value()?;
+                    out.push(None);
+                }
+                r.ws();
+                match r.b.get(r.i) {
+                    Some(b',') => r.i += 1,
+                    Some(b']') => {
+                        r.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        r.ws();
+        (r.i == r.b.len()).then_some(out)
+    }
+
+    impl R<'_> {
+        fn ws(&mut self) {
+            while matches!(self.b.get(self.i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.i += 1;
+            }
+        }
+
+        fn lit(&mut self, l: &str) -> Option<()> {
+            self.b[self.i..].starts_with(l.as_bytes()).then(|| self.i += l.len())
+        }
+
+        fn value(&mut self) -> Option<()> {
+            self.ws();
+            match *self.b.get(self.i)? {
+                b'"' => self.string().map(|_| ()),
+                b't' => self.lit("true"),
+                b'f' => self.lit("false"),
+                b'n' => self.lit("null"),
+                b'[' | b'{' => {
+                    self.depth += 1;
+                    if self.depth > 10000 {
+                        return None;
+                    }
+                    let close = if self.b[self.i] == b'[' { b']' } else { b'}' };
+                    self.i += 1;
+                    self.ws();
+                    if self.b.get(self.i) == Some(&close) {
+                        self.i += 1;
+                    } else {
+                        loop {
+                            if close == b'}' {
+                                self.ws();
+                                if self.b.get(self.i) != Some(&b'"') {
+                                    return None;
+                                }
+                                self.string()?;
+                                self.ws();
+                                if self.b.get(self.i) != Some(&b':') {
+                                    return None;
+                                }
+                                self.i += 1;
+                            }
+                            self.value()?;
+                            self.ws();
+                            match self.b.get(self.i) {
+                                Some(b',') => self.i += 1,
+                                Some(c) if *c == close => {
+                                    self.i += 1;
+                                    break;
+                                }
+                                _ => return None,
+                            }
+                        }
+                    }
+                    self.depth -= 1;
+                    Some(())
+                }
+                _ => self.number(),
+            }
+        }
+
+        fn digits(&mut self) -> usize {
+            let start = self.i;
+            while self.b.get(self.i).is_some_and(u8::is_ascii_digit) {
+                self.i += 1;
+            }
+            self.i - start
+        }
+
+        fn number(&mut self) -> Option<()> {
+            if self.b.get(self.i) == Some(&b'-') {
+                self.i += 1;
+            }
+            match self.b.get(self.i) {
+                Some(b'0') => self.i += 1,
+                Some(b'1'..=b'9') => {
+                    self.digits();
+                }
+                _ => return None,
+            }
+            if self.b.get(self.i) == Some(&b'.') {
+                self.i += 1;
+                if self.digits() == 0 {
+                    return None;
+                }
+            }
+            if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+                self.i += 1;
+                if matches!(self.b.get(self.i), Some(b'+' | b'-')) {
+                    self.i += 1;
+                }
+                if self.digits() == 0 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+
+        fn hex4(&mut self) -> Option<u32> {
+            let h = self.s.get(self.i..self.i + 4)?;
+            if !h.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            self.i += 4;
+            u32::from_str_radix(h, 16).ok()
+        }
+
+        fn string(&mut self) -> Option<String> {
+            self.i += 1; // opening quote
+            let mut out = String::new();
+            let mut run = self.i;
+            loop {
+                let c = *self.b.get(self.i)?;
+                match c {
+                    b'"' => {
+                        out.push_str(&self.s[run..self.i]);
+                        self.i += 1;
+                        return Some(out);
+                    }
+                    0..=0x1f => return None,
+                    b'\\' => {
+                        out.push_str(&self.s[run..self.i]);
+                        self.i += 1;
+                        let e = *self.b.get(self.i)?;
+                        self.i += 1;
+                        match e {
+                            b'"' => out.push('"'),
+                            b'\\' => out.push('\\'),
+                            b'/' => out.push('/'),
+                            b'b' => out.push('\u{8}'),
+                            b'f' => out.push('\u{c}'),
+                            b'n' => out.push('\n'),
+                            b'r' => out.push('\r'),
+                            b't' => out.push('\t'),
+                            b'u' => {
+                                let u = self.hex4()?;
+                                if (0xD800..0xDC00).contains(&u)
+                                    && self.b.get(self.i) == Some(&b'\\')
+                                    && self.b.get(self.i + 1) == Some(&b'u')
+                                {
+                                    let save = self.i;
+                                    self.i += 2;
+                                    match self.hex4() {
+                                        Some(lo) if (0xDC00..0xE000).contains(&lo) => {
+                                            let c = 0x10000 + ((u - 0xD800) << 10) + (lo - 0xDC00);
+                                            out.push(char::from_u32(c).unwrap_or('\u{fffd}'));
+                                        }
+                                        _ => {
+                                            self.i = save;
+                                            out.push('\u{fffd}');
+                                        }
+                                    }
+                                } else {
+                                    out.push(char::from_u32(u).unwrap_or('\u{fffd}'));
+                                }
+                            }
+                            _ => return None,
+                        }
+                        run = self.i;
+                    }
+                    _ => self.i += 1,
+                }
+            }
+        }
+    }
+}
+
+fn parse_maybe_json(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     if rest.is_empty() {
         return Ok((Vec::new(), false));
     }
     match parse_json(rest) {
         Ok(n) => Ok((n, true)),
         Err(JsonError::NotStringArray) => Err(NOT_STRING_ARRAY.into()),
-        Err(JsonError::NotJson(_)) => Ok((vec![Node::leaf(rest)], false)),
+        Err(JsonError::NotJson) => Ok((vec![Arg::leaf(rest)], false)),
     }
 }
 
-fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<Node>, bool), String> {
+fn parse_maybe_json_to_list(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     match parse_json(rest) {
         Ok(n) => Ok((n, true)),
         Err(JsonError::NotStringArray) => Err(NOT_STRING_ARRAY.into()),
-        Err(JsonError::NotJson(_)) => Ok((parse_whitespace_delimited(rest), false)),
+        Err(JsonError::NotJson) => Ok((parse_whitespace_delimited(rest), false)),
     }
 }
 
-fn parse_health_config(rest: &str) -> Result<(Vec<Node>, bool), String> {
+fn parse_health_config(rest: &str) -> Result<(Vec<Arg>, bool), String> {
     let b = rest.as_bytes();
     let sep = b.iter().position(|&c| byte_is_space(c)).unwrap_or(b.len());
     if sep == 0 {
@@ -881,7 +1135,7 @@ fn parse_health_config(rest: &str) -> Result<(Vec<Node>, bool), String> {
     let next = b[sep..].iter().position(|&c| !byte_is_space(c)).map_or(b.len(), |i| sep + i);
     let typ = &rest[..sep];
     let (cmd, json) = parse_maybe_json(safe_tail(rest, next))?;
-    let mut out = vec![Node::leaf(typ)];
+    let mut out = vec![Arg::leaf(typ)];
     out.extend(cmd);
     Ok((out, json))
 }
@@ -958,6 +1212,121 @@ mod tests {
             "(from \"busybox\" \"AS\" \"b\")\n(run [\"--mount=type=cache,target=/x\"] \"echo   hi\")\n(env \"A\" \"1\" \"=\" \"B\" \"2\" \"=\")"
         );
         assert_eq!(r.ast.children[1].span, Span { start_line: 2, start_col: 1, end_line: 3, end_col: 5 });
+    }
+
+    #[test]
+    fn bom_crlf_backtick_escape_and_comments_in_continuations() {
+        let src = "\u{feff}# escape=`\r\n\r\nFROM a\r\nRUN echo \\ `\r\n# comment\r\n  b\r\ncopy <<-EOT /x\r\n\thi\r\n\tEOT\r\n";
+        let r = parse(src.as_bytes()).unwrap();
+        assert_eq!(r.escape_token, '`');
+        assert_eq!(r.directives[0].name, "escape");
+        assert_eq!(r.ast.dump(), "(from \"a\")\n(run \"echo \\\\   b\")\n(copy \"<<-EOT\" \"/x\")");
+        assert_eq!(r.ast.children[1].span, Span { start_line: 4, start_col: 1, end_line: 6, end_col: 4 });
+        let h = &r.ast.children[2].heredocs[0];
+        assert_eq!((h.name.as_str(), h.content.as_str(), h.chomp), ("EOT", "\thi\r\n", true));
+        // A directive after an instruction is just a comment.
+        let r = parse(b"FROM a\n# escape=`\nRUN x \\\n y\n").unwrap();
+        assert_eq!(r.escape_token, '\\');
+        assert!(parse(b"# escape=x\nFROM a\n").is_err());
+        assert!(parse(b"# escape=`\n# escape=`\nFROM a\n").is_err());
+    }
+
+    #[test]
+    fn json_arrays_follow_go_rules() {
+        let v = |s: &str| parse_json(s).map(|a| a.into_iter().map(|a| a.value).collect::<Vec<_>>());
+        assert_eq!(v(r#"["a\u00e9\ud83d\ude00", "\/"]"#).unwrap(), ["aé😀", "/"]);
+        assert_eq!(v(r#"["\ud800x"]"#).unwrap(), ["\u{fffd}x"], "lone surrogate becomes U+FFFD");
+        assert_eq!(v("[1, {\"a\": [true, null]}]"), Err(JsonError::NotStringArray));
+        assert_eq!(v("[\"a\" \"b\"]"), Err(JsonError::NotJson));
+        assert_eq!(v("[01]"), Err(JsonError::NotJson));
+        assert_eq!(v("[\"a\"] x"), Err(JsonError::NotJson));
+        assert_eq!(v("[\"\t\"]"), Err(JsonError::NotJson), "raw control character");
+        assert_eq!(v(" [ ] ").unwrap(), Vec::<String>::new());
+    }
+
+    /// BuildKit's `parseWords` transcribed literally (a character at a
+    /// time), to check the allocation-free version against.
+    fn parse_words_reference(rest: &str, escape: char) -> Vec<String> {
+        let (mut words, mut word) = (Vec::new(), String::new());
+        let (mut phase, mut quote, mut blank_ok) = (0, '\0', false);
+        let chars: Vec<char> = rest.chars().collect();
+        let mut pos = 0;
+        while pos <= chars.len() {
+            let ch = chars.get(pos).copied().unwrap_or('\0');
+            if phase == 0 {
+                if pos == chars.len() {
+                    break;
+                }
+                if ch.is_whitespace() {
+                    pos += 1;
+                    continue;
+                }
+                phase = 1;
+            }
+            if pos == chars.len() {
+                if blank_ok || !word.is_empty() {
+                    words.push(word.clone());
+                }
+                break;
+            }
+            let mut ch = ch;
+            if phase == 1 {
+                if ch.is_whitespace() {
+                    phase = 0;
+                    if blank_ok || !word.is_empty() {
+                        words.push(std::mem::take(&mut word));
+                    }
+                    blank_ok = false;
+                    pos += 1;
+                    continue;
+                }
+                if ch == '\'' || ch == '"' {
+                    quote = ch;
+                    blank_ok = true;
+                    phase = 2;
+                }
+                if ch == escape {
+                    if pos + 1 == chars.len() {
+                        pos += 1;
+                        continue;
+                    }
+                    word.push(ch);
+                    pos += 1;
+                    ch = chars[pos];
+                }
+                word.push(ch);
+                pos += 1;
+                continue;
+            }
+            if ch == quote {
+                phase = 1;
+            }
+            if ch == escape && quote != '\'' {
+                if pos + 1 == chars.len() {
+                    phase = 1;
+                    pos += 1;
+                    continue;
+                }
+                pos += 1;
+                word.push(ch);
+                ch = chars[pos];
+            }
+            word.push(ch);
+            pos += 1;
+        }
+        words
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn word_slices_match_buildkit_parse_words(
+            s in proptest::collection::vec(proptest::sample::select(vec!["a", "b", " ", "\t", "'", "\"", "\\", "`", "é", "=", "\u{a0}"]), 0..24)
+        ) {
+            let s = s.concat();
+            for esc in ['\\', '`'] {
+                proptest::prop_assert_eq!(parse_words(&s, esc), parse_words_reference(&s, esc));
+            }
+        }
     }
 
     #[test]

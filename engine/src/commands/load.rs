@@ -41,7 +41,7 @@ pub fn load(store: &Store, input: &Path, tag: Option<&str>) -> anyhow::Result<Ve
     let records = if meta.is_dir() {
         load_dir(store, input, tag)
     } else {
-        let scratch = tempfile::Builder::new().prefix("load-").tempdir_in(store.root().join("tmp"))?;
+        let scratch = store.scratch_dir()?;
         extract(input, scratch.path())?;
         load_dir(store, scratch.path(), tag)
     }

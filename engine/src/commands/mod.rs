@@ -13,6 +13,8 @@ pub mod rmi;
 pub mod tag;
 pub mod run;
 pub mod save;
+pub mod du;
+pub mod prune;
 
 use crate::config::Global;
 
@@ -44,6 +46,10 @@ pub enum Command {
     Run(run::Args),
     /// Write local images to a docker-archive or OCI layout.
     Save(save::Args),
+    /// Show build-cache disk usage.
+    Du(du::Args),
+    /// Remove build cache.
+    Prune(prune::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -61,5 +67,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Load(a) => load::run(global, a),
         Command::Run(a) => run::run(global, a),
         Command::Save(a) => save::run(global, a),
+        Command::Du(a) => du::run(global, a),
+        Command::Prune(a) => prune::run(global, a),
     }
 }

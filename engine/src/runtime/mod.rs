@@ -24,6 +24,7 @@ mod netns;
 mod spec;
 mod stubs;
 pub mod user;
+mod workload;
 
 use std::fs::File;
 use std::io::Read;
@@ -472,7 +473,8 @@ impl Running {
 
         let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
             .with_root_path(self.runtime.libcontainer_dir())
-            .context("libcontainer state dir")?;
+            .context("libcontainer state dir")?
+            .with_executor(workload::ExecveExecutor);
         if stdio.stdin == Stdin::Null {
             builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
         }
@@ -503,6 +505,12 @@ impl Running {
     /// Mount layer directories for a [`MountSource::Layers`] mount under the
     /// state dir; returns the host directory to bind into the container.
     fn mount_layers(&self, index: usize, layers: &[PathBuf], readonly: bool) -> anyhow::Result<PathBuf> {
+        if readonly && layers.len() == 1 {
+            // overlayfs wants two lowers when there is no upper; one
+            // read-only layer is simply bind-mounted read-only.
+            anyhow::ensure!(layers[0].is_dir(), "layer mount: {} is not a directory", layers[0].display());
+            return Ok(layers[0].clone());
+        }
         let base = self.dir.join("mounts").join(index.to_string());
         let target = base.join("merged");
         std::fs::create_dir_all(&target)?;

@@ -1,0 +1,205 @@
+//! `kiln run` end to end, and the executor the solver uses (needs root and
+//! busybox-static).
+
+mod runtime_common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_engine::executor::ContainerExecutor;
+use kiln_engine::runtime::NetworkMode;
+use kiln_solver::{ExecRequest, Executor, HostMount, HostMountSource};
+use runtime_common::{Capture, Scratch, mounts_below, tree};
+
+fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+#[test]
+fn kiln_run_rootfs_streams_output_and_exit_code() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let out = kiln()
+        .args(["--root"]).arg(s.path().join("root"))
+        .args(["run", "--rm", "-e", "A=1", "-w", "/srv", "-u", "alice", "--network", "none", "--memory", "64m", "--cpus", "0.5", "--rootfs"])
+        .arg(&base)
+        .args(["/bin/sh", "-c", "echo $A $(pwd) $(id -u); echo err >&2; exit 5"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1 /srv 1000\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert!(mounts_below(s.path()).is_empty());
+    // The rootfs directory itself was never written to.
+    assert!(!base.join("srv").exists());
+}
+
+#[test]
+fn kiln_run_volume_and_stdin() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let vol = s.layer("vol");
+    let mut child = kiln()
+        .args(["--root"]).arg(s.path().join("root"))
+        .args(["run", "-i", "-v"])
+        .arg(format!("{}:/vol", vol.display()))
+        .args(["--rootfs"]).arg(&base)
+        .args(["/bin/sh", "-c", "cat > /vol/in.txt; echo saved"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"piped input\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "saved\n");
+    assert_eq!(std::fs::read_to_string(vol.join("in.txt")).unwrap(), "piped input\n");
+}
+
+#[test]
+fn kiln_run_bad_input_is_a_clear_error() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    for (args, want) in [
+        (vec!["--network", "bridge2"], "--network"),
+        (vec!["--memory", "lots"], "--memory"),
+        (vec!["-v", "relative-nowhere:/x"], "-v"),
+        (vec!["-t"], "-t"),
+    ] {
+        let out = kiln()
+            .args(["--root"]).arg(s.path().join("root"))
+            .arg("run").args(&args).arg("--rootfs").arg(&base).arg("true")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let out = kiln().args(["--root"]).arg(s.path().join("root")).args(["run", "busybox", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image store not available"));
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_to_kiln_is_forwarded_to_the_container() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let marker = s.layer("marker");
+    let mut child = kiln()
+        .args(["--root"]).arg(s.path().join("root"))
+        .args(["run", "-v"]).arg(format!("{}:/m", marker.display()))
+        .args(["--rootfs"]).arg(&base)
+        .args(["/bin/sh", "-c", "trap 'echo term; exit 42' TERM; touch /m/ready; while :; do sleep 0.05; done"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("container start", || marker.join("ready").exists());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(42));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "term\n");
+    assert!(mounts_below(s.path()).is_empty());
+}
+
+#[test]
+fn kill_9_of_kiln_is_swept_by_the_next_start() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let marker = s.layer("marker");
+    let root = s.path().join("root");
+    let mut child = kiln()
+        .arg("--root").arg(&root)
+        .args(["run", "--name", "victim", "-v"]).arg(format!("{}:/m", marker.display()))
+        .args(["--rootfs"]).arg(&base)
+        .args(["/bin/sh", "-c", "echo $$ > /m/ready; sleep 600"])
+        .spawn()
+        .unwrap();
+    wait_for("container start", || marker.join("ready").exists());
+    let state = root.join("run/containers/victim");
+    assert!(state.exists());
+    // Host pid of the container's init: the one whose cgroup names the container.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let leftover = mounts_below(s.path());
+    assert!(!leftover.is_empty(), "expected kill -9 to leave mounts behind");
+    let sleepers = container_pids("victim");
+    assert!(!sleepers.is_empty(), "container should outlive a kill -9 of kiln");
+    // The next kiln start sweeps it.
+    let rt = kiln_engine::runtime::Runtime::new(root.join("run")).unwrap();
+    drop(rt);
+    assert!(mounts_below(s.path()).is_empty(), "mounts left: {:?}", mounts_below(s.path()));
+    assert!(!state.exists());
+    assert!(!root.join("run/libcontainer/victim").exists());
+    wait_for("container processes to die", || container_pids("victim").iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()));
+    assert!(!Path::new("/sys/fs/cgroup/memory/kiln/victim").exists());
+}
+
+/// Host pids whose cgroup path names container `id`.
+fn container_pids(id: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+            if cg.lines().any(|l| l.ends_with(&format!("/kiln/{id}"))) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn container_executor_runs_solver_requests_in_parallel() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let cache = s.layer("cache");
+    std::fs::write(cache.join("c"), "cached\n").unwrap();
+    let exec = Arc::new(ContainerExecutor::new(s.path().join("run")).unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let rootfs = s.rootfs(vec![base.clone()], &format!("step{i}"));
+        let req = ExecRequest {
+            lower: rootfs.lower.clone(),
+            upper: rootfs.upper.clone(),
+            work: rootfs.work.clone(),
+            args: vec!["/bin/sh".into(), "-c".into(), format!("cat /cache/c; echo $STEP > /out; exit {i}")],
+            env: vec![format!("STEP={i}")],
+            cwd: "/".into(),
+            user: String::new(),
+            network: NetworkMode::None,
+            mounts: vec![HostMount { target: "/cache".into(), source: HostMountSource::Layers(vec![cache.clone()]), readonly: true }],
+            hostname: "step".into(),
+        };
+        let exec = exec.clone();
+        tasks.push(tokio::spawn(async move {
+            let cap = Capture::default();
+            let code = exec.exec(req, cap.sink()).await.unwrap();
+            (code, cap.out(), rootfs.upper)
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (code, out, upper) = t.await.unwrap();
+        assert_eq!(code, i as i32);
+        assert_eq!(out, "cached\n");
+        assert_eq!(tree(&upper), vec!["out"]);
+        assert_eq!(std::fs::read_to_string(upper.join("out")).unwrap(), format!("{i}\n"));
+    }
+    assert!(mounts_below(s.path()).is_empty());
+}
