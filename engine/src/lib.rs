@@ -11,8 +11,10 @@
 #![deny(missing_docs)]
 
 pub mod build;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod executor;
 pub mod image_source;
 pub mod registry;

@@ -1,7 +1,7 @@
 //! `kiln images`: list local images.
 
 use kiln_cache::Store;
-use kiln_cache::images::familiar_name;
+use kiln_cache::images::{ImageRecord, familiar_name};
 
 use crate::config::Global;
 
@@ -22,12 +22,17 @@ pub struct Args {
 /// Print the list.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
-    let images = store.images.list()?;
+    print(&args, &store.images.list()?)?;
+    Ok(0)
+}
+
+/// Print `images` as `kiln images` does (table, IDs, or JSON lines).
+pub fn print(args: &Args, images: &[ImageRecord]) -> anyhow::Result<()> {
     if args.json {
-        for r in &images {
+        for r in images {
             println!("{}", serde_json::to_string(r)?);
         }
-        return Ok(0);
+        return Ok(());
     }
     let id = |digest: &str| -> String {
         let hex = digest.trim_start_matches("sha256:");
@@ -35,15 +40,15 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     };
     if args.quiet {
         let mut seen = std::collections::BTreeSet::new();
-        for r in &images {
+        for r in images {
             if seen.insert(r.config_digest.clone()) {
                 println!("{}", id(&r.config_digest));
             }
         }
-        return Ok(0);
+        return Ok(());
     }
     println!("{:<40} {:<16} {:<14} {:<22} {:>10}", "REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE");
-    for r in &images {
+    for r in images {
         let short = familiar_name(&r.name);
         let (repo, tag) = match short.split_once('@') {
             Some((repo, _)) => (repo, "<none>"),
@@ -58,7 +63,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         let created = r.created.as_deref().map(|c| c.get(..19).unwrap_or(c).replace('T', " ")).unwrap_or_default();
         println!("{:<40} {:<16} {:<14} {:<22} {:>10}", repo, tag, id(&r.config_digest), created, human_size(r.size));
     }
-    Ok(0)
+    Ok(())
 }
 
 fn human_size(bytes: u64) -> String {

@@ -2,7 +2,7 @@
 //! `docker image inspect`.
 
 use kiln_cache::Store;
-use kiln_cache::images::familiar_name;
+use kiln_cache::images::{ImageRecord, familiar_name};
 use serde_json::json;
 
 use crate::config::Global;
@@ -31,44 +31,50 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 continue;
             }
         };
-        let image = open_image(&store, &record)?;
-        let names: Vec<&str> = all.iter().filter(|r| r.target == record.target).map(|r| r.name.as_str()).collect();
-        let repo_tags: Vec<&str> = names.iter().filter(|n| !n.contains('@')).map(|n| familiar_name(n)).collect();
-        let mut repo_digests: Vec<String> = names
-            .iter()
-            .map(|n| {
-                let repo = n.split('@').next().unwrap_or(n);
-                let slash = repo.rfind('/').map(|i| i + 1).unwrap_or(0);
-                let repo = match repo[slash..].rfind(':') {
-                    Some(i) => &repo[..slash + i],
-                    None => repo,
-                };
-                format!("{}@{}", familiar_name(repo), record.target.digest)
-            })
-            .collect();
-        repo_digests.sort();
-        repo_digests.dedup();
-        let c = &image.config_json;
-        out.push(json!({
-            "Id": record.config_digest,
-            "RepoTags": repo_tags,
-            "RepoDigests": repo_digests,
-            "Created": c.get("created").cloned().unwrap_or(json!("")),
-            "Author": c.get("author").cloned().unwrap_or(json!("")),
-            "Architecture": c.get("architecture").cloned().unwrap_or(json!("")),
-            "Variant": c.get("variant").cloned(),
-            "Os": c.get("os").cloned().unwrap_or(json!("")),
-            "Size": record.size,
-            "Config": c.get("config").cloned().unwrap_or(json!({})),
-            "RootFS": { "Type": "layers", "Layers": image.diff_ids },
-            "History": c.get("history").cloned().unwrap_or(json!([])),
-            "Descriptor": {
-                "mediaType": record.target.media_type,
-                "digest": record.target.digest,
-                "size": record.target.size,
-            },
-        }));
+        out.push(describe(&store, &all, &record)?);
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(code)
+}
+
+/// The `docker image inspect`-shaped JSON of one image; `all` is the
+/// store's image list (for the other names of the same image).
+pub fn describe(store: &Store, all: &[ImageRecord], record: &ImageRecord) -> anyhow::Result<serde_json::Value> {
+    let image = open_image(store, record)?;
+    let names: Vec<&str> = all.iter().filter(|r| r.target == record.target).map(|r| r.name.as_str()).collect();
+    let repo_tags: Vec<&str> = names.iter().filter(|n| !n.contains('@')).map(|n| familiar_name(n)).collect();
+    let mut repo_digests: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let repo = n.split('@').next().unwrap_or(n);
+            let slash = repo.rfind('/').map(|i| i + 1).unwrap_or(0);
+            let repo = match repo[slash..].rfind(':') {
+                Some(i) => &repo[..slash + i],
+                None => repo,
+            };
+            format!("{}@{}", familiar_name(repo), record.target.digest)
+        })
+        .collect();
+    repo_digests.sort();
+    repo_digests.dedup();
+    let c = &image.config_json;
+    Ok(json!({
+        "Id": record.config_digest,
+        "RepoTags": repo_tags,
+        "RepoDigests": repo_digests,
+        "Created": c.get("created").cloned().unwrap_or(json!("")),
+        "Author": c.get("author").cloned().unwrap_or(json!("")),
+        "Architecture": c.get("architecture").cloned().unwrap_or(json!("")),
+        "Variant": c.get("variant").cloned(),
+        "Os": c.get("os").cloned().unwrap_or(json!("")),
+        "Size": record.size,
+        "Config": c.get("config").cloned().unwrap_or(json!({})),
+        "RootFS": { "Type": "layers", "Layers": image.diff_ids },
+        "History": c.get("history").cloned().unwrap_or(json!([])),
+        "Descriptor": {
+            "mediaType": record.target.media_type,
+            "digest": record.target.digest,
+            "size": record.target.size,
+        },
+    }))
 }

@@ -12,6 +12,7 @@ pub mod push;
 pub mod rmi;
 pub mod tag;
 pub mod run;
+pub mod serve;
 pub mod save;
 pub mod du;
 pub mod prune;
@@ -44,6 +45,8 @@ pub enum Command {
     Load(load::Args),
     /// Run a command in a new container.
     Run(run::Args),
+    /// Run the daemon: kiln's REST API and a Docker API subset.
+    Serve(serve::Args),
     /// Write local images to a docker-archive or OCI layout.
     Save(save::Args),
     /// Show build-cache disk usage.
@@ -54,6 +57,13 @@ pub enum Command {
 
 /// Run one subcommand; returns the process exit code.
 pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
+    // With --host / KILN_HOST, commands are requests to a daemon (`serve`
+    // listens there instead; `debug` is always local).
+    if let Some(host) = &global.host {
+        if !matches!(command, Command::Serve(_) | Command::Debug(_)) {
+            return crate::client::run(global, host, command);
+        }
+    }
     match command {
         Command::Debug(c) => debug::run(global, c),
         Command::Pull(a) => pull::run(global, a),
@@ -66,6 +76,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Import(a) => import::run(global, a),
         Command::Load(a) => load::run(global, a),
         Command::Run(a) => run::run(global, a),
+        Command::Serve(a) => serve::run(global, a),
         Command::Save(a) => save::run(global, a),
         Command::Du(a) => du::run(global, a),
         Command::Prune(a) => prune::run(global, a),

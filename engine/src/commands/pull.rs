@@ -25,14 +25,19 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Arc::new(Store::open(&global.root)?);
     let registry = Registry::from_global(global)?;
     let pulled = runtime()?.block_on(registry.pull(&store, &args.reference, &platform))?;
-    println!(
-        "{}: pulled {} ({} layer(s), {} downloaded)",
-        kiln_cache::images::familiar_name(&pulled.name),
-        pulled.manifest_digest,
-        pulled.layers.len(),
-        pulled.blobs_fetched
-    );
+    println!("{}", summary(&pulled.name, &pulled.manifest_digest, pulled.layers.len(), pulled.blobs_fetched));
     Ok(0)
+}
+
+/// The line `kiln pull` prints when done.
+pub fn summary(name: &str, manifest_digest: &str, layers: usize, fetched: usize) -> String {
+    format!(
+        "{}: pulled {} ({} layer(s), {} downloaded)",
+        kiln_cache::images::familiar_name(name),
+        manifest_digest,
+        layers,
+        fetched
+    )
 }
 
 /// A multi-threaded tokio runtime for commands that talk to registries.

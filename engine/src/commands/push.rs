@@ -15,21 +15,31 @@ pub struct Args {
 /// Push the image; prints the pushed digest.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
-    let record = store.images.resolve(&args.reference)?;
     let registry = Registry::from_global(global)?;
-    // Pushing by ID pushes to the image's stored name.
-    let target = if kiln_cache::images::normalize_reference(&args.reference)? == record.name {
-        args.reference.clone()
-    } else {
-        record.name.clone()
-    };
-    let pushed = super::pull::runtime()?.block_on(registry.push(&store, &record.target.digest, &target))?;
-    println!(
+    let pushed = super::pull::runtime()?.block_on(push_local(&registry, &store, &args.reference))?;
+    println!("{}", summary(&pushed));
+    Ok(0)
+}
+
+/// The line `kiln push` prints when done.
+pub fn summary(pushed: &crate::registry::PushedImage) -> String {
+    format!(
         "{}: digest: {} ({} blob(s) uploaded, {} already there)",
         kiln_cache::images::familiar_name(&pushed.reference),
         pushed.manifest_digest,
         pushed.blobs_uploaded,
         pushed.blobs_skipped
-    );
-    Ok(0)
+    )
+}
+
+/// Push the local image `reference` (a name, or an ID/digest, which pushes
+/// to the image's stored name).
+pub async fn push_local(registry: &Registry, store: &Store, reference: &str) -> anyhow::Result<crate::registry::PushedImage> {
+    let record = store.images.resolve(reference)?;
+    let target = if kiln_cache::images::normalize_reference(reference)? == record.name {
+        reference.to_string()
+    } else {
+        record.name.clone()
+    };
+    registry.push(store, &record.target.digest, &target).await
 }

@@ -27,17 +27,25 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 continue;
             }
         };
-        // A name removes that name; an ID or digest removes all names of the image.
-        let by_name = kiln_cache::images::normalize_reference(reference).ok() == Some(record.name.clone());
-        let doomed: Vec<String> = if by_name {
-            vec![record.name.clone()]
-        } else {
-            store.images.list()?.into_iter().filter(|r| r.target == record.target).map(|r| r.name).collect()
-        };
-        for name in doomed {
-            store.images.remove(&name)?;
+        for name in untag(&store, reference, &record)? {
             println!("Untagged: {}", familiar_name(&name));
         }
     }
     Ok(code)
+}
+
+/// Remove the names `reference` (resolved to `record`) stands for: a name
+/// removes that name, an ID or digest every name of the image. Returns the
+/// removed names.
+pub fn untag(store: &Store, reference: &str, record: &kiln_cache::images::ImageRecord) -> anyhow::Result<Vec<String>> {
+    let by_name = kiln_cache::images::normalize_reference(reference).ok() == Some(record.name.clone());
+    let doomed: Vec<String> = if by_name {
+        vec![record.name.clone()]
+    } else {
+        store.images.list()?.into_iter().filter(|r| r.target == record.target).map(|r| r.name).collect()
+    };
+    for name in &doomed {
+        store.images.remove(name)?;
+    }
+    Ok(doomed)
 }
