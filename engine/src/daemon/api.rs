@@ -13,7 +13,8 @@ use serde_json::json;
 
 use super::State;
 use super::containers::{RunRequest, container_spec, run_streamed};
-use super::web::{ApiError, ApiResult, Query, json_response, ok_json, read_json, streaming};
+use super::context;
+use super::web::{ApiError, ApiResult, MAX_UPLOAD_BODY, Query, json_response, ok_json, read_body, read_json, streaming};
 use crate::commands;
 use crate::registry::manifest::parse_platform;
 use crate::runtime::LogStream;
@@ -56,6 +57,14 @@ pub struct PushResult {
     pub blobs_uploaded: usize,
     /// Blobs the registry already had.
     pub blobs_skipped: usize,
+}
+
+/// `POST /v1/build/context/missing` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingRequest {
+    /// `sha256:` digests of the context's files.
+    pub digests: Vec<String>,
 }
 
 /// `POST /v1/images/{name}/tag` body.
@@ -101,6 +110,18 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
             ok_json(&blocking(move || store.images.list()).await?)
         }
         (&Method::POST, "images/pull") => pull(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "build/context/missing") => {
+            let body: MissingRequest = read_json(req.into_body()).await?;
+            let store = state.store.clone();
+            let missing = blocking(move || Ok(context::missing(&store, &body.digests))).await??;
+            ok_json(&json!({ "missing": missing }))
+        }
+        (&Method::POST, "build/context/blobs") => {
+            let bytes = read_body(req.into_body(), MAX_UPLOAD_BODY).await?;
+            let store = state.store.clone();
+            let stored = blocking(move || Ok(context::store_blobs(&store, &bytes[..]))).await??;
+            ok_json(&json!({ "stored": stored }))
+        }
         (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
         (_, path) if path.starts_with("images/") => {
             let name = &path["images/".len()..];

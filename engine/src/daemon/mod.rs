@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod containers;
+pub mod context;
 pub mod docker;
 pub mod web;
 pub mod tls;

@@ -15,8 +15,9 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// The largest JSON request body accepted (1 MiB).
 pub const MAX_JSON_BODY: usize = 1 << 20;
-/// The largest upload (build context, file blobs) accepted (8 GiB).
-pub const MAX_UPLOAD_BODY: usize = 8 << 30;
+/// The largest upload (build context, file blobs) accepted (1 GiB; uploads
+/// are held in memory while they are checked).
+pub const MAX_UPLOAD_BODY: usize = 1 << 30;
 
 /// An error with the HTTP status it maps to. The message is sent to the
 /// client as `{"message": ...}` (the Docker API's error shape, which kiln's
