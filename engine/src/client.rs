@@ -246,8 +246,8 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::Run(args) => run_remote(client, args).await,
         Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
         Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
-        Command::Import(_) | Command::Load(_) | Command::Save(_) => {
-            bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
+        Command::Import(_) | Command::Load(_) | Command::Save(_) | Command::Du(_) | Command::Prune(_) => {
+            bail!("kiln import/load/save/du/prune: not available through --host yet; run it on the daemon's machine without --host")
         }
     }
 }

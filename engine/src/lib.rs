@@ -10,6 +10,7 @@
 //! ([`kiln_solver::Executor`], [`kiln_solver::ImageSource`]).
 #![deny(missing_docs)]
 
+pub mod build;
 pub mod client;
 pub mod commands;
 pub mod config;
@@ -17,5 +18,6 @@ pub mod daemon;
 pub mod executor;
 pub mod image_source;
 pub mod registry;
+pub mod progress;
 pub mod runtime;
 pub mod unpack;

@@ -16,7 +16,8 @@
 //! [`cachekey`] (keys and content checksums), [`fileop`] (COPY/ADD, mkdir,
 //! rm, symlink done natively), `exec` (RUN and its mounts), [`tree`]
 //! (build contexts and layer chains as file sources), [`pattern`]
-//! (`.dockerignore` and glob matching), [`events`], [`error`].
+//! (`.dockerignore` and glob matching), [`gc`] (usage and pruning of the
+//! build cache), [`events`], [`error`].
 #![deny(missing_docs)]
 
 pub mod cachekey;
@@ -24,6 +25,7 @@ pub mod error;
 pub mod events;
 mod exec;
 pub mod fileop;
+pub mod gc;
 pub mod pattern;
 pub mod solver;
 pub mod tree;

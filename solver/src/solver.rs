@@ -152,6 +152,12 @@ impl Solver {
     /// Run `req.definition` and return the target's snapshot chain. The
     /// first failing op cancels the others; its error names it.
     pub async fn solve(&self, req: SolveRequest) -> Result<SolveOutput, SolveError> {
+        // Pruning waits until no solve runs (and solves wait for a prune).
+        let store = self.inner.store.clone();
+        let _build_lock = tokio::task::spawn_blocking(move || crate::gc::lock_shared(&store))
+            .await
+            .ok()
+            .and_then(|r| r.ok());
         let ctx = Arc::new(SolveCtx {
             def: req.definition,
             locals: req.locals,

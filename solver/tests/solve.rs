@@ -297,3 +297,28 @@ async fn cache_and_bind_mounts() {
     h.solver.solve(request(g.def.clone(), Some(&ctx))).await.unwrap();
     assert_eq!(h.exec.count(), 2);
 }
+
+#[tokio::test]
+async fn prune_removes_unreferenced_then_all() {
+    use kiln_solver::gc;
+    let h = harness();
+    h.images.add("docker.io/library/base:1", "sha256:1111", vec![vec![("etc/os", "base")]]);
+    let mut g = Graph::default();
+    let i = g.image("docker.io/library/base:1");
+    g.run(i, "write /out built", 2);
+    h.solver.solve(request(g.def.clone(), None)).await.unwrap();
+    let u = gc::usage(&h.store).unwrap();
+    assert_eq!((u.records, u.snapshots), (1, 2));
+    assert!(u.snapshot_bytes > 0);
+    // Records keep their whole chain (base layer included) alive.
+    let r = gc::prune(&h.store, &gc::PruneOptions::default()).unwrap();
+    assert_eq!((r.records, r.snapshots), (0, 0));
+    h.solver.solve(request(g.def.clone(), None)).await.unwrap();
+    assert_eq!(h.exec.count(), 1, "still cached after a default prune");
+    let r = gc::prune(&h.store, &gc::PruneOptions { all: false, keep_bytes: Some(0) }).unwrap();
+    assert_eq!((r.records, r.snapshots), (1, 2));
+    h.solver.solve(request(g.def.clone(), None)).await.unwrap();
+    assert_eq!(h.exec.count(), 2, "pruned entries are rebuilt");
+    gc::prune(&h.store, &gc::PruneOptions { all: true, keep_bytes: None }).unwrap();
+    assert_eq!(gc::usage(&h.store).unwrap(), gc::Usage::default());
+}

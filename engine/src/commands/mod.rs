@@ -14,6 +14,8 @@ pub mod tag;
 pub mod run;
 pub mod serve;
 pub mod save;
+pub mod du;
+pub mod prune;
 
 use crate::config::Global;
 
@@ -47,6 +49,10 @@ pub enum Command {
     Serve(serve::Args),
     /// Write local images to a docker-archive or OCI layout.
     Save(save::Args),
+    /// Show build-cache disk usage.
+    Du(du::Args),
+    /// Remove build cache.
+    Prune(prune::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -72,5 +78,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Run(a) => run::run(global, a),
         Command::Serve(a) => serve::run(global, a),
         Command::Save(a) => save::run(global, a),
+        Command::Du(a) => du::run(global, a),
+        Command::Prune(a) => prune::run(global, a),
     }
 }
