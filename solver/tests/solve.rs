@@ -322,3 +322,51 @@ async fn prune_removes_unreferenced_then_all() {
     gc::prune(&h.store, &gc::PruneOptions { all: true, keep_bytes: None }).unwrap();
     assert_eq!(gc::usage(&h.store).unwrap(), gc::Usage::default());
 }
+
+/// A loopback HTTP server answering each request with the next body.
+fn http_server(bodies: Vec<&'static str>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for body in bodies {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn add_url_keys_on_content_and_checks_checksums() {
+    use kiln_frontend::graph::{Op, SourceOp};
+    let h = harness();
+    let addr = http_server(vec!["v1", "v1", "v2", "v2"]);
+    let def = |checksum: Option<String>| {
+        let mut g = Graph::default();
+        let s = g.scratch();
+        let src = g.add(
+            Op::Source(SourceOp::Http { url: format!("http://{addr}/tool.sh"), checksum, filename: "tool.sh".into(), mode: None }),
+            vec![],
+            "ADD http",
+            2,
+        );
+        let c = g.copy(s, src, copy(&["/tool.sh"], "/usr/bin/"), 2);
+        g.run(c, "write /ran yes", 3);
+        g.def
+    };
+    let out = h.solver.solve(request(def(None), None)).await.unwrap();
+    assert_eq!(read_merged(&h, &out.layers, "usr/bin/tool.sh").as_deref(), Some("v1"));
+    h.solver.solve(request(def(None), None)).await.unwrap();
+    assert_eq!(h.exec.count(), 1, "same download: cached");
+    let out = h.solver.solve(request(def(None), None)).await.unwrap();
+    assert_eq!(h.exec.count(), 2, "new content: re-executed");
+    assert_eq!(read_merged(&h, &out.layers, "usr/bin/tool.sh").as_deref(), Some("v2"));
+    let err = h.solver.solve(request(def(Some("sha256:0000".into())), None)).await.unwrap_err();
+    assert!(err.message.contains("checksum mismatch"), "{}", err.message);
+}

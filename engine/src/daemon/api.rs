@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::State;
 use super::containers::{RunRequest, container_spec, run_streamed};
+use super::build::{BuildLine, BuildOptions};
 use super::context;
 use super::web::{ApiError, ApiResult, MAX_UPLOAD_BODY, Query, json_response, ok_json, read_body, read_json, streaming};
 use crate::commands;
@@ -89,6 +90,9 @@ pub enum RunEvent {
     Error(String),
 }
 
+/// The largest `/v1/build` request (the context's file list is in it).
+pub const MAX_BUILD_REQUEST: usize = 64 << 20;
+
 /// Dispatch `/v1/<rest>`.
 pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> ApiResult {
     let method = req.method().clone();
@@ -121,6 +125,10 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
             let store = state.store.clone();
             let stored = blocking(move || Ok(context::store_blobs(&store, &bytes[..]))).await??;
             ok_json(&json!({ "stored": stored }))
+        }
+        (&Method::POST, "build") => {
+            let bytes = read_body(req.into_body(), MAX_BUILD_REQUEST).await?;
+            build(state, super::web::parse_json(&bytes)?).await
         }
         (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
         (_, path) if path.starts_with("images/") => {
@@ -238,6 +246,42 @@ async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
             Err(e) => RunEvent::Error(format!("{e:#}")),
         };
         lines.send(&last).await;
+    });
+    Ok(response)
+}
+
+/// Lay out the context, then build, streaming [`BuildLine`]s. A client that
+/// goes away cancels its own build only.
+async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
+    context::validate(&opts.context)?;
+    let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let (store, entries, path) = (state.store.clone(), opts.context.clone(), dir.path().to_path_buf());
+    blocking(move || Ok(context::materialize(&store, &entries, &path))).await??;
+    let (response, mut lines) = streaming("application/x-ndjson");
+    tokio::spawn(async move {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let gone = lines.clone();
+        let path = dir.path().to_path_buf();
+        let work = super::build::run_build(&state, opts, path, tx);
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                Some(event) = events.recv() => { lines.send(&BuildLine::Event(event)).await; }
+                r = &mut work => break Some(r),
+                _ = gone.closed() => { tracing::info!("build: client went away, cancelling its build"); break None; }
+                _ = state.cancelled() => break Some(Err(anyhow::anyhow!("the daemon is shutting down: build cancelled"))),
+            }
+        };
+        let Some(result) = result else { return };
+        while let Ok(event) = events.try_recv() {
+            lines.send(&BuildLine::Event(event)).await;
+        }
+        let last = match result {
+            Ok(image_id) => BuildLine::Result { image_id },
+            Err(e) => BuildLine::Error(format!("{e:#}")),
+        };
+        lines.send(&last).await;
+        drop(dir);
     });
     Ok(response)
 }
