@@ -161,7 +161,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 
 /// `K=V` flags into a map (`K` alone takes the value from the environment
 /// when `from_env`, as docker does for build args).
-fn key_values(flag: &str, items: &[String], from_env: bool) -> anyhow::Result<BTreeMap<String, String>> {
+pub(crate) fn key_values(flag: &str, items: &[String], from_env: bool) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for item in items {
         match item.split_once('=') {
@@ -181,7 +181,7 @@ fn key_values(flag: &str, items: &[String], from_env: bool) -> anyhow::Result<BT
 
 /// `--secret id=ID,src=PATH` / `id=ID,env=VAR` (`type=file|env`,
 /// `source=` accepted too).
-fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+pub(crate) fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
     let mut out = HashMap::new();
     for spec in specs {
         let mut id = None;
@@ -209,7 +209,7 @@ fn read_secrets(specs: &[String]) -> anyhow::Result<HashMap<String, Vec<u8>>> {
 
 /// The context directory, the Dockerfile's bytes and name, and a temp dir
 /// to keep alive when the context came from a tarball or stdin.
-fn prepare_context(context: &str, file: Option<&Path>) -> anyhow::Result<(PathBuf, Vec<u8>, String, Option<tempfile::TempDir>)> {
+pub(crate) fn prepare_context(context: &str, file: Option<&Path>) -> anyhow::Result<(PathBuf, Vec<u8>, String, Option<tempfile::TempDir>)> {
     let mut tmp = None;
     let mut stdin_dockerfile = None;
     let dir = if context == "-" {
@@ -279,7 +279,7 @@ fn extract_tar(bytes: &[u8], dir: &Path) -> anyhow::Result<bool> {
 
 /// `<Dockerfile>.dockerignore` beside the Dockerfile, else `.dockerignore`
 /// in the context.
-fn read_dockerignore(context: &Path, dockerfile: &str) -> Option<String> {
+pub(crate) fn read_dockerignore(context: &Path, dockerfile: &str) -> Option<String> {
     let specific = PathBuf::from(format!("{dockerfile}.dockerignore"));
     let base = Path::new(dockerfile).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     std::fs::read_to_string(&specific)
@@ -290,9 +290,9 @@ fn read_dockerignore(context: &Path, dockerfile: &str) -> Option<String> {
 
 /// Base image configs for lowering, through the same image source the
 /// solver uses (so the image is fetched once).
-struct MetaResolver {
-    images: Arc<dyn ImageSource>,
-    handle: tokio::runtime::Handle,
+pub(crate) struct MetaResolver {
+    pub(crate) images: Arc<dyn ImageSource>,
+    pub(crate) handle: tokio::runtime::Handle,
 }
 
 impl ImageMetaResolver for MetaResolver {
@@ -312,9 +312,9 @@ impl ImageMetaResolver for MetaResolver {
 }
 
 /// `--pull`: ask the registry even when the store has the image.
-struct PullAlways {
-    store: Arc<Store>,
-    registry: Arc<Registry>,
+pub(crate) struct PullAlways {
+    pub(crate) store: Arc<Store>,
+    pub(crate) registry: Arc<Registry>,
 }
 
 #[async_trait::async_trait]
