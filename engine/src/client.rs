@@ -248,8 +248,8 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::Build(args) => build_remote(client, args).await,
         Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
         Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
-        Command::Build(_) | Command::Du(_) | Command::Prune(_) => {
-            bail!("kiln build/du/prune: not available through --host yet; run them without --host on the daemon's machine")
+        Command::Du(_) | Command::Prune(_) => {
+            bail!("kiln du/prune: not available through --host yet; run them without --host on the daemon's machine")
         }
         Command::Import(_) | Command::Load(_) | Command::Save(_) => {
             bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
