@@ -180,19 +180,31 @@ impl Stdio {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     state_root: PathBuf,
+    /// `KILN_RUNTIME_TIMING=1`: print how long each phase took (to stderr).
+    timing: bool,
 }
 
 impl Runtime {
     /// Use `state_root` (e.g. `<kiln root>/run`) for container state, and
     /// clean up whatever containers of dead kiln processes left there.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
-        let rt = Runtime { state_root: state_root.into() };
+        let rt = Runtime { state_root: state_root.into(), timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some() };
         std::fs::create_dir_all(rt.containers_dir())
             .with_context(|| format!("creating {}", rt.containers_dir().display()))?;
         std::fs::create_dir_all(rt.libcontainer_dir())
             .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
         rt.sweep()?;
         Ok(rt)
+    }
+
+    /// The runtime-wide lock between sweeping and creating containers.
+    fn sweep_lock(&self, how: nix::fcntl::FlockArg) -> anyhow::Result<File> {
+        let path = self.state_root.join("sweep.lock");
+        let f = File::options().create(true).truncate(false).write(true).open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        #[allow(deprecated)]
+        nix::fcntl::flock(f.as_raw_fd(), how).with_context(|| format!("locking {}", path.display()))?;
+        Ok(f)
     }
 
     fn containers_dir(&self) -> PathBuf {
@@ -207,6 +219,10 @@ impl Runtime {
     /// their libcontainer state and cgroup, unmount, remove stubs and state.
     /// Returns how many were cleaned.
     pub fn sweep(&self) -> anyhow::Result<usize> {
+        // Exclusive against container creation (which holds it shared from
+        // mkdir until its own lock is taken), so a half-created container
+        // is never mistaken for a dead one.
+        let _guard = self.sweep_lock(nix::fcntl::FlockArg::LockExclusive)?;
         let mut cleaned = 0;
         for entry in std::fs::read_dir(self.containers_dir())? {
             let entry = entry?;
@@ -215,11 +231,9 @@ impl Runtime {
             // The owner holds an exclusive flock on the lock file for the
             // container's lifetime; getting it means the owner is gone.
             let Ok(lock) = File::open(dir.join("lock")) else {
-                // Half-created (no lock yet) or half-removed: take it only if old.
-                if is_older_than(&dir, 60) {
-                    self.cleanup_state(&id, None)?;
-                    cleaned += 1;
-                }
+                // Its creator died between mkdir and taking the lock.
+                self.cleanup_state(&id, None)?;
+                cleaned += 1;
                 continue;
             };
             #[allow(deprecated)] // a plain fd lock; nix's Flock wrapper would own the File
@@ -252,6 +266,7 @@ impl Runtime {
             None => random_id(),
         };
         let dir = self.containers_dir().join(&id);
+        let creating = self.sweep_lock(nix::fcntl::FlockArg::LockShared)?;
         std::fs::create_dir(&dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 anyhow::anyhow!("container name {id:?} is already in use")
@@ -262,6 +277,7 @@ impl Runtime {
         let lock = File::create(dir.join("lock")).with_context(|| format!("creating {}/lock", dir.display()))?;
         #[allow(deprecated)]
         nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).context("locking container state")?;
+        drop(creating);
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
         let mut running = Running {
             runtime: self.clone(),
@@ -273,6 +289,8 @@ impl Runtime {
             container: None,
             pid: None,
             readers: Vec::new(),
+            detacher: None,
+            clock: Clock::new(self.timing),
             _lock: lock,
             cleaned: false,
         };
@@ -287,12 +305,29 @@ impl Runtime {
         self.start(spec, stdio)?.wait()
     }
 
+    /// Remove the cgroup directories and libcontainer state of a container
+    /// whose processes are all gone. False if anything is left (then use
+    /// libcontainer's own delete).
+    fn remove_stopped_container(&self, id: &str) -> bool {
+        remove_cgroups(id) && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
+    }
+
+
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
     /// take out of the upperdir after unmounting.
     fn cleanup_state(&self, id: &str, stubs: Option<(&Path, &Stubs)>) -> anyhow::Result<()> {
         let lc = self.libcontainer_dir().join(id);
         if lc.exists() {
             delete_libcontainer(&lc);
+        }
+        // libcontainer can leave the cgroup behind when creation fails, and
+        // after a crash its killed processes may take a moment to be reaped
+        // (by their new parent, not us): give them a second.
+        for _ in 0..10 {
+            if remove_cgroups(id) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let dir = self.containers_dir().join(id);
         overlay::unmount_all_under(&dir)?;
@@ -311,6 +346,29 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Remove the (empty) cgroup directories `/kiln/<id>` in every cgroup
+/// hierarchy; false if one could not be removed.
+fn remove_cgroups(id: &str) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let mut all_gone = true;
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let fstype = right.split(' ').next().unwrap_or("");
+        let fields: Vec<&str> = left.split(' ').collect();
+        if !(fstype == "cgroup" || fstype == "cgroup2") || fields.len() < 5 || fields[3] != "/" {
+            continue;
+        }
+        // The spec's cgroupsPath is /kiln/<id> in every hierarchy.
+        let dir = Path::new(fields[4]).join("kiln").join(id);
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => all_gone = false,
+        }
+    }
+    all_gone
 }
 
 /// Kill and delete a libcontainer container (state dir and cgroup); if its
@@ -341,6 +399,8 @@ pub struct Running {
     container: Option<Container>,
     pid: Option<Pid>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    detacher: Option<std::thread::JoinHandle<()>>,
+    clock: Clock,
     _lock: File,
     cleaned: bool,
 }
@@ -378,6 +438,7 @@ impl Running {
             }
         };
         self.pid = None;
+        self.clock.mark("run+exit");
         let code = match status {
             WaitStatus::Exited(_, code) => code,
             WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
@@ -405,6 +466,7 @@ impl Running {
         };
         self.upper = upper.clone();
         overlay::mount_overlay(&overlay::OverlaySpec { lower: &spec.rootfs.lower, upper: Some((&upper, &work)) }, &rootfs)?;
+        self.clock.mark("overlay");
         // Mount points the image may lack; recorded so they can be removed.
         let upper = &upper;
         for d in ["/proc", "/dev", "/sys"] {
@@ -413,6 +475,9 @@ impl Running {
         for f in ["/etc/hosts", "/etc/resolv.conf"] {
             self.stubs.ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
         }
+        // Saved before anything else can fail, so a sweep after a crash
+        // removes them too (and again after the user's mount points).
+        self.save_stub_record()?;
         let mut mounts = Vec::new();
         for (i, m) in spec.mounts.iter().enumerate() {
             anyhow::ensure!(m.target.is_absolute(), "mount target {} must be absolute", m.target.display());
@@ -438,6 +503,7 @@ impl Running {
         let user = user::resolve_user(root_fd.as_fd(), &spec.user)?;
         drop(root_fd);
 
+        self.clock.mark("stubs+user");
         let hostname = if spec.hostname.is_empty() {
             self.id.trim_start_matches("kiln-").chars().take(12).collect()
         } else {
@@ -452,6 +518,7 @@ impl Running {
             NetworkMode::Host => None,
             NetworkMode::None | NetworkMode::Default => Some(netns::new_loopback_netns()?),
         };
+        self.clock.mark("netns");
         let netns_path = netns.as_ref().map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
         let config = spec::build(&spec::SpecInput {
             id: &self.id,
@@ -470,7 +537,9 @@ impl Running {
         let bundle = self.dir.join("bundle");
         std::fs::create_dir(&bundle)?;
         std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
+        self.clock.mark("spec");
 
+        private_cwd()?;
         let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
             .with_root_path(self.runtime.libcontainer_dir())
             .context("libcontainer state dir")?
@@ -494,11 +563,26 @@ impl Running {
             .with_detach(true)
             .build()
             .map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
+        self.clock.mark("libcontainer create");
         drop(netns);
         self.pid = container.pid();
+        // The container's mount namespace now holds its own copies of the
+        // overlay and layer mounts (private: nothing propagates between
+        // them). Detach the host's copies while the container runs: an
+        // unmount waits for an RCU grace period, which on a busy host costs
+        // tens of milliseconds, and this keeps it off the critical path.
+        let host_mounts = overlay::mounts_under(&self.dir)?;
+        self.detacher = Some(std::thread::spawn(move || {
+            for m in host_mounts {
+                if let Err(e) = overlay::unmount(&m) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+        }));
         let started = container.start();
         self.container = Some(container);
         started.map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
+        self.clock.mark("start");
         Ok(())
     }
 
@@ -546,14 +630,26 @@ impl Running {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        // Deleting through the handle we have saves re-reading its state.
+        if let Some(d) = self.detacher.take() {
+            let _ = d.join();
+        }
+        self.clock.mark("join");
         if let Some(mut c) = self.container.take() {
-            if let Err(e) = c.delete(true) {
-                tracing::warn!("deleting container {}: {e}", self.id);
+            // The process is reaped and its pid namespace gone, so the
+            // cgroup is empty: removing it and the state directly costs a
+            // few syscalls where libcontainer's delete re-reads its state
+            // and re-detects the cgroup layout (hundreds).
+            if !self.runtime.remove_stopped_container(&self.id) {
+                if let Err(e) = c.delete(true) {
+                    tracing::warn!("deleting container {}: {e}", self.id);
+                }
             }
         }
+        self.clock.mark("libcontainer delete");
         let stubs = (!self.throwaway_upper).then_some((self.upper.as_path(), &self.stubs));
-        self.runtime.cleanup_state(&self.id, stubs)
+        let r = self.runtime.cleanup_state(&self.id, stubs);
+        self.clock.mark("unmount+stubs+state");
+        r
     }
 }
 
@@ -645,16 +741,44 @@ fn random_id() -> String {
     format!("kiln-{}", hex::encode(bytes))
 }
 
-fn is_older_than(path: &Path, secs: u64) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age.as_secs() > secs)
-}
-
 fn read_stub_record(dir: &Path) -> Option<(PathBuf, Stubs)> {
     let text = std::fs::read_to_string(dir.join("stubs")).ok()?;
     let (upper, rest) = text.split_once('\n')?;
     Some((PathBuf::from(upper), Stubs::from_record(rest)?))
+}
+
+/// Phase timings for profiling container start and teardown.
+struct Clock {
+    last: Option<std::time::Instant>,
+}
+
+impl Clock {
+    fn new(enabled: bool) -> Clock {
+        Clock { last: enabled.then(std::time::Instant::now) }
+    }
+
+    fn mark(&mut self, phase: &str) {
+        if let Some(last) = self.last {
+            eprintln!("kiln-runtime: {phase:<22} {:>8.2} ms", last.elapsed().as_secs_f64() * 1000.0);
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+}
+
+thread_local! {
+    static PRIVATE_CWD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Give the calling thread its own working directory (`unshare(CLONE_FS)`).
+///
+/// libcontainer creates and connects its notify socket by `chdir`ing into
+/// the container's state dir and back; with a shared cwd, containers
+/// started concurrently from several threads would pull the working
+/// directory from under each other (and out from under the rest of kiln).
+fn private_cwd() -> anyhow::Result<()> {
+    if !PRIVATE_CWD.get() {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).context("unshare(CLONE_FS)")?;
+        PRIVATE_CWD.set(true);
+    }
+    Ok(())
 }

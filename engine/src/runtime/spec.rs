@@ -160,6 +160,10 @@ pub fn build(input: &SpecInput<'_>) -> Value {
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
+            // Mount events never cross between host and container (libcontainer
+            // applies it recursively); kiln
+            // detaches its host copies of the rootfs while the container runs.
+            "rootfsPropagation": "private",
             "cgroupsPath": format!("/kiln/{}", input.id),
             "resources": resources,
             "maskedPaths": MASKED_PATHS,
