@@ -19,8 +19,8 @@
 //! this machine has no network to give); `Host` shares the host's.
 
 mod fsat;
-pub mod overlay;
 mod netns;
+pub mod overlay;
 mod spec;
 mod stubs;
 pub mod user;
@@ -60,7 +60,11 @@ impl Rootfs {
     /// `lower` with changes discarded when the container is cleaned up
     /// (also by a sweep after a crash), as for `kiln run`.
     pub fn throwaway(lower: Vec<PathBuf>) -> Self {
-        Rootfs { lower, upper: PathBuf::new(), work: PathBuf::new() }
+        Rootfs {
+            lower,
+            upper: PathBuf::new(),
+            work: PathBuf::new(),
+        }
     }
 }
 
@@ -172,7 +176,10 @@ pub struct Stdio {
 impl Stdio {
     /// stdin from `/dev/null`, output to `sink`.
     pub fn stream(sink: LogSink) -> Self {
-        Stdio { stdin: Stdin::Null, output: Output::Stream(sink) }
+        Stdio {
+            stdin: Stdin::Null,
+            output: Output::Stream(sink),
+        }
     }
 }
 
@@ -188,7 +195,10 @@ impl Runtime {
     /// Use `state_root` (e.g. `<kiln root>/run`) for container state, and
     /// clean up whatever containers of dead kiln processes left there.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
-        let rt = Runtime { state_root: state_root.into(), timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some() };
+        let rt = Runtime {
+            state_root: state_root.into(),
+            timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some(),
+        };
         std::fs::create_dir_all(rt.containers_dir())
             .with_context(|| format!("creating {}", rt.containers_dir().display()))?;
         std::fs::create_dir_all(rt.libcontainer_dir())
@@ -200,10 +210,15 @@ impl Runtime {
     /// The runtime-wide lock between sweeping and creating containers.
     fn sweep_lock(&self, how: nix::fcntl::FlockArg) -> anyhow::Result<File> {
         let path = self.state_root.join("sweep.lock");
-        let f = File::options().create(true).truncate(false).write(true).open(&path)
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         #[allow(deprecated)]
-        nix::fcntl::flock(f.as_raw_fd(), how).with_context(|| format!("locking {}", path.display()))?;
+        nix::fcntl::flock(f.as_raw_fd(), how)
+            .with_context(|| format!("locking {}", path.display()))?;
         Ok(f)
     }
 
@@ -237,7 +252,12 @@ impl Runtime {
                 continue;
             };
             #[allow(deprecated)] // a plain fd lock; nix's Flock wrapper would own the File
-            if nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
+            if nix::fcntl::flock(
+                lock.as_raw_fd(),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            )
+            .is_err()
+            {
                 continue;
             }
             let stubs = read_stub_record(&dir);
@@ -274,9 +294,11 @@ impl Runtime {
                 anyhow::Error::new(e).context(format!("creating {}", dir.display()))
             }
         })?;
-        let lock = File::create(dir.join("lock")).with_context(|| format!("creating {}/lock", dir.display()))?;
+        let lock = File::create(dir.join("lock"))
+            .with_context(|| format!("creating {}/lock", dir.display()))?;
         #[allow(deprecated)]
-        nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).context("locking container state")?;
+        nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive)
+            .context("locking container state")?;
         drop(creating);
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
         let mut running = Running {
@@ -311,7 +333,6 @@ impl Runtime {
     fn remove_stopped_container(&self, id: &str) -> bool {
         remove_cgroups(id) && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
     }
-
 
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
     /// take out of the upperdir after unmounting.
@@ -351,10 +372,14 @@ impl Runtime {
 /// Remove the (empty) cgroup directories `/kiln/<id>` in every cgroup
 /// hierarchy; false if one could not be removed.
 fn remove_cgroups(id: &str) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let mut all_gone = true;
     for line in info.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let fstype = right.split(' ').next().unwrap_or("");
         let fields: Vec<&str> = left.split(' ').collect();
         if !(fstype == "cgroup" || fstype == "cgroup2") || fields.len() < 5 || fields[3] != "/" {
@@ -465,26 +490,43 @@ impl Running {
             (spec.rootfs.upper.clone(), spec.rootfs.work.clone())
         };
         self.upper = upper.clone();
-        overlay::mount_overlay(&overlay::OverlaySpec { lower: &spec.rootfs.lower, upper: Some((&upper, &work)) }, &rootfs)?;
+        overlay::mount_overlay(
+            &overlay::OverlaySpec {
+                lower: &spec.rootfs.lower,
+                upper: Some((&upper, &work)),
+            },
+            &rootfs,
+        )?;
         self.clock.mark("overlay");
         // Mount points the image may lack; recorded so they can be removed.
         let upper = &upper;
         for d in ["/proc", "/dev", "/sys"] {
-            self.stubs.ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
+            self.stubs
+                .ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
         }
         for f in ["/etc/hosts", "/etc/resolv.conf"] {
-            self.stubs.ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
+            self.stubs
+                .ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
         }
         // Saved before anything else can fail, so a sweep after a crash
         // removes them too (and again after the user's mount points).
         self.save_stub_record()?;
         let mut mounts = Vec::new();
         for (i, m) in spec.mounts.iter().enumerate() {
-            anyhow::ensure!(m.target.is_absolute(), "mount target {} must be absolute", m.target.display());
+            anyhow::ensure!(
+                m.target.is_absolute(),
+                "mount target {} must be absolute",
+                m.target.display()
+            );
             let kind = match &m.source {
                 MountSource::Bind(src) => {
-                    let meta = std::fs::metadata(src).with_context(|| format!("bind source {}", src.display()))?;
-                    if meta.is_dir() { StubKind::Dir } else { StubKind::File }
+                    let meta = std::fs::metadata(src)
+                        .with_context(|| format!("bind source {}", src.display()))?;
+                    if meta.is_dir() {
+                        StubKind::Dir
+                    } else {
+                        StubKind::File
+                    }
                 }
                 _ => StubKind::Dir,
             };
@@ -497,15 +539,27 @@ impl Running {
         }
         self.save_stub_record()?;
         let root_fd = fsat::open_dir(&rootfs)?;
-        let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
-        anyhow::ensure!(cwd.starts_with('/'), "working directory {cwd:?} must be absolute");
-        mkdir_all_in_root(&root_fd, Path::new(cwd)).with_context(|| format!("creating working directory {cwd}"))?;
+        let cwd = if spec.cwd.is_empty() {
+            "/"
+        } else {
+            spec.cwd.as_str()
+        };
+        anyhow::ensure!(
+            cwd.starts_with('/'),
+            "working directory {cwd:?} must be absolute"
+        );
+        mkdir_all_in_root(&root_fd, Path::new(cwd))
+            .with_context(|| format!("creating working directory {cwd}"))?;
         let user = user::resolve_user(root_fd.as_fd(), &spec.user)?;
         drop(root_fd);
 
         self.clock.mark("stubs+user");
         let hostname = if spec.hostname.is_empty() {
-            self.id.trim_start_matches("kiln-").chars().take(12).collect()
+            self.id
+                .trim_start_matches("kiln-")
+                .chars()
+                .take(12)
+                .collect()
         } else {
             spec.hostname.clone()
         };
@@ -519,7 +573,9 @@ impl Running {
             NetworkMode::None | NetworkMode::Default => Some(netns::new_loopback_netns()?),
         };
         self.clock.mark("netns");
-        let netns_path = netns.as_ref().map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
+        let netns_path = netns
+            .as_ref()
+            .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
         let config = spec::build(&spec::SpecInput {
             id: &self.id,
             rootfs: &rootfs,
@@ -549,7 +605,8 @@ impl Running {
         }
         if let Output::Stream(sink) = &stdio.output {
             for stream in [LogStream::Stdout, LogStream::Stderr] {
-                let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+                let (read, write) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
                 builder = match stream {
                     LogStream::Stdout => builder.with_stdout(write),
                     LogStream::Stderr => builder.with_stderr(write),
@@ -588,23 +645,44 @@ impl Running {
 
     /// Mount layer directories for a [`MountSource::Layers`] mount under the
     /// state dir; returns the host directory to bind into the container.
-    fn mount_layers(&self, index: usize, layers: &[PathBuf], readonly: bool) -> anyhow::Result<PathBuf> {
+    fn mount_layers(
+        &self,
+        index: usize,
+        layers: &[PathBuf],
+        readonly: bool,
+    ) -> anyhow::Result<PathBuf> {
         if readonly && layers.len() == 1 {
             // overlayfs wants two lowers when there is no upper; one
             // read-only layer is simply bind-mounted read-only.
-            anyhow::ensure!(layers[0].is_dir(), "layer mount: {} is not a directory", layers[0].display());
+            anyhow::ensure!(
+                layers[0].is_dir(),
+                "layer mount: {} is not a directory",
+                layers[0].display()
+            );
             return Ok(layers[0].clone());
         }
         let base = self.dir.join("mounts").join(index.to_string());
         let target = base.join("merged");
         std::fs::create_dir_all(&target)?;
         if readonly {
-            overlay::mount_overlay(&overlay::OverlaySpec { lower: layers, upper: None }, &target)?;
+            overlay::mount_overlay(
+                &overlay::OverlaySpec {
+                    lower: layers,
+                    upper: None,
+                },
+                &target,
+            )?;
         } else {
             let (upper, work) = (base.join("upper"), base.join("work"));
             std::fs::create_dir(&upper)?;
             std::fs::create_dir(&work)?;
-            overlay::mount_overlay(&overlay::OverlaySpec { lower: layers, upper: Some((&upper, &work)) }, &target)?;
+            overlay::mount_overlay(
+                &overlay::OverlaySpec {
+                    lower: layers,
+                    upper: Some((&upper, &work)),
+                },
+                &target,
+            )?;
         }
         Ok(target)
     }
@@ -690,7 +768,12 @@ fn mkdir_all_in_root(root: &OwnedFd, path: &Path) -> anyhow::Result<()> {
             }
             Some(_) => bail!("{} exists and is not a directory", path.display()),
         }
-        dir = fsat::open_beneath(dir.as_fd(), Path::new(name), libc::O_DIRECTORY | libc::O_RDONLY, fsat::Resolve::NoSymlinks)?;
+        dir = fsat::open_beneath(
+            dir.as_fd(),
+            Path::new(name),
+            libc::O_DIRECTORY | libc::O_RDONLY,
+            fsat::Resolve::NoSymlinks,
+        )?;
     }
     Ok(())
 }
@@ -716,7 +799,9 @@ fn resolv_content(network: NetworkMode) -> String {
     host.lines()
         .filter(|l| {
             let mut w = l.split_whitespace();
-            !(w.next() == Some("nameserver") && w.next().is_some_and(|ip| ip.starts_with("127.") || ip == "::1"))
+            !(w.next() == Some("nameserver")
+                && w.next()
+                    .is_some_and(|ip| ip.starts_with("127.") || ip == "::1"))
         })
         .map(|l| format!("{l}\n"))
         .collect()
@@ -727,15 +812,25 @@ fn validate_name(name: &str) -> anyhow::Result<()> {
         && name.len() <= 128
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    anyhow::ensure!(ok, "container name {name:?}: use letters, digits, `_`, `.` and `-` only");
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    anyhow::ensure!(
+        ok,
+        "container name {name:?}: use letters, digits, `_`, `.` and `-` only"
+    );
     Ok(())
 }
 
 fn random_id() -> String {
     let mut bytes = [0u8; 8];
-    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
     }
     format!("kiln-{}", hex::encode(bytes))
@@ -754,12 +849,17 @@ struct Clock {
 
 impl Clock {
     fn new(enabled: bool) -> Clock {
-        Clock { last: enabled.then(std::time::Instant::now) }
+        Clock {
+            last: enabled.then(std::time::Instant::now),
+        }
     }
 
     fn mark(&mut self, phase: &str) {
         if let Some(last) = self.last {
-            eprintln!("kiln-runtime: {phase:<22} {:>8.2} ms", last.elapsed().as_secs_f64() * 1000.0);
+            eprintln!(
+                "kiln-runtime: {phase:<22} {:>8.2} ms",
+                last.elapsed().as_secs_f64() * 1000.0
+            );
             self.last = Some(std::time::Instant::now());
         }
     }
