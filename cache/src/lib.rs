@@ -15,16 +15,21 @@
 //! - [`index::CacheIndex`] — cache key → result record (the snapshot chain
 //!   and anything the solver needs to reuse a step).
 //! - [`images::ImageStore`] — image names → manifest digests.
+//! - [`layered::LayeredView`] — a merged read-only view of a layer chain
+//!   (whiteouts, opaque dirs, symlinks resolved inside the root).
 //!
 //! Every write is atomic (temp file + fsync + rename); a crash at any point
 //! leaves the store consistent, with leftovers under `tmp/` that the next
 //! open removes.
 #![deny(missing_docs)]
 
+pub mod check;
 pub mod content;
 pub mod fsutil;
 pub mod images;
 pub mod index;
+pub mod layered;
+pub mod lock;
 pub mod snapshots;
 
 use std::path::{Path, PathBuf};
@@ -46,17 +51,38 @@ impl Store {
     /// Open (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> anyhow::Result<Store> {
         std::fs::create_dir_all(root)?;
-        Ok(Store {
+        let store = Store {
             root: root.to_path_buf(),
             content: content::ContentStore::open(root)?,
             snapshots: snapshots::Snapshotter::open(root)?,
             index: index::CacheIndex::open(root)?,
             images: images::ImageStore::open(root)?,
-        })
+        };
+        // What dead processes left under tmp/; live work is locked and kept.
+        check::clean_tmp(&store)?;
+        Ok(store)
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// A private scratch directory on the store's filesystem, removed when
+    /// dropped (or by the next open if the process dies).
+    pub fn scratch_dir(&self) -> anyhow::Result<check::ScratchDir> {
+        check::ScratchDir::new(&self.root)
+    }
+
+    /// Hold the store-wide lock `name` (`locks/<name>.lock`) exclusively
+    /// until the returned guard drops; blocks while another process holds it.
+    /// Used for work that must happen once per store, e.g. unpacking one
+    /// layer or garbage collection.
+    pub fn lock(&self, name: &str) -> anyhow::Result<lock::FileLock> {
+        anyhow::ensure!(
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+            "invalid lock name {name:?}"
+        );
+        Ok(lock::FileLock::exclusive(&self.root.join("locks").join(format!("{name}.lock")))?)
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{sync_dir, unique_name, write_atomic};
+use crate::lock::FileLock;
 
 /// Snapshots under `snapshots/` of the store root.
 pub struct Snapshotter {
@@ -21,10 +22,12 @@ pub struct Snapshotter {
     tmp: PathBuf,
 }
 
-/// A snapshot being written: mutable until committed.
+/// A snapshot being written: mutable until committed. It holds a lock on
+/// `<dir>.lock` so [`Snapshotter::remove_stale`] never takes a live one.
 #[derive(Debug)]
 pub struct ActiveSnapshot {
     dir: PathBuf,
+    lock: Option<FileLock>,
 }
 
 impl ActiveSnapshot {
@@ -75,9 +78,39 @@ impl Snapshotter {
     /// Start a new snapshot with empty `fs/` and `work/` directories.
     pub fn prepare(&self) -> anyhow::Result<ActiveSnapshot> {
         let dir = self.tmp.join(unique_name("s-"));
+        // Lock before the directory exists, so cleanup never sees it unlocked.
+        let lock = FileLock::exclusive(&lock_path(&dir))?;
         std::fs::create_dir_all(dir.join("fs"))?;
         std::fs::create_dir_all(dir.join("work"))?;
-        Ok(ActiveSnapshot { dir })
+        Ok(ActiveSnapshot { dir, lock: Some(lock) })
+    }
+
+    /// Remove uncommitted snapshots (and half-deleted ones) left under
+    /// `tmp/snapshots/` by processes that died; live ones are locked and
+    /// skipped. Returns how many were removed.
+    pub fn remove_stale(&self) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.tmp)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "lock") {
+                // A lock whose directory is gone (its owner died in between).
+                if !path.with_extension("").exists()
+                    && let Some(_lock) = FileLock::try_exclusive(&path)?
+                {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue;
+            }
+            let lock_file = lock_path(&path);
+            if let Some(_lock) = FileLock::try_exclusive(&lock_file)? {
+                if path.exists() {
+                    std::fs::remove_dir_all(&path)?;
+                    removed += 1;
+                }
+                let _ = std::fs::remove_file(&lock_file);
+            }
+        }
+        Ok(removed)
     }
 
     /// Make `active` the immutable snapshot `id`. The overlay work dir is
@@ -92,7 +125,10 @@ impl Snapshotter {
             return Ok(());
         }
         match std::fs::rename(&active.dir, &final_dir) {
-            Ok(()) => sync_dir(&self.dir).map_err(Into::into),
+            Ok(()) => {
+                release(active);
+                sync_dir(&self.dir).map_err(Into::into)
+            }
             Err(_) if final_dir.exists() => {
                 self.abort(active);
                 Ok(())
@@ -104,6 +140,7 @@ impl Snapshotter {
     /// Throw away an uncommitted snapshot.
     pub fn abort(&self, active: ActiveSnapshot) {
         let _ = std::fs::remove_dir_all(&active.dir);
+        release(active);
     }
 
     /// Whether snapshot `id` is committed.
@@ -145,9 +182,26 @@ impl Snapshotter {
     pub fn remove(&self, id: &str) -> anyhow::Result<()> {
         check_id(id)?;
         let doomed = self.tmp.join(unique_name("rm-"));
+        let lock = FileLock::exclusive(&lock_path(&doomed))?;
         std::fs::rename(self.dir.join(id), &doomed)?;
         std::fs::remove_dir_all(&doomed)?;
+        let _ = std::fs::remove_file(lock.path());
         Ok(())
+    }
+}
+
+/// `<dir>.lock`, the lock guarding a directory under `tmp/snapshots/`.
+fn lock_path(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Forget the lock of a snapshot that is committed or gone: remove the lock
+/// file while still holding it, then unlock.
+fn release(mut active: ActiveSnapshot) {
+    if let Some(lock) = active.lock.take() {
+        let _ = std::fs::remove_file(lock.path());
     }
 }
 

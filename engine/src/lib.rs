@@ -10,7 +10,14 @@
 //! ([`kiln_solver::Executor`], [`kiln_solver::ImageSource`]).
 #![deny(missing_docs)]
 
+pub mod build;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod executor;
+pub mod image_source;
+pub mod progress;
+pub mod registry;
 pub mod runtime;
+pub mod unpack;

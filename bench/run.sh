@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# kiln vs buildah vs docker's built-in BuildKit, side by side on this machine.
+#
+#   bash bench/run.sh [RUNS]        (default 5 runs per scenario and builder)
+#
+# Installs buildah and docker.io with apt, starts a loopback registry serving
+# busybox (scripts/testenv.sh), a private dockerd pointed at it as docker.io
+# mirror, runs every scenario interleaved (kiln, buildah, docker, kiln, ...),
+# prints medians and kiln / best-other, and writes BENCHMARKS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+RUNS=${1:-5}
+
+bash scripts/deps.sh
+export DEBIAN_FRONTEND=noninteractive
+for p in buildah docker.io; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || apt-get install -y -qq "$p" >/dev/null
+done
+cargo build --release -p kiln-engine --quiet
+KILN=$REPO/target/release/kiln
+
+WORK=$(mktemp -d /tmp/kiln-bench.XXXXXX)
+DOCKER_PID=""
+cleanup() {
+  [ -n "$DOCKER_PID" ] && kill "$DOCKER_PID" 2>/dev/null && wait "$DOCKER_PID" 2>/dev/null || true
+  command -v testenv_stop >/dev/null && testenv_stop || true
+  umount -R "$WORK"/docker 2>/dev/null || true
+  rm -rf "$WORK" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# shellcheck source=../scripts/testenv.sh
+source scripts/testenv.sh
+REG=$KILN_TEST_REGISTRY
+
+# --- dockerd with a private data root, its docker.io mirror on the local registry
+mkdir -p "$WORK/docker"
+/usr/sbin/dockerd --data-root "$WORK/docker/data" --exec-root "$WORK/docker/exec" \
+  --pidfile "$WORK/docker/pid" -H "unix://$WORK/docker/sock" \
+  --registry-mirror "http://$REG" --insecure-registry "$REG" \
+  --iptables=false --ip-masq=false --bridge=none >"$WORK/docker/log" 2>&1 &
+DOCKER_PID=$!
+export DOCKER_HOST="unix://$WORK/docker/sock"
+for _ in $(seq 100); do /usr/bin/docker version >/dev/null 2>&1 && break; sleep 0.2; done
+/usr/bin/docker version >/dev/null
+
+# --- buildah with its own storage and the same mirror
+cat >"$WORK/registries.conf" <<CONF
+unqualified-search-registries = ["docker.io"]
+[[registry]]
+prefix = "docker.io"
+location = "docker.io"
+[[registry.mirror]]
+location = "$REG"
+insecure = true
+CONF
+export CONTAINERS_REGISTRIES_CONF=$WORK/registries.conf
+BUILDAH=(buildah --root "$WORK/buildah/root" --runroot "$WORK/buildah/run" --storage-driver overlay)
+
+# --- scenarios: each a context dir with a Dockerfile
+mk() { mkdir -p "$WORK/ctx/$1"; cat >"$WORK/ctx/$1/Dockerfile"; }
+mk three-stage <<'DF'
+FROM busybox AS deps
+RUN mkdir -p /out && echo deps > /out/deps.txt
+FROM busybox AS build
+COPY src/ /src/
+RUN cat /src/*.c > /app.txt && wc -c /app.txt
+FROM busybox
+COPY --from=deps /out/deps.txt /deps.txt
+COPY --from=build /app.txt /app.txt
+CMD ["cat", "/app.txt"]
+DF
+mkdir -p "$WORK/ctx/three-stage/src"
+for i in $(seq 20); do echo "int f$i(void){return $i;}" >"$WORK/ctx/three-stage/src/f$i.c"; done
+
+mk parallel <<'DF'
+FROM busybox AS a
+RUN i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; echo a > /a
+FROM busybox AS b
+RUN i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; echo b > /b
+FROM busybox AS c
+RUN i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; echo c > /c
+FROM busybox AS d
+RUN i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done; echo d > /d
+FROM busybox
+COPY --from=a /a /a
+COPY --from=b /b /b
+COPY --from=c /c /c
+COPY --from=d /d /d
+DF
+
+{ echo "FROM busybox"; for i in $(seq 50); do echo "RUN echo step $i > /step$i"; done; } | mk many-layers
+{ echo "FROM busybox"; for i in $(seq 20); do echo "RUN true # $i"; done; } | mk run-overhead
+
+mk big-context <<'DF'
+FROM busybox
+COPY . /data/
+DF
+mkdir -p "$WORK/ctx/big-context/small"
+( cd "$WORK/ctx/big-context/small" && for d in $(seq 0 99); do mkdir -p d$d; for f in $(seq 0 199); do echo "file $d/$f" > d$d/f$f.txt; done; done )
+for i in 1 2 3 4 5; do head -c 100M /dev/urandom >"$WORK/ctx/big-context/large$i.bin"; done
+
+# --- one build with each tool; prints seconds
+now() { date +%s.%N; }
+build_kiln()    { "$KILN" --root "$WORK/kiln-root" --registry-mirror "docker.io=http://$REG" build --progress plain -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
+build_buildah() { "${BUILDAH[@]}" build --runtime runc --layers -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
+build_docker()  { DOCKER_BUILDKIT=1 /usr/bin/docker build -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
+reset_kiln()    { rm -rf "$WORK/kiln-root"; }
+reset_buildah() { "${BUILDAH[@]}" rmi -af >/dev/null 2>&1 || true; "${BUILDAH[@]}" rm -a >/dev/null 2>&1 || true; }
+reset_docker()  { /usr/bin/docker builder prune -af >/dev/null 2>&1 || true; /usr/bin/docker image prune -af >/dev/null 2>&1 || true; /usr/bin/docker rmi -f $(/usr/bin/docker images -q) >/dev/null 2>&1 || true; }
+
+timed() { # tool scenario
+  local t0 t1; t0=$(now)
+  if ! "build_$1" "$2"; then echo "FAILED: $1 $2" >&2; tail -20 "$WORK/last.log" >&2; echo NaN; return; fi
+  t1=$(now); echo "$t1 - $t0" | bc -l
+}
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "NaN"; else if (NR%2) printf "%.3f", a[(NR+1)/2]; else printf "%.3f", (a[NR/2]+a[NR/2+1])/2}'; }
+
+declare -A RES
+record() { RES["$1|$2"]+="$3 "; }
+
+# scenario kinds: cold (reset before every run), warm (build once, then measure rebuilds),
+# change (build once, then change one file before every measured run)
+run_scenario() { # label ctx kind
+  local label=$1 ctx=$2 kind=$3
+  for tool in kiln buildah docker; do
+    if [ "$kind" != cold ]; then "reset_$tool"; "build_$tool" "$ctx" || true; fi
+  done
+  for i in $(seq "$RUNS"); do
+    for tool in kiln buildah docker; do
+      case $kind in
+        cold) "reset_$tool" ;;
+        change) echo "int changed_${i}_${tool}(void){return $RANDOM;}" >"$WORK/ctx/$ctx/src/f1.c" ;;
+      esac
+      record "$label" "$tool" "$(timed "$tool" "$ctx")"
+    done
+  done
+}
+
+apt-get install -y -qq bc >/dev/null 2>&1 || true
+run_scenario "1 cold three-stage"             three-stage  cold
+run_scenario "2 rebuild, nothing changed"     three-stage  warm
+run_scenario "3 rebuild, one file changed"    three-stage  change
+run_scenario "4 four parallel stages (cold)"  parallel     cold
+run_scenario "5a big context, first build"    big-context  cold
+run_scenario "5b big context, unchanged"      big-context  warm
+run_scenario "6 50 RUN steps (cold)"          many-layers  cold
+run_scenario "8 20 RUN true steps (cold)"     run-overhead cold
+
+OUT=$WORK/table.md
+{
+  echo "| scenario | kiln (s) | buildah (s) | docker BuildKit (s) | kiln / best other |"
+  echo "|---|---:|---:|---:|---:|"
+  for label in "1 cold three-stage" "2 rebuild, nothing changed" "3 rebuild, one file changed" \
+      "4 four parallel stages (cold)" "5a big context, first build" "5b big context, unchanged" \
+      "6 50 RUN steps (cold)" "8 20 RUN true steps (cold)"; do
+    k=$(echo ${RES["$label|kiln"]} | tr ' ' '\n' | median)
+    b=$(echo ${RES["$label|buildah"]} | tr ' ' '\n' | median)
+    d=$(echo ${RES["$label|docker"]} | tr ' ' '\n' | median)
+    ratio=$(python3 -c "import math,sys; k,b,d=map(float,sys.argv[1:]); o=[x for x in (b,d) if not math.isnan(x)]; print('n/a' if math.isnan(k) or not o else '%.2f'%(k/min(o)))" "$k" "$b" "$d")
+    echo "| $label | $k | $b | $d | $ratio |"
+  done
+} >"$OUT"
+cat "$OUT"
+
+{
+  echo "# Benchmarks"
+  echo
+  echo "Produced by \`bash bench/run.sh $RUNS\` on $(date -u +%Y-%m-%d): medians of $RUNS interleaved runs each."
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)."
+  echo "buildah $(buildah --version | awk '{print $3}'), docker $(/usr/bin/docker version --format '{{.Server.Version}}' 2>/dev/null) (built-in BuildKit), kiln $(git rev-parse --short HEAD)."
+  echo
+  cat "$OUT"
+  echo
+  for f in bench/*.md frontend/BENCH.md; do [ -f "$f" ] && { echo; sed 's/^# /## /' "$f"; }; done
+} >BENCHMARKS.md
+echo "wrote BENCHMARKS.md"

@@ -1,0 +1,135 @@
+//! The glue of `kiln build`: a [`Solver`] over the engine's container
+//! executor and image source, then the exporter.
+//!
+//! Lowering (Dockerfile → [`Definition`]) happens before this; this module
+//! takes the definition, solves it to a chain of snapshots, turns the chain
+//! plus the definition's image config into an image (or another output),
+//! names it under every `-t`, and writes `--iidfile`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use kiln_cache::Store;
+use kiln_cache::images::Descriptor;
+use kiln_exporter::{BuiltImage, ImageSpec, Output};
+use kiln_frontend::Definition;
+use kiln_solver::{EventSink, ImageSource, SolveRequest, Solver};
+
+use crate::executor::ContainerExecutor;
+
+/// A solver for `store` that runs RUN steps in real containers (state under
+/// `<root>/run`) and pulls base images through `images`.
+pub fn new_solver(store: Arc<Store>, images: Arc<dyn ImageSource>) -> anyhow::Result<Solver> {
+    let executor = ContainerExecutor::new(store.root().join("run")).context("starting the container runtime")?;
+    Ok(Solver::new(store, Arc::new(executor), images))
+}
+
+/// One build, after lowering.
+#[derive(Debug, Clone, Default)]
+pub struct BuildRequest {
+    /// The lowered Dockerfile.
+    pub definition: Definition,
+    /// Host directories of the local sources (`context` → the build context).
+    pub locals: HashMap<String, PathBuf>,
+    /// `--secret` values by id.
+    pub secrets: HashMap<String, Vec<u8>>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--label`, added to the image config (over the Dockerfile's).
+    pub labels: BTreeMap<String, String>,
+    /// `-t`: names for the image in the local store.
+    pub tags: Vec<String>,
+    /// `-o`; `None` = an image in the local store.
+    pub output: Option<Output>,
+    /// `--iidfile`: where to write the image ID.
+    pub iidfile: Option<PathBuf>,
+    /// `SOURCE_DATE_EPOCH`.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// What a build produced.
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    /// Snapshot ids of the result, base first.
+    pub layers: Vec<String>,
+    /// The image, for image outputs.
+    pub image: Option<BuiltImage>,
+}
+
+impl BuildResult {
+    /// The image ID (`sha256:` of the config), for image outputs.
+    pub fn image_id(&self) -> Option<String> {
+        self.image.as_ref().map(|i| i.config.digest().to_string())
+    }
+}
+
+/// Solve `req.definition` with `solver` and export the result.
+pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
+    req.definition.image.config.labels.extend(req.labels.clone());
+    let solved = solver
+        .solve(SolveRequest {
+            definition: req.definition.clone(),
+            locals: req.locals.clone(),
+            secrets: std::mem::take(&mut req.secrets),
+            no_cache: req.no_cache,
+            events,
+        })
+        .await?;
+    let image = &req.definition.image;
+    let spec = ImageSpec {
+        layers: solved.layers.clone(),
+        config: serde_json::to_value(&image.config)?,
+        // Same JSON fields (`created_by`, `empty_layer`, ...) on both sides.
+        history: serde_json::from_value(serde_json::to_value(&image.history)?).context("image history")?,
+        os: image.platform.os.clone(),
+        architecture: image.platform.architecture.clone(),
+        variant: (!image.platform.variant.is_empty()).then(|| image.platform.variant.clone()),
+    };
+    let output = match req.output.clone() {
+        Some(o) => o,
+        None => Output::parse("type=image")?,
+    };
+    let store = solver.store().clone();
+    let epoch = req.source_date_epoch;
+    let built = tokio::task::spawn_blocking(move || export_isolated(&store, &spec, &output, epoch))
+        .await
+        .context("export task panicked")?
+        .context("exporting the image")?;
+    if let Some(image) = &built {
+        let mut names = req.tags.clone();
+        if let Some(Output::Image { names: more, .. }) = &req.output {
+            names.extend(more.iter().cloned());
+        }
+        let manifest = Descriptor {
+            media_type: image.manifest.media_type().to_string(),
+            digest: image.manifest.digest().to_string(),
+            size: image.manifest.size(),
+        };
+        for name in names {
+            solver.store().images.put(&name, &manifest).with_context(|| format!("naming the image {name}"))?;
+        }
+        if let Some(path) = &req.iidfile {
+            std::fs::write(path, image.config.digest().to_string()).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(BuildResult { layers: solved.layers, image: built })
+}
+
+/// Export on a rayon pool of its own, with more threads than layers.
+///
+/// Workaround: the exporter's parallel gzip blocks a rayon worker per layer
+/// while waiting for blocks it spawned on the same pool, so on a small
+/// machine (2 cores, 2+ layers) the global pool deadlocks. Until the
+/// exporter stops blocking inside rayon, give it a pool where some thread
+/// is always free.
+fn export_isolated(store: &Store, spec: &ImageSpec, output: &Output, epoch: Option<i64>) -> anyhow::Result<Option<BuiltImage>> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cores.max(spec.layers.len() + 2))
+        .thread_name(|i| format!("kiln-export-{i}"))
+        .build()
+        .context("starting export threads")?;
+    pool.install(|| kiln_exporter::export(store, spec, output, epoch))
+}

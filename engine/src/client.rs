@@ -1,0 +1,416 @@
+//! The remote side of kiln's commands: with `--host URL` (or `KILN_HOST`)
+//! a command sends its request to a `kiln serve` daemon over the `/v1` API
+//! (see `docs/API.md`) and prints what the daemon answers exactly as the
+//! embedded command would, with the same exit code.
+//!
+//! Addresses: `unix:///path`, or `tcp://HOST:PORT` with mutual TLS. The TLS
+//! files come from `KILN_TLS_CACERT`, `KILN_TLS_CERT` and `KILN_TLS_KEY`, or
+//! from `ca.pem`, `cert.pem` and `key.pem` in `KILN_CERT_PATH` (as with
+//! Docker's `DOCKER_CERT_PATH`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use kiln_cache::images::ImageRecord;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::commands::{self, Command};
+use crate::config::Global;
+use crate::daemon::api::{PullRequest, PullResult, PushResult, RunEvent, TagRequest};
+use crate::daemon::containers::RunRequest;
+use crate::daemon::tls::{TlsFiles, client_config};
+use crate::daemon::web::{Body, full};
+
+/// Where the daemon is.
+enum Target {
+    Unix(PathBuf),
+    Tls { addr: String, server_name: rustls::pki_types::ServerName<'static>, config: Arc<rustls::ClientConfig> },
+}
+
+/// A connection factory for one daemon: every request opens a connection.
+pub struct Client {
+    target: Target,
+    host: String,
+}
+
+impl Client {
+    /// A client for `host` (`unix:///path` or `tcp://HOST:PORT`).
+    pub fn new(host: &str) -> anyhow::Result<Client> {
+        let target = if let Some(path) = host.strip_prefix("unix://") {
+            Target::Unix(PathBuf::from(path))
+        } else if let Some(addr) = host.strip_prefix("tcp://") {
+            let (name, _port) = addr.rsplit_once(':').with_context(|| format!("--host {host:?}: expected tcp://HOST:PORT"))?;
+            let server_name = rustls::pki_types::ServerName::try_from(name.trim_matches(['[', ']']).to_string())
+                .with_context(|| format!("--host {host:?}: bad host name"))?;
+            let config = client_config(&tls_files_from_env().with_context(|| format!("--host {host}: TCP needs mutual TLS"))?)?;
+            Target::Tls { addr: addr.to_string(), server_name, config }
+        } else {
+            bail!("--host {host:?}: expected unix:///path or tcp://HOST:PORT");
+        };
+        Ok(Client { target, host: host.to_string() })
+    }
+
+    /// Send one request; the response body is left to the caller.
+    pub async fn send(&self, method: Method, path: &str, body: Body, content_type: Option<&str>) -> anyhow::Result<Response<Incoming>> {
+        let mut builder = Request::builder().method(method.clone()).uri(path).header(header::HOST, "kiln");
+        if let Some(ct) = content_type {
+            builder = builder.header(header::CONTENT_TYPE, ct);
+        }
+        let request = builder.body(body)?;
+        let what = || format!("{method} {path} on {}", self.host);
+        match &self.target {
+            Target::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .with_context(|| format!("connecting to the kiln daemon at unix://{} (is `kiln serve` running?)", socket.display()))?;
+                exchange(stream, request).await.with_context(what)
+            }
+            Target::Tls { addr, server_name, config } => {
+                let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to tcp://{addr}"))?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .with_context(|| format!("TLS handshake with tcp://{addr}"))?;
+                exchange(tls, request).await.with_context(what)
+            }
+        }
+    }
+
+    /// Send JSON (or nothing) and parse a JSON answer; an error status
+    /// becomes an error carrying the daemon's message.
+    pub async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, RemoteError> {
+        let body = match body {
+            Some(b) => full(serde_json::to_vec(b).map_err(|e| RemoteError::Other(e.into()))?),
+            None => full(Bytes::new()),
+        };
+        let response = self.send(method, path, body, Some("application/json")).await.map_err(RemoteError::Other)?;
+        let response = check(response).await?;
+        let bytes = response.into_body().collect().await.map_err(|e| RemoteError::Other(e.into()))?.to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| RemoteError::Other(anyhow::anyhow!("the daemon's answer is not the expected JSON: {e}")))
+    }
+}
+
+/// Run the HTTP/1 exchange on an open stream.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, request: Request<Body>) -> anyhow::Result<Response<Incoming>> {
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("daemon connection: {e}");
+        }
+    });
+    Ok(sender.send_request(request).await?)
+}
+
+/// An error answer from the daemon, or a failure to get one.
+#[derive(Debug)]
+pub enum RemoteError {
+    /// The daemon answered with this status and message.
+    Status(StatusCode, String),
+    /// No usable answer.
+    Other(anyhow::Error),
+}
+
+impl From<RemoteError> for anyhow::Error {
+    fn from(e: RemoteError) -> anyhow::Error {
+        match e {
+            RemoteError::Status(_, message) => anyhow::anyhow!("{message}"),
+            RemoteError::Other(e) => e,
+        }
+    }
+}
+
+/// Turn an error status into [`RemoteError::Status`] with the daemon's message.
+async fn check(response: Response<Incoming>) -> Result<Response<Incoming>, RemoteError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let bytes = response.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("the daemon answered {status}: {}", String::from_utf8_lossy(&bytes)));
+    Err(RemoteError::Status(status, message))
+}
+
+fn tls_files_from_env() -> anyhow::Result<TlsFiles> {
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let dir = var("KILN_CERT_PATH");
+    let pick = |k: &str, file: &str| var(k).or_else(|| dir.as_ref().map(|d| d.join(file)));
+    match (pick("KILN_TLS_CERT", "cert.pem"), pick("KILN_TLS_KEY", "key.pem"), pick("KILN_TLS_CACERT", "ca.pem")) {
+        (Some(cert), Some(key), Some(ca)) => Ok(TlsFiles { cert, key, ca }),
+        _ => bail!("set KILN_CERT_PATH (a directory with ca.pem, cert.pem, key.pem) or KILN_TLS_CACERT, KILN_TLS_CERT and KILN_TLS_KEY"),
+    }
+}
+
+/// Percent-encode a reference for use as one path part (keeps `/:@`,
+/// which the daemon's routes expect verbatim).
+pub fn encode_path(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Run `command` against the daemon at `host`; returns the exit code.
+pub fn run(global: &Global, host: &str, command: Command) -> anyhow::Result<i32> {
+    let _ = global;
+    let client = Client::new(host)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run_async(&client, command))
+}
+
+async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Images(args) => {
+            let images: Vec<ImageRecord> = client.json(Method::GET, "/v1/images", None::<&()>).await?;
+            commands::images::print(&args, &images)?;
+            Ok(0)
+        }
+        Command::Inspect(args) => {
+            let mut out = Vec::new();
+            let mut code = 0;
+            for reference in &args.references {
+                let path = format!("/v1/images/{}/json", encode_path(reference));
+                match client.json::<serde_json::Value>(Method::GET, &path, None::<&()>).await {
+                    Ok(v) => out.push(v),
+                    Err(RemoteError::Status(StatusCode::NOT_FOUND, message)) => {
+                        eprintln!("kiln inspect: {message}");
+                        code = 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(code)
+        }
+        Command::Tag(args) => {
+            let path = format!("/v1/images/{}/tag", encode_path(&args.source));
+            client.json::<serde_json::Value>(Method::POST, &path, Some(&TagRequest { target: args.target })).await?;
+            Ok(0)
+        }
+        Command::Rmi(args) => {
+            let mut code = 0;
+            for reference in &args.references {
+                let path = format!("/v1/images/{}", encode_path(reference));
+                match client.json::<serde_json::Value>(Method::DELETE, &path, None::<&()>).await {
+                    Ok(v) => {
+                        for name in v.get("untagged").and_then(|u| u.as_array()).into_iter().flatten() {
+                            println!("Untagged: {}", kiln_cache::images::familiar_name(name.as_str().unwrap_or_default()));
+                        }
+                    }
+                    Err(RemoteError::Status(StatusCode::NOT_FOUND, message)) => {
+                        eprintln!("kiln rmi: {message}");
+                        code = 1;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(code)
+        }
+        Command::Pull(args) => {
+            let request = PullRequest { reference: args.reference, platform: Some(args.platform) };
+            let pulled: PullResult = client.json(Method::POST, "/v1/images/pull", Some(&request)).await?;
+            println!("{}", commands::pull::summary(&pulled.name, &pulled.manifest_digest, pulled.layers, pulled.blobs_fetched));
+            Ok(0)
+        }
+        Command::Push(args) => {
+            let path = format!("/v1/images/{}/push", encode_path(&args.reference));
+            let pushed: PushResult = client.json(Method::POST, &path, None::<&()>).await?;
+            println!(
+                "{}",
+                commands::push::summary(&crate::registry::PushedImage {
+                    reference: pushed.reference,
+                    manifest_digest: pushed.manifest_digest,
+                    blobs_uploaded: pushed.blobs_uploaded,
+                    blobs_mounted: pushed.blobs_mounted,
+                    blobs_skipped: pushed.blobs_skipped,
+                })
+            );
+            Ok(0)
+        }
+        Command::Run(args) => run_remote(client, args).await,
+        Command::Build(args) => build_remote(client, args).await,
+        Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
+        Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
+        Command::Du(_) | Command::Prune(_) => {
+            bail!("kiln du/prune: not available through --host yet; run them without --host on the daemon's machine")
+        }
+        Command::Import(_) | Command::Load(_) | Command::Save(_) => {
+            bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
+        }
+    }
+}
+
+async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Result<i32> {
+    anyhow::ensure!(args.rootfs.is_none(), "kiln run --rootfs: not available through --host (the daemon has its own filesystem)");
+    anyhow::ensure!(args.volumes.is_empty(), "kiln run -v: bind mounts are not available through --host");
+    anyhow::ensure!(!args.interactive, "kiln run -i: stdin is not forwarded through --host yet");
+    anyhow::ensure!(!args.tty, "kiln run -t: pseudo-terminals are not supported yet (run without -t)");
+    let mut rest = args.args.clone();
+    anyhow::ensure!(!rest.is_empty(), "kiln run: give an IMAGE (or --rootfs DIR)");
+    let image = rest.remove(0);
+    // `-e KEY` copies the client's value, as in embedded mode.
+    let env = args
+        .env
+        .iter()
+        .filter_map(|e| if e.contains('=') { Some(e.clone()) } else { std::env::var(e).ok().map(|v| format!("{e}={v}")) })
+        .collect();
+    let request = RunRequest {
+        image,
+        cmd: rest,
+        entrypoint: args.entrypoint.as_deref().map(|e| if e.is_empty() { Vec::new() } else { vec![e.to_string()] }),
+        env,
+        workdir: args.workdir,
+        user: args.user,
+        network: Some(args.network),
+        memory_bytes: args.memory.as_deref().map(commands::run::parse_bytes).transpose()?,
+        cpus: args.cpus,
+        hostname: args.hostname,
+        name: args.name,
+    };
+    let body = full(serde_json::to_vec(&request)?);
+    let response = client.send(Method::POST, "/v1/containers/run", body, Some("application/json")).await?;
+    let mut body = check(response).await?.into_body();
+    let mut pending = Vec::new();
+    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the container's output from the daemon")?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let event: RunEvent = serde_json::from_slice(&line).context("the daemon sent a malformed run event")?;
+            let b64 = base64::engine::general_purpose::STANDARD;
+            match event {
+                RunEvent::Stdout(d) => {
+                    stdout.write_all(&b64.decode(d)?)?;
+                    stdout.flush()?;
+                }
+                RunEvent::Stderr(d) => {
+                    stderr.write_all(&b64.decode(d)?)?;
+                    stderr.flush()?;
+                }
+                RunEvent::Exit(code) => return Ok(code),
+                RunEvent::Error(message) => bail!("{message}"),
+            }
+        }
+    }
+    bail!("the daemon closed the connection before the container exited")
+}
+
+/// `kiln build` through the daemon: send the context's file list, upload
+/// only the contents the daemon lacks, then stream the build's progress
+/// into the same renderer the embedded build uses.
+async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::Result<i32> {
+    use crate::daemon::build::{BuildLine, BuildOptions};
+    use crate::daemon::context;
+    anyhow::ensure!(args.output.is_none(), "kiln build -o: outputs other than the daemon's image store are not available through --host yet");
+    let build_args = commands::build::key_values("--build-arg", &args.build_args, true)?;
+    let labels = commands::build::key_values("--label", &args.labels, false)?;
+    let secrets = commands::build::read_secrets(&args.secret)?
+        .into_iter()
+        .map(|(id, v)| (id, base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect();
+    let (dir, dockerfile, dockerfile_name, _tmp) = commands::build::prepare_context(&args.context, args.file.as_deref())?;
+    let dockerfile = String::from_utf8(dockerfile).map_err(|_| anyhow::anyhow!("Dockerfile {dockerfile_name}: not UTF-8 text"))?;
+    let dockerignore = commands::build::read_dockerignore(&dir, &dockerfile_name);
+    let matcher = match &dockerignore {
+        Some(text) => Some(
+            kiln_frontend::dockerignore::Matcher::new(&kiln_frontend::dockerignore::parse(text))
+                .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?,
+        ),
+        None => None,
+    };
+    let keep = vec![".dockerignore".to_string(), dockerfile_name.clone()];
+    let scan_dir = dir.clone();
+    let entries = tokio::task::spawn_blocking(move || context::scan(&scan_dir, matcher.as_ref(), &keep)).await??;
+    let digests: Vec<String> = entries.iter().filter_map(|e| e.digest.clone()).collect();
+    let missing: serde_json::Value = client
+        .json(Method::POST, "/v1/build/context/missing", Some(&crate::daemon::api::MissingRequest { digests }))
+        .await?;
+    let wanted: std::collections::HashSet<String> =
+        missing["missing"].as_array().into_iter().flatten().filter_map(|d| d.as_str().map(str::to_string)).collect();
+    if !wanted.is_empty() {
+        let (tar_dir, tar_entries) = (dir.clone(), entries.clone());
+        let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
+        let response = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
+        check(response).await?;
+    }
+    let options = BuildOptions {
+        context: entries,
+        dockerfile,
+        dockerfile_name: Some(dockerfile_name),
+        dockerignore,
+        tags: args.tags.clone(),
+        build_args,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        pull: args.pull,
+        labels,
+        network: Some(args.network.clone()),
+        platform: args.platform.clone(),
+        secrets,
+        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+    };
+    let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
+    let mut body = check(response).await?.into_body();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
+    let mut pending = Vec::new();
+    let mut outcome: Option<Result<Option<String>, String>> = None;
+    'read: while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the build's progress from the daemon")?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            match serde_json::from_slice::<BuildLine>(&line).context("the daemon sent a malformed build line")? {
+                BuildLine::Event(e) => {
+                    let _ = tx.send(e);
+                }
+                BuildLine::Result { image_id } => {
+                    outcome = Some(Ok(image_id));
+                    break 'read;
+                }
+                BuildLine::Error(message) => {
+                    outcome = Some(Err(message));
+                    break 'read;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = renderer.await;
+    match outcome {
+        Some(Ok(image_id)) => {
+            if let Some(id) = image_id {
+                if let Some(path) = &args.iidfile {
+                    std::fs::write(path, &id).with_context(|| format!("writing {}", path.display()))?;
+                }
+                eprintln!("writing image {id} done");
+                for t in &args.tags {
+                    eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
+                }
+            }
+            Ok(0)
+        }
+        Some(Err(message)) => bail!("{message}"),
+        None => bail!("the daemon closed the connection before the build finished"),
+    }
+}

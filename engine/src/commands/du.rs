@@ -1,0 +1,32 @@
+//! `kiln du`: how much the build cache uses.
+
+use crate::config::Global;
+
+/// `kiln du`.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+/// Print build-cache usage.
+pub fn run(global: &Global, _args: Args) -> anyhow::Result<i32> {
+    let store = kiln_cache::Store::open(&global.root)?;
+    let u = kiln_solver::gc::usage(&store)?;
+    println!("{:<28} {:>10} {:>12}", "TYPE", "COUNT", "SIZE");
+    println!("{:<28} {:>10} {:>12}", "cache records", u.records, "-");
+    println!("{:<28} {:>10} {:>12}", "snapshots", u.snapshots, human(u.snapshot_bytes));
+    println!("{:<28} {:>10} {:>12}", "  of which unreferenced", u.unreferenced_snapshots, "-");
+    println!("{:<28} {:>10} {:>12}", "cache mounts", "-", human(u.cache_mount_bytes));
+    println!("Total: {}", human(u.snapshot_bytes + u.cache_mount_bytes));
+    Ok(0)
+}
+
+/// Bytes as `12.3MB` (powers of 1024, as docker prints them).
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{bytes}B") } else { format!("{v:.1}{}", UNITS[i]) }
+}

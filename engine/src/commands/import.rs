@@ -1,0 +1,123 @@
+//! `kiln import ROOTFS.tar NAME[:TAG]`: a filesystem tarball (plain, gzip
+//! or zstd) becomes a one-layer image.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use kiln_cache::Store;
+use kiln_cache::images::{Descriptor, ImageRecord, familiar_name};
+use kiln_cache::snapshots::BlobRecord;
+use serde_json::json;
+
+use crate::config::Global;
+use crate::registry::manifest::OCI_MANIFEST;
+use crate::unpack::{Compression, detect_compression, unpack_layer_snapshot};
+
+/// `kiln import` flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The root filesystem tarball.
+    pub file: PathBuf,
+    /// Name for the image, e.g. `myroot:1`.
+    pub reference: String,
+}
+
+/// Import; prints the image ID.
+pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
+    let store = Store::open(&global.root)?;
+    let record = import_rootfs(&store, &args.file, &args.reference)?;
+    println!("{}: imported {}", familiar_name(&record.name), record.config_digest);
+    Ok(0)
+}
+
+/// Store `file` as the single layer of a new image named `name` (the
+/// layer is unpacked too, which also checks it is safe).
+pub fn import_rootfs(store: &Store, file: &Path, name: &str) -> anyhow::Result<ImageRecord> {
+    let name = kiln_cache::images::normalize_reference(name)?;
+    let open = || std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()));
+    let mut reader = BufReader::new(open()?);
+    let media_type = layer_media_type(detect_compression(&mut reader)?);
+    let _ = reader.fill_buf()?;
+    let (digest, size) = store.content.put_reader(&mut reader, None, None)?;
+    let blob = BlobRecord { media_type: media_type.to_string(), digest, size };
+    let snapshot =
+        unpack_layer_snapshot(store, &blob, None).map_err(|e| e.context(format!("importing {}", file.display())))?;
+    let diff_id = format!("sha256:{}", snapshot.trim_start_matches("sha256-"));
+    let created = now_rfc3339();
+    let config = json!({
+        "created": created,
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        "history": [{ "created": created, "created_by": format!("kiln import {}", file.display()) }],
+    });
+    name_image(store, &name, &serde_json::to_vec(&config)?, &[blob])
+}
+
+/// OCI media type of a layer blob with this compression.
+pub(crate) fn layer_media_type(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "application/vnd.oci.image.layer.v1.tar",
+        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+    }
+}
+
+/// Store `config` and an OCI manifest over it and `layers` (blobs already
+/// in the content store), and name the image `name`.
+pub(crate) fn name_image(
+    store: &Store,
+    name: &str,
+    config: &[u8],
+    layers: &[BlobRecord],
+) -> anyhow::Result<ImageRecord> {
+    let config_digest = store.content.put_bytes(config, None)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": layers.iter().map(|l| json!({
+            "mediaType": l.media_type, "digest": l.digest, "size": l.size,
+        })).collect::<Vec<_>>(),
+    });
+    let bytes = serde_json::to_vec(&manifest)?;
+    let digest = store.content.put_bytes(&bytes, None)?;
+    store.images.put(name, &Descriptor { media_type: OCI_MANIFEST.into(), digest, size: bytes.len() as u64 })
+}
+
+/// Now (or `SOURCE_DATE_EPOCH`) as RFC 3339 UTC.
+fn now_rfc3339() -> String {
+    let secs = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    });
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + if month <= 2 { 1 } else { 0 };
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_of_known_instants() {
+        // SAFETY-free: only this test reads the variable in this process's test binary.
+        unsafe { std::env::set_var("SOURCE_DATE_EPOCH", "1700000000") };
+        assert_eq!(super::now_rfc3339(), "2023-11-14T22:13:20Z");
+        unsafe { std::env::set_var("SOURCE_DATE_EPOCH", "0") };
+        assert_eq!(super::now_rfc3339(), "1970-01-01T00:00:00Z");
+        unsafe { std::env::remove_var("SOURCE_DATE_EPOCH") };
+    }
+}

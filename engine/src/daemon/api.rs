@@ -1,0 +1,291 @@
+//! kiln's own API, `/v1/...` (reference: `docs/API.md`). Every route calls
+//! the same engine functions as the embedded command of the same name, so
+//! both modes print the same thing.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use http::{Method, StatusCode};
+use hyper::Request;
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::State;
+use super::containers::{RunRequest, container_spec, run_streamed};
+use super::build::{BuildLine, BuildOptions};
+use super::context;
+use super::web::{ApiError, ApiResult, MAX_UPLOAD_BODY, Query, json_response, ok_json, read_body, read_json, streaming};
+use crate::commands;
+use crate::registry::manifest::parse_platform;
+use crate::runtime::LogStream;
+
+/// The API version this daemon speaks (the `/v1` prefix).
+pub const API_VERSION: &str = "1";
+
+/// `POST /v1/images/pull` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullRequest {
+    /// Image reference.
+    pub reference: String,
+    /// `os/arch[/variant]` (default `linux/amd64`).
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+/// `POST /v1/images/pull` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PullResult {
+    /// Normalized name stored.
+    pub name: String,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Number of layers.
+    pub layers: usize,
+    /// Blobs downloaded (the rest were already in the store).
+    pub blobs_fetched: usize,
+}
+
+/// `POST /v1/images/{name}/push` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PushResult {
+    /// Where it went.
+    pub reference: String,
+    /// Manifest digest.
+    pub manifest_digest: String,
+    /// Blobs uploaded.
+    pub blobs_uploaded: usize,
+    /// Blobs mounted from another repository of the registry.
+    #[serde(default)]
+    pub blobs_mounted: usize,
+    /// Blobs the registry already had.
+    pub blobs_skipped: usize,
+}
+
+/// `POST /v1/build/context/missing` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingRequest {
+    /// `sha256:` digests of the context's files.
+    pub digests: Vec<String>,
+}
+
+/// `POST /v1/images/{name}/tag` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagRequest {
+    /// The new name.
+    pub target: String,
+}
+
+/// One line of the `POST /v1/containers/run` stream.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunEvent {
+    /// Bytes the container wrote to stdout (base64).
+    Stdout(String),
+    /// Bytes the container wrote to stderr (base64).
+    Stderr(String),
+    /// The container exited with this code (last line).
+    Exit(i32),
+    /// Running failed (last line).
+    Error(String),
+}
+
+/// The largest `/v1/build` request (the context's file list is in it).
+pub const MAX_BUILD_REQUEST: usize = 64 << 20;
+
+/// Dispatch `/v1/<rest>`.
+pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> ApiResult {
+    let method = req.method().clone();
+    let _query = Query::parse(req.uri().query())?;
+    match (&method, rest.as_str()) {
+        (&Method::GET | &Method::HEAD, "_ping") => Ok(hyper::Response::builder()
+            .header("Kiln-Api-Version", API_VERSION)
+            .header("Content-Type", "text/plain")
+            .body(super::web::full("OK"))
+            .expect("static response")),
+        (&Method::GET, "version") => ok_json(&json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "api_version": API_VERSION,
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+        })),
+        (&Method::GET, "images") => {
+            let store = state.store.clone();
+            ok_json(&blocking(move || store.images.list()).await?)
+        }
+        (&Method::POST, "images/pull") => pull(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "build/context/missing") => {
+            let body: MissingRequest = read_json(req.into_body()).await?;
+            let store = state.store.clone();
+            let missing = blocking(move || Ok(context::missing(&store, &body.digests))).await??;
+            ok_json(&json!({ "missing": missing }))
+        }
+        (&Method::POST, "build/context/blobs") => {
+            let bytes = read_body(req.into_body(), MAX_UPLOAD_BODY).await?;
+            let store = state.store.clone();
+            let stored = blocking(move || Ok(context::store_blobs(&store, &bytes[..]))).await??;
+            ok_json(&json!({ "stored": stored }))
+        }
+        (&Method::POST, "build") => {
+            let bytes = read_body(req.into_body(), MAX_BUILD_REQUEST).await?;
+            build(state, super::web::parse_json(&bytes)?).await
+        }
+        (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
+        (_, path) if path.starts_with("images/") => {
+            let name = &path["images/".len()..];
+            if let (&Method::GET, Some(name)) = (&method, name.strip_suffix("/json")) {
+                let (store, name) = (state.store.clone(), name.to_string());
+                return ok_json(
+                    &blocking(move || {
+                        let record = store.images.resolve(&name)?;
+                        commands::inspect::describe(&store, &store.images.list()?, &record)
+                    })
+                    .await?,
+                );
+            }
+            if let (&Method::POST, Some(name)) = (&method, name.strip_suffix("/tag")) {
+                let body: TagRequest = read_json(req.into_body()).await?;
+                let (store, name) = (state.store.clone(), name.to_string());
+                let record = blocking(move || store.images.tag(&name, &body.target)).await?;
+                return Ok(json_response(StatusCode::CREATED, &json!({ "name": record.name })));
+            }
+            if let (&Method::POST, Some(name)) = (&method, name.strip_suffix("/push")) {
+                return push(state, name).await;
+            }
+            if method == Method::DELETE && !name.is_empty() {
+                let (store, name) = (state.store.clone(), name.to_string());
+                let untagged = blocking(move || {
+                    let record = store.images.resolve(&name)?;
+                    commands::rmi::untag(&store, &name, &record)
+                })
+                .await?;
+                return ok_json(&json!({ "untagged": untagged }));
+            }
+            Err(not_found(&method, &rest))
+        }
+        _ => Err(not_found(&method, &rest)),
+    }
+}
+
+fn not_found(method: &Method, rest: &str) -> ApiError {
+    ApiError::not_found(format!("no route {method} /v1/{rest} (see docs/API.md)"))
+}
+
+/// Run blocking store work off the async threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}"))),
+    }
+}
+
+/// Pull through the same registry code `kiln pull` uses.
+pub async fn pull_image(state: &State, reference: &str, platform: Option<&str>) -> Result<PullResult, ApiError> {
+    let platform = parse_platform(platform.unwrap_or("linux/amd64")).map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+    let pulled = state.registry.pull(&state.store, reference, &platform).await?;
+    Ok(PullResult {
+        name: pulled.name,
+        manifest_digest: pulled.manifest_digest,
+        layers: pulled.layers.len(),
+        blobs_fetched: pulled.blobs_fetched,
+    })
+}
+
+async fn pull(state: Arc<State>, body: PullRequest) -> ApiResult {
+    ok_json(&pull_image(&state, &body.reference, body.platform.as_deref()).await?)
+}
+
+async fn push(state: Arc<State>, name: &str) -> ApiResult {
+    let pushed = commands::push::push_local(&state.registry, &state.store, name).await?;
+    ok_json(&PushResult {
+        reference: pushed.reference,
+        manifest_digest: pushed.manifest_digest,
+        blobs_uploaded: pushed.blobs_uploaded,
+        blobs_mounted: pushed.blobs_mounted,
+        blobs_skipped: pushed.blobs_skipped,
+    })
+}
+
+/// Run a container and stream its output as JSON lines; the last line is
+/// the exit code. A client that goes away kills its container.
+async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
+    let store = state.store.clone();
+    let spec = blocking(move || container_spec(&store, &body)).await?;
+    let (response, mut lines) = streaming("application/x-ndjson");
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let gone = lines.clone();
+        let cancel = {
+            let state = state.clone();
+            async move {
+                tokio::select! {
+                    _ = gone.closed() => tracing::info!("run: client went away"),
+                    _ = state.cancelled() => {}
+                }
+            }
+        };
+        let runner = run_streamed(state.runtime.clone(), spec, out_tx, cancel);
+        tokio::pin!(runner);
+        let result = loop {
+            tokio::select! {
+                Some((stream, bytes)) = out_rx.recv() => {
+                    let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+                    let event = match stream { LogStream::Stdout => RunEvent::Stdout(data), LogStream::Stderr => RunEvent::Stderr(data) };
+                    lines.send(&event).await;
+                }
+                result = &mut runner => break result,
+            }
+        };
+        // Output sent before the exit must reach the client first.
+        while let Ok((stream, bytes)) = out_rx.try_recv() {
+            let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            let event = match stream { LogStream::Stdout => RunEvent::Stdout(data), LogStream::Stderr => RunEvent::Stderr(data) };
+            lines.send(&event).await;
+        }
+        let last = match result {
+            Ok(code) => RunEvent::Exit(code),
+            Err(e) => RunEvent::Error(format!("{e:#}")),
+        };
+        lines.send(&last).await;
+    });
+    Ok(response)
+}
+
+/// Lay out the context, then build, streaming [`BuildLine`]s. A client that
+/// goes away cancels its own build only.
+async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
+    context::validate(&opts.context)?;
+    let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let (store, entries, path) = (state.store.clone(), opts.context.clone(), dir.path().to_path_buf());
+    blocking(move || Ok(context::materialize(&store, &entries, &path))).await??;
+    let (response, mut lines) = streaming("application/x-ndjson");
+    tokio::spawn(async move {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let gone = lines.clone();
+        let path = dir.path().to_path_buf();
+        let work = super::build::run_build(&state, opts, path, tx);
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                Some(event) = events.recv() => { lines.send(&BuildLine::Event(event)).await; }
+                r = &mut work => break Some(r),
+                _ = gone.closed() => { tracing::info!("build: client went away, cancelling its build"); break None; }
+                _ = state.cancelled() => break Some(Err(anyhow::anyhow!("the daemon is shutting down: build cancelled"))),
+            }
+        };
+        let Some(result) = result else { return };
+        while let Ok(event) = events.try_recv() {
+            lines.send(&BuildLine::Event(event)).await;
+        }
+        let last = match result {
+            Ok(image_id) => BuildLine::Result { image_id },
+            Err(e) => BuildLine::Error(format!("{e:#}")),
+        };
+        lines.send(&last).await;
+        drop(dir);
+    });
+    Ok(response)
+}

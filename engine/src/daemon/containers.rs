@@ -1,0 +1,238 @@
+//! Containers the daemon runs: one request type for both APIs, the code
+//! that resolves an image and runs it with its output streamed, and the
+//! table of created containers the Docker API's create/attach/start/wait/
+//! delete calls work on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use bytes::Bytes;
+use kiln_cache::Store;
+use kiln_frontend::image::ImageConfig;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs, Runtime, Stdio};
+
+/// What to run: the fields `kiln run` and `docker run` share.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunRequest {
+    /// Image name, ID or digest (must be in the daemon's store).
+    pub image: String,
+    /// Arguments after the image (replace the image's CMD when not empty).
+    pub cmd: Vec<String>,
+    /// Replaces the image's entrypoint (an empty list clears it).
+    pub entrypoint: Option<Vec<String>>,
+    /// `KEY=VALUE` added to (and overriding) the image's environment.
+    pub env: Vec<String>,
+    /// Working directory (default: the image's).
+    pub workdir: Option<String>,
+    /// User (default: the image's).
+    pub user: Option<String>,
+    /// `none`, `host` or `default`.
+    pub network: Option<String>,
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<i64>,
+    /// CPU limit.
+    pub cpus: Option<f64>,
+    /// Hostname.
+    pub hostname: Option<String>,
+    /// Container name.
+    pub name: Option<String>,
+}
+
+/// A chunk of container output.
+pub type OutputChunk = (LogStream, Bytes);
+
+/// The image's layer directories and config, unpacking layers if needed.
+/// Blocking. A missing image is an [`kiln_cache::images::ImageError::NotFound`].
+pub fn image_rootfs(store: &Store, image: &str) -> anyhow::Result<(Vec<std::path::PathBuf>, ImageConfig)> {
+    let record = store.images.resolve(image)?;
+    let local = crate::image_source::open_image(store, &record)?;
+    let layers = local.unpack_layers(store)?.iter().map(|id| store.snapshots.path(id)).collect();
+    let config: ImageConfig = match local.config_json.get("config") {
+        Some(c) if !c.is_null() => serde_json::from_value(c.clone()).context("image config")?,
+        _ => ImageConfig::default(),
+    };
+    Ok((layers, config))
+}
+
+/// Build the container spec for `req` (blocking: may unpack layers).
+pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<ContainerSpec> {
+    let (layers, config) = image_rootfs(store, &req.image)?;
+    let mut args = match &req.entrypoint {
+        Some(e) => e.clone(),
+        None => config.entrypoint.clone().unwrap_or_default(),
+    };
+    if !req.cmd.is_empty() {
+        args.extend(req.cmd.iter().cloned());
+    } else if req.entrypoint.is_none() {
+        args.extend(config.cmd.clone().unwrap_or_default());
+    }
+    anyhow::ensure!(!args.is_empty(), "run {}: no command given and the image has none", req.image);
+    let mut env = config.env.clone();
+    for kv in &req.env {
+        let key = kv.split('=').next().unwrap_or_default();
+        env.retain(|old| old.split('=').next() != Some(key));
+        env.push(kv.clone());
+    }
+    let network = match req.network.as_deref().unwrap_or("default") {
+        "none" => NetworkMode::None,
+        "host" => NetworkMode::Host,
+        "default" | "bridge" => NetworkMode::Default,
+        other => anyhow::bail!("network {other:?}: expected none, host or default"),
+    };
+    Ok(ContainerSpec {
+        name: req.name.clone(),
+        rootfs: Rootfs::throwaway(layers),
+        args,
+        env,
+        cwd: req.workdir.clone().unwrap_or_else(|| config.working_dir.clone()),
+        user: req.user.clone().unwrap_or_else(|| config.user.clone()),
+        mounts: Vec::new(),
+        network,
+        hostname: req.hostname.clone().unwrap_or_default(),
+        limits: Limits { memory_bytes: req.memory_bytes, cpus: req.cpus },
+    })
+}
+
+/// Run `spec` to the end, sending its output to `output`; returns the exit
+/// code. When `cancel` resolves first (the client went away, the daemon is
+/// shutting down) the container is killed and this returns an error.
+pub async fn run_streamed(
+    runtime: Runtime,
+    spec: ContainerSpec,
+    output: mpsc::UnboundedSender<OutputChunk>,
+    cancel: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<i32> {
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let sink: crate::runtime::LogSink = Arc::new(move |stream, bytes: &[u8]| {
+        let _ = output.send((stream, Bytes::copy_from_slice(bytes)));
+    });
+    let task = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+        let running = runtime.start(&spec, Stdio::stream(sink))?;
+        if let Some(pid) = running.pid() {
+            let _ = pid_tx.send(pid);
+        }
+        running.wait()
+    });
+    tokio::pin!(task);
+    tokio::pin!(cancel);
+    let mut pid = None;
+    let mut pid_rx = Some(pid_rx);
+    loop {
+        tokio::select! {
+            done = &mut task => return done.context("container task")?,
+            got = async { pid_rx.as_mut().unwrap().await }, if pid_rx.is_some() => {
+                pid_rx = None;
+                pid = got.ok();
+            }
+            _ = &mut cancel => {
+                if let Some(pid) = pid {
+                    tracing::info!(pid, "cancelled: killing the container");
+                    // SAFETY: plain kill(2) of the container's first process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                let _ = (&mut task).await;
+                anyhow::bail!("cancelled");
+            }
+        }
+    }
+}
+
+/// One container created through the Docker API.
+pub struct Container {
+    /// 64 hex digits.
+    pub id: String,
+    /// `/name`.
+    pub name: String,
+    /// What to run.
+    pub request: RunRequest,
+    /// Remove when it exits (`docker run --rm`).
+    pub auto_remove: bool,
+    /// Where `attach` wants the output, until `start` takes it.
+    pub attach: Mutex<Option<mpsc::UnboundedSender<OutputChunk>>>,
+    /// `None` until it exits, then its exit code.
+    pub exit: watch::Sender<Option<i32>>,
+    /// Set once started.
+    pub started: Mutex<bool>,
+    /// Becomes true once removed.
+    pub removed: watch::Sender<bool>,
+    /// Kills the running container (set by start).
+    pub kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+/// The daemon's containers, by ID.
+#[derive(Default, Clone)]
+pub struct ContainerTable(Arc<Mutex<HashMap<String, Arc<Container>>>>);
+
+impl ContainerTable {
+    /// Register a new container; returns it.
+    pub fn create(&self, name: Option<String>, request: RunRequest, auto_remove: bool) -> Arc<Container> {
+        let id = random_hex(32);
+        let name = format!("/{}", name.unwrap_or_else(|| format!("kiln_{}", &id[..12])));
+        let container = Arc::new(Container {
+            id: id.clone(),
+            name,
+            request,
+            auto_remove,
+            attach: Mutex::new(None),
+            exit: watch::channel(None).0,
+            started: Mutex::new(false),
+            removed: watch::channel(false).0,
+            kill: Mutex::new(None),
+        });
+        self.0.lock().unwrap().insert(id, container.clone());
+        container
+    }
+
+    /// Find by full ID, unique ID prefix or name.
+    pub fn get(&self, key: &str) -> Option<Arc<Container>> {
+        let table = self.0.lock().unwrap();
+        if let Some(c) = table.get(key) {
+            return Some(c.clone());
+        }
+        let by_name = format!("/{key}");
+        let matches: Vec<_> = table.values().filter(|c| c.name == by_name || c.id.starts_with(key)).collect();
+        match matches.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => None,
+        }
+    }
+
+    /// How many containers exist.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forget the container and wake those waiting for its removal.
+    pub fn remove(&self, id: &str) -> Option<Arc<Container>> {
+        let removed = self.0.lock().unwrap().remove(id);
+        if let Some(c) = &removed {
+            c.removed.send_replace(true);
+        }
+        removed
+    }
+}
+
+/// `n` (at most 32) random bytes as hex, from getrandom(2); if that fails,
+/// a hash of the time and pid (IDs need to be unique, not secret).
+pub fn random_hex(n: usize) -> String {
+    use sha2::Digest;
+    let mut bytes = vec![0u8; n];
+    // SAFETY: the buffer is valid for `n` bytes.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), n, 0) };
+    if got != n as isize {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let seed = format!("{t}-{}", std::process::id());
+        bytes = sha2::Sha256::digest(seed.as_bytes())[..n.min(32)].to_vec();
+    }
+    hex::encode(bytes)
+}

@@ -1,0 +1,436 @@
+//! Layer compression and the one-pass hashing stream.
+//!
+//! A layer tar flows through [`LayerStream`]: the uncompressed bytes are
+//! hashed (the diff ID), compressed, and the compressed bytes hashed again
+//! (the blob digest) and counted on their way to the sink. Nothing is read
+//! twice. Gzip is compressed in parallel pigz-style ([`ParallelGzip`]), zstd
+//! with libzstd's worker threads.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::mpsc;
+
+use flate2::{Compress, FlushCompress, Status};
+use sha2::{Digest, Sha256};
+
+/// How layer blobs are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CompressionKind {
+    /// Plain tar.
+    Uncompressed,
+    /// gzip (the default, as in BuildKit).
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+/// A compression and its level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    /// The algorithm.
+    pub kind: CompressionKind,
+    /// Level; `None` is the algorithm's default (gzip 6, zstd 3).
+    pub level: Option<i32>,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression { kind: CompressionKind::Gzip, level: None }
+    }
+}
+
+/// OCI layer media type of a plain tar.
+pub const MEDIA_TYPE_OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+/// OCI layer media type of a gzip tar.
+pub const MEDIA_TYPE_OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// OCI layer media type of a zstd tar.
+pub const MEDIA_TYPE_OCI_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// Docker layer media type of a plain tar.
+pub const MEDIA_TYPE_DOCKER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+/// Docker layer media type of a gzip tar.
+pub const MEDIA_TYPE_DOCKER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+impl CompressionKind {
+    /// Parse `gzip`, `zstd` or `uncompressed` (buildx spelling).
+    pub fn parse(s: &str) -> Option<CompressionKind> {
+        match s {
+            "gzip" => Some(CompressionKind::Gzip),
+            "zstd" => Some(CompressionKind::Zstd),
+            "uncompressed" => Some(CompressionKind::Uncompressed),
+            _ => None,
+        }
+    }
+
+    /// Valid levels, inclusive.
+    pub fn level_range(self) -> (i32, i32) {
+        match self {
+            CompressionKind::Uncompressed => (0, 0),
+            CompressionKind::Gzip => (0, 9),
+            CompressionKind::Zstd => (1, 22),
+        }
+    }
+
+    /// The OCI layer media type. Snapshot blob records always use this
+    /// spelling; manifests map it with [`layer_media_type`].
+    pub fn oci_media_type(self) -> &'static str {
+        match self {
+            CompressionKind::Uncompressed => MEDIA_TYPE_OCI_TAR,
+            CompressionKind::Gzip => MEDIA_TYPE_OCI_GZIP,
+            CompressionKind::Zstd => MEDIA_TYPE_OCI_ZSTD,
+        }
+    }
+
+    /// The compression a layer media type (OCI or Docker spelling) names.
+    pub fn from_media_type(media_type: &str) -> Option<CompressionKind> {
+        match media_type {
+            MEDIA_TYPE_OCI_TAR | MEDIA_TYPE_DOCKER_TAR => Some(CompressionKind::Uncompressed),
+            MEDIA_TYPE_OCI_GZIP | MEDIA_TYPE_DOCKER_GZIP => Some(CompressionKind::Gzip),
+            MEDIA_TYPE_OCI_ZSTD => Some(CompressionKind::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// The media type a layer of `kind` gets in a manifest. Docker has no zstd
+/// layer type, so zstd layers keep the OCI type in both (as BuildKit does).
+pub fn layer_media_type(kind: CompressionKind, oci: bool) -> &'static str {
+    match (kind, oci) {
+        (_, true) | (CompressionKind::Zstd, false) => kind.oci_media_type(),
+        (CompressionKind::Uncompressed, false) => MEDIA_TYPE_DOCKER_TAR,
+        (CompressionKind::Gzip, false) => MEDIA_TYPE_DOCKER_GZIP,
+    }
+}
+
+/// What a finished [`LayerStream`] measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamDigests {
+    /// `sha256:` of the uncompressed bytes.
+    pub diff_id: String,
+    /// `sha256:` of the compressed bytes.
+    pub digest: String,
+    /// Compressed size.
+    pub size: u64,
+    /// Uncompressed size.
+    pub uncompressed_size: u64,
+}
+
+/// `sha256:<hex>` of finished hasher.
+pub(crate) fn digest_string(hasher: Sha256) -> String {
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// `sha256:<hex>` of some bytes.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    digest_string(Sha256::new_with_prefix(bytes))
+}
+
+/// Hashes and counts what passes through to `inner`.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Encoder<W: Write> {
+    Plain(W),
+    Gzip(ParallelGzip<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+/// Uncompressed bytes in; diff ID, blob digest and size out; compressed
+/// bytes to the sink. One pass.
+pub struct LayerStream<W: Write> {
+    hasher: Sha256,
+    count: u64,
+    encoder: Encoder<HashingWriter<W>>,
+}
+
+/// Threads to compress with: every core this process may use.
+pub fn compression_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+impl<W: Write + Send + 'static> LayerStream<W> {
+    /// Start a stream compressing with `compression` into `sink`.
+    pub fn new(sink: W, compression: Compression) -> io::Result<Self> {
+        let out = HashingWriter { inner: sink, hasher: Sha256::new(), count: 0 };
+        let encoder = match compression.kind {
+            CompressionKind::Uncompressed => Encoder::Plain(out),
+            CompressionKind::Gzip => {
+                Encoder::Gzip(ParallelGzip::new(out, compression.level.unwrap_or(6).clamp(0, 9) as u32))
+            }
+            CompressionKind::Zstd => {
+                let mut enc = zstd::stream::write::Encoder::new(out, compression.level.unwrap_or(3))?;
+                // zstd's output is the same for any worker count >= 1 (but
+                // differs from 0), so always use workers: reproducible
+                // across machines, and large layers use every core.
+                enc.multithread(compression_threads() as u32)?;
+                Encoder::Zstd(enc)
+            }
+        };
+        Ok(LayerStream { hasher: Sha256::new(), count: 0, encoder })
+    }
+
+    /// Flush the compressor and return the sink and what was measured.
+    pub fn finish(self) -> io::Result<(W, StreamDigests)> {
+        let out = match self.encoder {
+            Encoder::Plain(w) => w,
+            Encoder::Gzip(g) => g.finish()?,
+            Encoder::Zstd(z) => z.finish()?,
+        };
+        let digests = StreamDigests {
+            diff_id: digest_string(self.hasher),
+            digest: digest_string(out.hasher),
+            size: out.count,
+            uncompressed_size: self.count,
+        };
+        Ok((out.inner, digests))
+    }
+}
+
+impl<W: Write + Send + 'static> Write for LayerStream<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = match &mut self.encoder {
+            Encoder::Plain(w) => w.write(buf)?,
+            Encoder::Gzip(g) => g.write(buf)?,
+            Encoder::Zstd(z) => z.write(buf)?,
+        };
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.encoder {
+            Encoder::Plain(w) => w.flush(),
+            Encoder::Gzip(_) => Ok(()),
+            Encoder::Zstd(z) => z.flush(),
+        }
+    }
+}
+
+/// Input per gzip block. Fixed, so the output does not depend on the
+/// number of threads.
+const GZIP_BLOCK: usize = 256 * 1024;
+/// Each block is primed with this much of the input before it (as pigz),
+/// so splitting costs almost no ratio.
+const GZIP_DICT: usize = 32 * 1024;
+
+/// A gzip writer that deflates fixed-size blocks on a thread pool, each
+/// ending in a sync flush (byte-aligned, non-final), the last one with the
+/// final bit; the blocks concatenate into one valid deflate stream. The
+/// CRC is computed on the calling thread. Output is deterministic.
+pub struct ParallelGzip<W: Write> {
+    inner: W,
+    level: u32,
+    block: Vec<u8>,
+    /// The last `GZIP_DICT` bytes of input before `block`.
+    dict: Vec<u8>,
+    crc: flate2::Crc,
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    max_in_flight: usize,
+    wrote_header: bool,
+}
+
+impl<W: Write> ParallelGzip<W> {
+    /// Compress into `inner` at `level` (0-9).
+    pub fn new(inner: W, level: u32) -> Self {
+        ParallelGzip {
+            inner,
+            level,
+            block: Vec::with_capacity(GZIP_BLOCK),
+            dict: Vec::new(),
+            crc: flate2::Crc::new(),
+            in_flight: VecDeque::new(),
+            max_in_flight: 2 * compression_threads() + 2,
+            wrote_header: false,
+        }
+    }
+
+    fn header(&mut self) -> io::Result<()> {
+        if !self.wrote_header {
+            // magic, deflate, no flags, mtime 0, no extra flags, OS unknown:
+            // nothing that depends on the host or the time.
+            self.inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
+            self.wrote_header = true;
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, last: bool) -> io::Result<()> {
+        self.header()?;
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(GZIP_BLOCK));
+        let dict = std::mem::take(&mut self.dict);
+        // The next block's dictionary is the tail of this block (plus the
+        // old dictionary if this block is short).
+        let mut next_dict = if block.len() >= GZIP_DICT { Vec::new() } else { dict.clone() };
+        next_dict.extend_from_slice(&block[block.len().saturating_sub(GZIP_DICT)..]);
+        let cut = next_dict.len().saturating_sub(GZIP_DICT);
+        self.dict = next_dict.split_off(cut);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let level = self.level;
+        gzip_pool().spawn(move || {
+            let _ = tx.send(deflate_block(level, &dict, &block, last));
+        });
+        self.in_flight.push_back(rx);
+        while self.in_flight.len() > if last { 0 } else { self.max_in_flight } {
+            self.write_oldest()?;
+        }
+        Ok(())
+    }
+
+    fn write_oldest(&mut self) -> io::Result<()> {
+        if let Some(rx) = self.in_flight.pop_front() {
+            let bytes = rx.recv().map_err(|_| io::Error::other("gzip worker vanished"))??;
+            self.inner.write_all(&bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Write the last block and the trailer; return the sink.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.dispatch(true)?;
+        let crc = self.crc.sum();
+        let len = self.crc.amount();
+        self.inner.write_all(&crc.to_le_bytes())?;
+        self.inner.write_all(&len.to_le_bytes())?;
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for ParallelGzip<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(GZIP_BLOCK - self.block.len());
+        self.block.extend_from_slice(&buf[..n]);
+        self.crc.update(&buf[..n]);
+        if self.block.len() == GZIP_BLOCK {
+            self.dispatch(false)?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The pool gzip blocks are deflated on. Not rayon's global pool: layers
+/// are written in parallel on that one, and a layer waiting for its blocks
+/// there could take every thread and wait forever.
+fn gzip_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(compression_threads())
+            .thread_name(|i| format!("kiln-gzip-{i}"))
+            .build()
+            .expect("gzip thread pool")
+    })
+}
+
+/// Raw-deflate one block primed with `dict`; sync-flushed, or finished
+/// when `last`.
+fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    let mut c = Compress::new(flate2::Compression::new(level), false);
+    if !dict.is_empty() {
+        c.set_dictionary(dict).map_err(io::Error::other)?;
+    }
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
+    loop {
+        let consumed = c.total_in() as usize;
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(4096));
+        }
+        let status = c.compress_vec(&data[consumed..], &mut out, flush).map_err(io::Error::other)?;
+        let done = c.total_in() as usize == data.len();
+        match status {
+            Status::StreamEnd => break,
+            // A sync flush is complete when all input is in and the
+            // output buffer was not filled up.
+            Status::Ok | Status::BufError if !last && done && out.len() < out.capacity() => break,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn roundtrip(kind: CompressionKind, data: &[u8]) {
+        let mut s = LayerStream::new(Vec::new(), Compression { kind, level: None }).unwrap();
+        s.write_all(data).unwrap();
+        let (out, d) = s.finish().unwrap();
+        assert_eq!(d.diff_id, sha256_digest(data));
+        assert_eq!(d.digest, sha256_digest(&out));
+        assert_eq!(d.size, out.len() as u64);
+        let mut back = Vec::new();
+        match kind {
+            CompressionKind::Gzip => {
+                flate2::read::GzDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
+            }
+            CompressionKind::Zstd => back = zstd::decode_all(&out[..]).unwrap(),
+            CompressionKind::Uncompressed => back = out,
+        }
+        assert_eq!(back, data);
+    }
+
+    fn sample(n: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n);
+        let mut x: u32 = 1;
+        while v.len() < n {
+            x = x.wrapping_mul(1103515245).wrapping_add(12345);
+            v.extend_from_slice(format!("line {} value {}\n", v.len() % 977, x >> 20).as_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+
+    #[test]
+    fn all_kinds_roundtrip_and_hash() {
+        for kind in [CompressionKind::Uncompressed, CompressionKind::Gzip, CompressionKind::Zstd] {
+            for n in [0, 1, GZIP_BLOCK - 1, GZIP_BLOCK, 3 * GZIP_BLOCK + 17] {
+                roundtrip(kind, &sample(n));
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_gzip_is_deterministic_and_system_gunzip_accepts_it() {
+        let data = sample(5 * GZIP_BLOCK + 3);
+        let gz = |d: &[u8]| {
+            let mut g = ParallelGzip::new(Vec::new(), 6);
+            g.write_all(d).unwrap();
+            g.finish().unwrap()
+        };
+        let a = gz(&data);
+        assert_eq!(a, gz(&data));
+        // The dictionary keeps the ratio close to one-stream gzip.
+        let mut one = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        one.write_all(&data).unwrap();
+        let one = one.finish().unwrap();
+        assert!(a.len() as f64 <= one.len() as f64 * 1.02, "{} vs {}", a.len(), one.len());
+        if let Ok(mut child) = std::process::Command::new("gzip")
+            .args(["-t"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+        {
+            child.stdin.take().unwrap().write_all(&a).unwrap();
+            assert!(child.wait().unwrap().success(), "gzip -t rejected our stream");
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Cache keys, computed in two phases as BuildKit's `CacheMap`.
+//!
+//! 1. The *definition key* of an op: sha256 over its canonical definition
+//!    digest ([`kiln_frontend::Op::definition_digest`]) and its inputs' keys,
+//!    in order. A build context's own key is only its definition (name and
+//!    ignore patterns), never its content.
+//! 2. Ops that read files from a build context (COPY/ADD sources, bind
+//!    mounts) add the *content checksum of exactly the files they read*:
+//!    relative path, file type, mode bits (left out when `--chmod`
+//!    overrides them), symlink target and content sha256. Never times, and
+//!    never the host owner (context files are copied as root, or as
+//!    `--chown` says, and the owner is part of the definition).
+//!
+//! File contents are hashed in parallel (rayon) through the context's
+//! persistent checksum cache, so an unchanged file is never read again.
+//! Secrets never enter a key: ops carry only their ids.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use kiln_frontend::graph::CopyAction;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::pattern::{self, Matcher};
+use crate::tree::SourceTree;
+
+fn digest_parts(tag: &str, parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    h.update(tag.as_bytes());
+    for p in parts {
+        // Length-prefixed so no two part lists collide.
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Phase 1: the key of an op from its definition digest and its inputs'
+/// keys (in input order).
+pub fn definition_key(definition_digest: &str, input_keys: &[String]) -> String {
+    let mut parts = vec![definition_digest];
+    parts.extend(input_keys.iter().map(String::as_str));
+    digest_parts("kiln.op.v1", &parts)
+}
+
+/// Phase 2: fold content checksums of the files an op reads into its
+/// definition key. With no checksums the definition key is the key.
+pub fn content_key(definition_key: &str, checksums: &[String]) -> String {
+    if checksums.is_empty() {
+        return definition_key.to_string();
+    }
+    let mut parts = vec![definition_key];
+    parts.extend(checksums.iter().map(String::as_str));
+    digest_parts("kiln.content.v1", &parts)
+}
+
+/// Key of an image source: pinned to the resolved manifest digest, so a
+/// moved tag is a new key.
+pub fn image_key(definition_digest: &str, manifest_digest: &str) -> String {
+    digest_parts("kiln.image.v1", &[definition_digest, manifest_digest])
+}
+
+/// One file read by an op, as it enters a checksum.
+struct Item {
+    rel: String,
+    kind: char,
+    mode: Option<u32>,
+    link: String,
+    file: Option<(PathBuf, std::fs::Metadata)>,
+}
+
+/// Content checksum of the files one COPY/ADD reads from a build context.
+pub fn copy_checksum(tree: &SourceTree, action: &CopyAction) -> anyhow::Result<String> {
+    let excludes = Matcher::new(&action.exclude)?;
+    let mut items = Vec::new();
+    for source in &action.sources {
+        // An unmatched source is an error of the copy itself, reported when
+        // it runs; here it just contributes nothing.
+        for matched in tree.expand(source)? {
+            let root = tree.resolve(&matched, action.follow_symlinks)?;
+            collect(tree, &root, &excludes, action.mode.is_none(), &mut items)?;
+        }
+    }
+    finish(tree, &format!("copy {:?}", action.sources), items)
+}
+
+/// Content checksum of everything under `path` of a build context (a bind
+/// mount's source).
+pub fn subtree_checksum(tree: &SourceTree, path: &str) -> anyhow::Result<String> {
+    let root = tree.resolve(Path::new(&pattern::clean(path)), true)?;
+    let mut items = Vec::new();
+    collect(tree, &root, &Matcher::default(), true, &mut items)?;
+    finish(tree, path, items)
+}
+
+/// Walk `root` (resolved, relative) and everything below it.
+fn collect(tree: &SourceTree, root: &Path, excludes: &Matcher, with_mode: bool, items: &mut Vec<Item>) -> anyhow::Result<()> {
+    let Some(entry) = tree.lookup(root)? else { return Ok(()) };
+    let mut stack = vec![(root.to_path_buf(), entry, PathBuf::new())];
+    while let Some((rel, entry, within)) = stack.pop() {
+        let meta = &entry.metadata;
+        let ft = meta.file_type();
+        let kind = if ft.is_dir() {
+            'd'
+        } else if ft.is_symlink() {
+            'l'
+        } else if ft.is_file() {
+            'f'
+        } else {
+            'o'
+        };
+        let link = if ft.is_symlink() {
+            std::fs::read_link(&entry.host_path)?.to_string_lossy().into_owned()
+        } else {
+            String::new()
+        };
+        items.push(Item {
+            rel: rel.to_string_lossy().into_owned(),
+            kind,
+            mode: with_mode.then(|| meta.permissions().mode() & 0o7777),
+            link,
+            file: ft.is_file().then(|| (entry.host_path.clone(), meta.clone())),
+        });
+        if ft.is_dir() {
+            for name in tree.read_dir(&rel)?.into_iter().rev() {
+                let child_within = within.join(&name);
+                if !excludes.is_empty() && excludes.excluded(&child_within.to_string_lossy()) {
+                    continue;
+                }
+                let child = rel.join(&name);
+                if let Some(e) = tree.lookup(&child)? {
+                    stack.push((child, e, child_within));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn finish(tree: &SourceTree, what: &str, items: Vec<Item>) -> anyhow::Result<String> {
+    let shas: Vec<String> = items
+        .par_iter()
+        .map(|item| match (&item.file, tree) {
+            (Some((host, meta)), SourceTree::Context(ctx)) => ctx.file_sha256(&item.rel, host, meta),
+            (Some((host, _)), SourceTree::Layers(_)) => crate::tree::sha256_file(host),
+            (None, _) => Ok(String::new()),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("hashing files of {what}: {e}"))?;
+    let mut h = Sha256::new();
+    for (item, sha) in items.iter().zip(&shas) {
+        let mode = item.mode.map(|m| format!("{m:o}")).unwrap_or_default();
+        let line = format!("{}\0{}\0{}\0{}\0{}\n", item.rel, item.kind, mode, item.link, sha);
+        h.update(line.as_bytes());
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}

@@ -1,0 +1,303 @@
+//! Exec ops: turn a RUN into one [`ExecRequest`] and commit its upper dir.
+//!
+//! The rootfs chain becomes the overlay lowerdirs and a freshly prepared
+//! snapshot the upperdir. Extra mounts are prepared here: binds from the
+//! context or another op's layers (read-only unless `rw`, whose writes go
+//! to a throw-away upper), persistent cache directories under
+//! `<store>/cache-mounts/`, tmpfs, and secrets — written to a private 0600
+//! file outside the store and bind-mounted read-only, or put into the
+//! environment of that one process only. Whatever is prepared is removed
+//! again when the op ends, whichever way it ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kiln_cache::snapshots::SnapshotMeta;
+use kiln_frontend::graph::{CacheSharing, CopyAction, ExecOp, FileAction, MountKind, OpNode};
+
+use crate::error::SolveError;
+use crate::events::{Event, EventSink};
+use crate::solver::{Computed, Inner, Output, input_layers, node_error, tree_of};
+use crate::tree::SourceTree;
+use crate::worker::{ExecRequest, HostMount, HostMountSource, LogSink, LogStream};
+
+/// How many output lines an error carries.
+const LOG_TAIL_LINES: usize = 20;
+
+/// Temporary host directories removed when the op ends (also on cancel).
+#[derive(Default)]
+struct Scratch(Vec<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Collects output: forwards each line as an event and keeps the last few.
+struct LogCollector {
+    vertex: String,
+    events: EventSink,
+    partial: Mutex<[Vec<u8>; 2]>,
+    tail: Mutex<VecDeque<String>>,
+}
+
+impl LogCollector {
+    fn push(&self, stream: LogStream, chunk: &[u8]) {
+        let idx = matches!(stream, LogStream::Stderr) as usize;
+        let mut partial = self.partial.lock().unwrap();
+        partial[idx].extend_from_slice(chunk);
+        while let Some(pos) = partial[idx].iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial[idx].drain(..=pos).collect();
+            self.line(stream, &line[..line.len() - 1]);
+        }
+    }
+
+    fn line(&self, stream: LogStream, bytes: &[u8]) {
+        let line = String::from_utf8_lossy(bytes).trim_end_matches('\r').to_string();
+        {
+            let mut tail = self.tail.lock().unwrap();
+            if tail.len() == LOG_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+        }
+        let stream = match stream {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        };
+        self.events.send(Event::Log { vertex: self.vertex.clone(), stream: stream.into(), line });
+    }
+
+    fn finish(&self) -> Vec<String> {
+        let rest = std::mem::take(&mut *self.partial.lock().unwrap());
+        for (i, bytes) in rest.iter().enumerate() {
+            if !bytes.is_empty() {
+                self.line(if i == 0 { LogStream::Stdout } else { LogStream::Stderr }, bytes);
+            }
+        }
+        self.tail.lock().unwrap().iter().cloned().collect()
+    }
+}
+
+/// Run one exec op; returns the rootfs chain plus the committed upper.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    inner: &Arc<Inner>,
+    events: &EventSink,
+    secrets: &HashMap<String, Vec<u8>>,
+    node: &OpNode,
+    exec: &ExecOp,
+    vertex: &str,
+    inputs: &[Arc<Computed>],
+    snapshot_id: &str,
+) -> Result<Vec<String>, SolveError> {
+    let fail = |m: String| node_error(node, m, vec![]);
+    let rootfs = input_layers(node, inputs, 0)?;
+    let mut scratch = Scratch::default();
+    let mut env = exec.env.clone();
+    let mut mounts = Vec::new();
+    // Held until the process exits.
+    let mut held_locks = Vec::new();
+    for mount in &exec.mounts {
+        let target = mount.target.clone();
+        match &mount.kind {
+            MountKind::Bind { input, source, readwrite } => {
+                let computed = inputs.get(*input).ok_or_else(|| fail(format!("bind mount reads missing input {input}")))?;
+                let source = bind_source(inner, computed, source, &mut scratch).map_err(|e| fail(format!("bind mount at {target}: {e:#}")))?;
+                let source = match (source, *readwrite) {
+                    // A rw bind must not write through to the store or the
+                    // context: writes go to a throw-away upper.
+                    (HostMountSource::Bind(p), true) if p.is_dir() => HostMountSource::Layers(vec![p]),
+                    (s, _) => s,
+                };
+                mounts.push(HostMount { target, source, readonly: !readwrite });
+            }
+            MountKind::Cache { id, sharing, from, uid, gid, mode, readonly } => {
+                if from.is_some() {
+                    return Err(fail(format!("cache mount {id:?}: from= is not supported yet")));
+                }
+                let id = if id.is_empty() { &target } else { id };
+                let dir = cache_mount_dir(inner, id, *uid, *gid, *mode).map_err(|e| fail(format!("cache mount {id:?}: {e:#}")))?;
+                let lock = inner.cache_mount_locks.entry(id.to_string()).or_default().clone();
+                let source = match sharing {
+                    CacheSharing::Shared => dir,
+                    CacheSharing::Locked => {
+                        held_locks.push(lock.lock_owned().await);
+                        dir
+                    }
+                    // Private: the shared dir when nobody else uses it,
+                    // else a fresh empty one that is thrown away.
+                    CacheSharing::Private => match lock.try_lock_owned() {
+                        Ok(guard) => {
+                            held_locks.push(guard);
+                            dir
+                        }
+                        Err(_) => {
+                            let tmp = temp_dir(inner, "cache-private-").map_err(|e| fail(format!("{e:#}")))?;
+                            scratch.0.push(tmp.clone());
+                            tmp
+                        }
+                    },
+                };
+                mounts.push(HostMount { target, source: HostMountSource::Bind(source), readonly: *readonly });
+            }
+            MountKind::Tmpfs { size } => {
+                mounts.push(HostMount { target, source: HostMountSource::Tmpfs(*size), readonly: false });
+            }
+            MountKind::Secret { id, env: env_name, required, uid, gid, mode } => {
+                let Some(value) = secrets.get(id) else {
+                    if *required {
+                        return Err(fail(format!("secret {id:?} is required but was not provided")));
+                    }
+                    continue;
+                };
+                if let Some(name) = env_name {
+                    env.push(format!("{name}={}", String::from_utf8_lossy(value)));
+                    continue;
+                }
+                let file = write_secret(value, *uid, *gid, *mode, &mut scratch).map_err(|e| fail(format!("secret {id:?}: {e:#}")))?;
+                mounts.push(HostMount { target, source: HostMountSource::Bind(file), readonly: true });
+            }
+            MountKind::Ssh { id, required } => {
+                if *required {
+                    return Err(fail(format!("ssh mount {id:?}: ssh forwarding is not supported")));
+                }
+            }
+        }
+    }
+
+    let active = inner.store.snapshots.prepare().map_err(|e| fail(format!("preparing a layer: {e:#}")))?;
+    let req = ExecRequest {
+        lower: rootfs.iter().map(|id| inner.store.snapshots.path(id)).collect(),
+        upper: active.fs(),
+        work: active.work(),
+        args: exec.args.clone(),
+        env,
+        cwd: if exec.cwd.is_empty() { "/".into() } else { exec.cwd.clone() },
+        user: exec.user.clone(),
+        network: exec.network,
+        mounts,
+        hostname: "kiln".into(),
+    };
+    let collector = Arc::new(LogCollector {
+        vertex: vertex.to_string(),
+        events: events.clone(),
+        partial: Mutex::new([Vec::new(), Vec::new()]),
+        tail: Mutex::new(VecDeque::new()),
+    });
+    let sink: LogSink = {
+        let c = collector.clone();
+        Arc::new(move |stream, chunk| c.push(stream, chunk))
+    };
+    let outcome = inner.executor.exec(req, sink).await;
+    drop(held_locks);
+    drop(scratch);
+    let tail = collector.finish();
+    let code = match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            inner.store.snapshots.abort(active);
+            return Err(node_error(node, format!("running the process: {e:#}"), tail));
+        }
+    };
+    if code != 0 {
+        inner.store.snapshots.abort(active);
+        let cmd = exec.args.join(" ");
+        return Err(node_error(node, format!("process \"{cmd}\" did not complete successfully: exit code: {code}"), tail));
+    }
+    inner
+        .store
+        .snapshots
+        .commit(active, snapshot_id, &SnapshotMeta::default())
+        .map_err(|e| fail(format!("committing layer: {e:#}")))?;
+    let mut layers = rootfs;
+    layers.push(snapshot_id.to_string());
+    Ok(layers)
+}
+
+/// What a bind mount of `source` inside `computed` mounts.
+fn bind_source(inner: &Inner, computed: &Computed, source: &str, scratch: &mut Scratch) -> anyhow::Result<HostMountSource> {
+    let tree = tree_of(inner, computed);
+    let rel = tree.resolve(Path::new(source), true)?;
+    match (&computed.output, &tree) {
+        (Output::Context(ctx), _) => {
+            if ctx.matcher.is_empty() {
+                let path = ctx.dir.join(&rel);
+                anyhow::ensure!(path.exists(), "{source} not found in the build context");
+                return Ok(HostMountSource::Bind(path));
+            }
+            // Ignored files must stay invisible: mount a filtered copy.
+            let copy_root = temp_dir(inner, "bind-")?;
+            scratch.0.push(copy_root.clone());
+            let upper = copy_root.join("fs");
+            std::fs::create_dir(&upper)?;
+            let copy = CopyAction {
+                src_input: 0,
+                sources: vec![source.to_string()],
+                dest: "/".into(),
+                owner: None,
+                mode: None,
+                parents: false,
+                exclude: vec![],
+                extract_archives: false,
+                follow_symlinks: true,
+                create_dest_path: true,
+                allow_empty_wildcard: false,
+            };
+            crate::fileop::apply(&[], &upper, std::slice::from_ref(&tree), &[FileAction::Copy(copy)])?;
+            Ok(HostMountSource::Bind(upper))
+        }
+        (Output::Layers(_), SourceTree::Layers(view)) => {
+            let entry = view.lookup(&rel)?.ok_or_else(|| anyhow::anyhow!("{source} not found"))?;
+            if !entry.metadata.is_dir() {
+                return Ok(HostMountSource::Bind(entry.host_path));
+            }
+            // The directory as each layer has it, bottom first.
+            let dirs: Vec<PathBuf> = view.layers().iter().map(|l| l.join(&rel)).filter(|p| p.is_dir()).collect();
+            Ok(HostMountSource::Layers(dirs))
+        }
+        _ => unreachable!("tree_of matches the output kind"),
+    }
+}
+
+/// `<store>/cache-mounts/<sanitized id>`, created with uid/gid/mode.
+fn cache_mount_dir(inner: &Inner, id: &str, uid: u32, gid: u32, mode: u32) -> anyhow::Result<PathBuf> {
+    use sha2::Digest;
+    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let short = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..6]);
+    let dir = inner.store.root().join("cache-mounts").join(format!("{}-{short}", safe.trim_start_matches('.')));
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir)?;
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(if mode == 0 { 0o755 } else { mode }))?;
+    }
+    Ok(dir)
+}
+
+fn temp_dir(inner: &Inner, prefix: &str) -> anyhow::Result<PathBuf> {
+    let dir = inner.store.root().join("tmp").join(kiln_cache::fsutil::unique_name(prefix));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Write a secret into a private directory outside the store (on tmpfs
+/// when `/dev/shm` is there), readable only as `mode` by `uid:gid`.
+fn write_secret(value: &[u8], uid: u32, gid: u32, mode: u32, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+    let dir = base.join(kiln_cache::fsutil::unique_name("kiln-secret-"));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    scratch.0.push(dir.clone());
+    let file = dir.join("secret");
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file)?;
+    f.write_all(value)?;
+    drop(f);
+    std::os::unix::fs::chown(&file, Some(uid), Some(gid))?;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(if mode == 0 { 0o400 } else { mode }))?;
+    Ok(file)
+}
