@@ -125,11 +125,67 @@ fn kiln_run_bad_input_is_a_clear_error() {
     let out = kiln()
         .args(["--root"])
         .arg(s.path().join("root"))
-        .args(["run", "busybox", "true"])
+        .args(["run", "nosuchimage", "true"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("image store not available"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nosuchimage") && err.contains("kiln pull"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kiln_run_image_from_the_store() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let root = s.path().join("root");
+    let tarball = s.path().join("rootfs.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&base)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = kiln()
+        .arg("--root")
+        .arg(&root)
+        .arg("import")
+        .arg(&tarball)
+        .arg("bb:1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kiln()
+        .arg("--root")
+        .arg(&root)
+        .args([
+            "run",
+            "--rm",
+            "bb:1",
+            "/bin/sh",
+            "-c",
+            "echo $((6*7)); id -un",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\nroot\n");
+    assert!(mounts_below(s.path()).is_empty());
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {

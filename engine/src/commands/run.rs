@@ -1,5 +1,5 @@
-//! `kiln run`: run a command in a container from an image (or, for
-//! testing and debugging, from a plain rootfs directory).
+//! `kiln run`: run a command in a container from an image in the local
+//! store (or, for testing and debugging, from a plain rootfs directory).
 //!
 //! The container's stdout/stderr are kiln's, its exit code becomes kiln's,
 //! and SIGINT/SIGTERM/SIGHUP/SIGQUIT sent to kiln are forwarded to it. The
@@ -79,9 +79,19 @@ pub struct ImageRootfs {
     pub config: ImageConfig,
 }
 
-/// Look `image` up in the local image store.
-pub fn resolve_image(_global: &Global, image: &str) -> anyhow::Result<ImageRootfs> {
-    bail!("kiln run {image}: image store not available yet; use --rootfs DIR")
+/// Look `image` up in the local image store (name, ID or digest) and
+/// unpack its layers if needed. Images are not pulled implicitly.
+pub fn resolve_image(global: &Global, image: &str) -> anyhow::Result<ImageRootfs> {
+    let store = kiln_cache::Store::open(&global.root)?;
+    let (layers, config) =
+        crate::daemon::containers::image_rootfs(&store, image).with_context(|| {
+            format!("kiln run {image}: not in the local image store (try `kiln pull {image}`)")
+        })?;
+    anyhow::ensure!(
+        !layers.is_empty(),
+        "kiln run {image}: the image has no layers to run"
+    );
+    Ok(ImageRootfs { layers, config })
 }
 
 /// Run the container; returns its exit code.
