@@ -313,15 +313,13 @@ async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
 /// Lay out the context, then build, streaming [`BuildLine`]s. A client that
 /// goes away cancels its own build only.
 async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
-    context::validate(&opts.context)?;
-    let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
-    let (store, entries, path) = (state.store.clone(), opts.context.clone(), dir.path().to_path_buf());
-    blocking(move || Ok(context::materialize(&store, &entries, &path))).await??;
+    let (store, cache, entries) = (state.store.clone(), state.contexts.clone(), opts.context.clone());
+    let dir = blocking(move || Ok(cache.lease(&store, &entries))).await??;
     let (response, mut lines) = streaming("application/x-ndjson");
     tokio::spawn(async move {
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let gone = lines.clone();
-        let path = dir.path().to_path_buf();
+        let path = dir.path.clone();
         let work = super::build::run_build(&state, opts, path, tx);
         tokio::pin!(work);
         let result = loop {
