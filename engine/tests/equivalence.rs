@@ -1,0 +1,347 @@
+//! Equivalence with buildah: every case under `testdata/equiv/` is built by
+//! `kiln build` and by `buildah build --layers`, and the two images must
+//! have the same filesystem (paths, types, modes, uid/gid, symlink targets,
+//! file contents — never times) and the same config (Env, Cmd, Entrypoint,
+//! WorkingDir, User, ExposedPorts, Volumes, Labels, StopSignal, Healthcheck,
+//! OnBuild). Where BuildKit itself differs from buildah, the test follows
+//! BuildKit; every such rule is in [`IGNORES`] and `testdata/equiv/DIFFERENCES.md`.
+//! Secret values must appear nowhere in kiln's image (layers, config, history).
+//!
+//! Both images are read the same way: written as an OCI layout (`kiln save
+//! --format oci`, `buildah push oci:`) and their layers applied in memory.
+//!
+//! Run: `cargo test -p kiln-engine --test equivalence -- --nocapture`.
+
+mod common;
+#[path = "common/equiv.rs"]
+mod equiv;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::TestRegistry;
+use equiv::{Case, Entry, Tree, config_fields, load_cases, mount_targets, read_layout, serve_files};
+use serde_json::Value;
+
+/// Cases that fail because of a known kiln bug: (case, reason). They still
+/// run and their diff is printed, but they don't fail the test.
+const KNOWN_FAILURES: &[(&str, &str)] = &[];
+
+/// Labels buildah adds on its own (BuildKit adds none).
+const BUILDAH_ONLY_LABELS: &[&str] = &["io.buildah.version"];
+
+/// What one builder produced for one case.
+struct Built {
+    tree: Tree,
+    config: BTreeMap<String, Value>,
+    /// Raw bytes of every output (kiln only, for the secret scan).
+    scan: Vec<Vec<u8>>,
+}
+
+/// Runs one command with a time limit; `Err` with its output on failure.
+fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: cannot start: {e}"))?;
+    if !out.status.success() {
+        let tail = |b: &[u8]| {
+            let s = String::from_utf8_lossy(b).into_owned();
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        };
+        return Err(format!(
+            "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            tail(&out.stdout),
+            tail(&out.stderr)
+        ));
+    }
+    Ok(out.stdout)
+}
+
+fn timeout(secs: u32) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg(secs.to_string());
+    c
+}
+
+struct Kiln {
+    root: PathBuf,
+    registry: String,
+    work: PathBuf,
+}
+
+impl Kiln {
+    fn cmd(&self) -> Command {
+        let mut c = timeout(240);
+        c.arg(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--registry-mirror")
+            .arg(format!("docker.io=http://{}", self.registry));
+        c
+    }
+
+    fn build(&self, case: &Case) -> Result<Built, String> {
+        let mut c = self.cmd();
+        c.args(["build", "--progress", "plain", "-t", &case.image_name()]);
+        for a in &case.build_args {
+            c.args(["--build-arg", a]);
+        }
+        if let Some(t) = &case.target {
+            c.args(["--target", t]);
+        }
+        for s in &case.secrets {
+            c.args(["--secret", s]);
+        }
+        c.arg(&case.dir);
+        run(&mut c, "kiln build")?;
+        let layout = self.work.join(format!("kiln-{}", case.name));
+        let mut c = self.cmd();
+        c.args(["save", "--format", "oci", "-o"]).arg(&layout).arg(case.image_name());
+        run(&mut c, "kiln save")?;
+        let image = read_layout(&layout);
+        let mut c = self.cmd();
+        c.args(["inspect", &case.image_name()]);
+        let inspect = run(&mut c, "kiln inspect")?;
+        let mut scan = image.all_bytes;
+        scan.push(inspect);
+        let config = config_fields(&image.config["config"]);
+        Ok(Built { tree: image.tree, config, scan })
+    }
+}
+
+struct Buildah {
+    root: PathBuf,
+    runroot: PathBuf,
+    registries_conf: PathBuf,
+    work: PathBuf,
+}
+
+impl Buildah {
+    fn cmd(&self) -> Command {
+        let mut c = timeout(240);
+        c.arg("buildah")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--runroot")
+            .arg(&self.runroot)
+            .arg("--storage-driver")
+            .arg("overlay")
+            .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf);
+        c
+    }
+
+    fn build(&self, case: &Case) -> Result<Built, String> {
+        let mut c = self.cmd();
+        // docker format: OCI configs have no Healthcheck, OnBuild or Shell.
+        c.args(["build", "--runtime", "runc", "--layers", "--format", "docker", "--quiet", "-t", &case.image_name()]);
+        c.arg("-f").arg(case.buildah_dockerfile());
+        c.args(&case.buildah_flags);
+        for a in &case.build_args {
+            c.args(["--build-arg", a]);
+        }
+        if let Some(t) = &case.target {
+            c.args(["--target", t]);
+        }
+        for s in &case.secrets {
+            c.args(["--secret", s]);
+        }
+        c.arg(&case.dir);
+        run(&mut c, "buildah build")?;
+        let layout = self.work.join(format!("buildah-{}", case.name));
+        let mut c = self.cmd();
+        c.args(["push", "--quiet", &case.image_name()]).arg(format!("oci:{}:latest", layout.display()));
+        run(&mut c, "buildah push")?;
+        let image = read_layout(&layout);
+        let mut c = self.cmd();
+        c.args(["inspect", "--type", "image", &case.image_name()]);
+        let inspect: Value = serde_json::from_slice(&run(&mut c, "buildah inspect")?).map_err(|e| e.to_string())?;
+        let mut config = config_fields(&inspect["Docker"]["config"]);
+        if let Some(Value::Object(labels)) = config.get_mut("Labels") {
+            for l in BUILDAH_ONLY_LABELS {
+                labels.remove(*l);
+            }
+            if labels.is_empty() {
+                config.remove("Labels");
+            }
+        }
+        Ok(Built { tree: image.tree, config, scan: vec![] })
+    }
+}
+
+/// A rule for a filesystem difference where BuildKit and buildah disagree
+/// and kiln follows BuildKit.
+struct Ignore {
+    name: &'static str,
+    why: &'static str,
+    /// `(case, path, kiln's entry, buildah's entry)` → ignore?
+    applies: fn(&Case, &str, Option<&Entry>, Option<&Entry>) -> bool,
+}
+
+const EMPTY_SHA: &str = "sha256:e3b0c44298fc";
+
+const IGNORES: &[Ignore] = &[Ignore {
+    name: "mount-stubs",
+    why: "buildah leaves the empty directories/files it created as RUN --mount targets \
+          (and their parents) in the layer; BuildKit removes mount points it had to create",
+    applies: |case, path, kiln, buildah| {
+        let (None, Some(b)) = (kiln, buildah) else { return false };
+        let empty = b.kind == "dir" || b.content.as_deref().is_some_and(|c| c.starts_with(EMPTY_SHA));
+        let dockerfile = std::fs::read_to_string(case.buildah_dockerfile()).unwrap_or_default();
+        empty
+            && mount_targets(&dockerfile)
+                .iter()
+                .any(|t| t == path || t.starts_with(&format!("{path}/")))
+    },
+}];
+
+/// Differences between the two trees that no [`IGNORES`] rule covers,
+/// as readable lines; `ignored` counts the ones a rule covered.
+fn diff_trees(case: &Case, kiln: &Tree, buildah: &Tree, ignored: &mut BTreeMap<&'static str, usize>) -> Vec<String> {
+    let paths: BTreeSet<&String> = kiln.keys().chain(buildah.keys()).collect();
+    let mut out = Vec::new();
+    for path in paths {
+        let (k, b) = (kiln.get(path), buildah.get(path));
+        if k == b {
+            continue;
+        }
+        if let Some(rule) = IGNORES.iter().find(|r| (r.applies)(case, path, k, b)) {
+            *ignored.entry(rule.name).or_default() += 1;
+            continue;
+        }
+        let show = |e: Option<&Entry>| e.map(|e| e.to_string()).unwrap_or_else(|| "(missing)".into());
+        out.push(format!("  /{path}\n      kiln:    {}\n      buildah: {}", show(k), show(b)));
+    }
+    out
+}
+
+fn diff_configs(kiln: &BTreeMap<String, Value>, buildah: &BTreeMap<String, Value>) -> Vec<String> {
+    let keys: BTreeSet<&String> = kiln.keys().chain(buildah.keys()).collect();
+    let mut out = Vec::new();
+    for key in keys {
+        let (k, b) = (kiln.get(key), buildah.get(key));
+        if k != b {
+            let show = |v: Option<&Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "(unset)".into());
+            out.push(format!("  config.{key}\n      kiln:    {}\n      buildah: {}", show(k), show(b)));
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Build every case with one builder, in order (cases with `after` need
+/// the earlier case's image in the same store).
+fn build_all(cases: &[Case], build: impl Fn(&Case) -> Result<Built, String>) -> HashMap<String, Result<Built, String>> {
+    let mut results = HashMap::new();
+    for case in cases {
+        let started = std::time::Instant::now();
+        let r = build(case);
+        eprintln!("  built {} in {:.1}s{}", case.name, started.elapsed().as_secs_f64(), if r.is_err() { " (failed)" } else { "" });
+        results.insert(case.name.clone(), r);
+    }
+    results
+}
+
+#[test]
+fn kiln_matches_buildah() {
+    for tool in ["buildah", "runc", "docker-registry", "skopeo", "timeout"] {
+        if !common::have(tool, "kiln_matches_buildah") {
+            return;
+        }
+    }
+    let cases_root = common::repo_root().join("testdata/equiv");
+    let registry = TestRegistry::with_busybox();
+    let server = serve_files(cases_root.join("21-add-url/served"));
+    let mut cases = load_cases(&cases_root, &server);
+    assert!(cases.len() >= 25, "expected at least 25 cases in {}, found {}", cases_root.display(), cases.len());
+    // KILN_EQUIV_CASES=a,b runs only cases whose names contain one of those
+    // words (plus the cases they need), for working on one case.
+    if let Ok(only) = std::env::var("KILN_EQUIV_CASES") {
+        let words: Vec<&str> = only.split(',').filter(|w| !w.is_empty()).collect();
+        let wanted: Vec<String> = cases
+            .iter()
+            .filter(|c| words.iter().any(|w| c.name.contains(w)))
+            .flat_map(|c| c.after.iter().cloned().chain([c.name.clone()]))
+            .collect();
+        cases.retain(|c| wanted.contains(&c.name));
+        println!("KILN_EQUIV_CASES: running {} case(s) only", cases.len());
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    let registries_conf = work.path().join("registries.conf");
+    std::fs::write(
+        &registries_conf,
+        format!(
+            "unqualified-search-registries = [\"docker.io\"]\n[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n[[registry.mirror]]\nlocation = \"{}\"\ninsecure = true\n",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let kiln = Kiln { root: work.path().join("kiln-root"), registry: registry.addr.clone(), work: work.path().to_path_buf() };
+    let buildah = Buildah {
+        root: work.path().join("buildah-root"),
+        runroot: work.path().join("buildah-run"),
+        registries_conf,
+        work: work.path().to_path_buf(),
+    };
+
+    // The two builders run side by side, each through its cases in order.
+    let started = std::time::Instant::now();
+    let (kiln_results, buildah_results) = std::thread::scope(|s| {
+        let b = s.spawn(|| build_all(&cases, |c| buildah.build(c)));
+        let k = build_all(&cases, |c| kiln.build(c));
+        (k, b.join().unwrap())
+    });
+    eprintln!("built {} cases with both builders in {:.1}s", cases.len(), started.elapsed().as_secs_f64());
+
+    let mut matched = 0;
+    let mut failures = Vec::new();
+    let mut known = Vec::new();
+    let mut ignored: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for case in &cases {
+        let mut problems = Vec::new();
+        match (&kiln_results[&case.name], &buildah_results[&case.name]) {
+            (Ok(k), Ok(b)) => {
+                problems.extend(diff_trees(case, &k.tree, &b.tree, &mut ignored));
+                problems.extend(diff_configs(&k.config, &b.config));
+                for secret in &case.secret_values {
+                    for (i, bytes) in k.scan.iter().enumerate() {
+                        if contains(bytes, secret) {
+                            problems.push(format!("  secret value found in kiln output #{i} (blob, layer or inspect JSON)"));
+                        }
+                    }
+                }
+            }
+            (k, b) => {
+                if let Err(e) = k {
+                    problems.push(format!("  kiln: {e}"));
+                }
+                if let Err(e) = b {
+                    problems.push(format!("  buildah (test setup problem, not kiln's): {e}"));
+                }
+            }
+        }
+        let known_reason = KNOWN_FAILURES.iter().find(|(n, _)| *n == case.name).map(|(_, r)| *r);
+        if problems.is_empty() {
+            matched += 1;
+            println!("case {}: match{}", case.name, if known_reason.is_some() { " (listed in KNOWN_FAILURES: remove it)" } else { "" });
+        } else if let Some(reason) = known_reason {
+            println!("case {}: KNOWN FAILURE ({reason})\n{}", case.name, problems.join("\n"));
+            known.push(case.name.clone());
+        } else {
+            println!("case {}: DIFFERS\n{}", case.name, problems.join("\n"));
+            failures.push(case.name.clone());
+        }
+    }
+    for rule in IGNORES {
+        println!("ignored {} difference(s) by rule {:?}: {}", ignored.get(rule.name).unwrap_or(&0), rule.name, rule.why);
+    }
+    println!("equivalence: {matched}/{} cases match", cases.len());
+    if !known.is_empty() {
+        println!("known failures (not counted against the test): {}", known.join(", "));
+    }
+    assert!(failures.is_empty(), "cases differing from buildah: {}", failures.join(", "));
+}
