@@ -238,16 +238,21 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
                     reference: pushed.reference,
                     manifest_digest: pushed.manifest_digest,
                     blobs_uploaded: pushed.blobs_uploaded,
+                    blobs_mounted: pushed.blobs_mounted,
                     blobs_skipped: pushed.blobs_skipped,
                 })
             );
             Ok(0)
         }
         Command::Run(args) => run_remote(client, args).await,
+        Command::Build(args) => build_remote(client, args).await,
         Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
         Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
-        Command::Import(_) | Command::Load(_) | Command::Save(_) | Command::Du(_) | Command::Prune(_) => {
-            bail!("kiln import/load/save/du/prune: not available through --host yet; run it on the daemon's machine without --host")
+        Command::Build(_) | Command::Du(_) | Command::Prune(_) => {
+            bail!("kiln build/du/prune: not available through --host yet; run them without --host on the daemon's machine")
+        }
+        Command::Import(_) | Command::Load(_) | Command::Save(_) => {
+            bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
         }
     }
 }
@@ -307,4 +312,105 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         }
     }
     bail!("the daemon closed the connection before the container exited")
+}
+
+/// `kiln build` through the daemon: send the context's file list, upload
+/// only the contents the daemon lacks, then stream the build's progress
+/// into the same renderer the embedded build uses.
+async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::Result<i32> {
+    use crate::daemon::build::{BuildLine, BuildOptions};
+    use crate::daemon::context;
+    anyhow::ensure!(args.output.is_none(), "kiln build -o: outputs other than the daemon's image store are not available through --host yet");
+    let build_args = commands::build::key_values("--build-arg", &args.build_args, true)?;
+    let labels = commands::build::key_values("--label", &args.labels, false)?;
+    let secrets = commands::build::read_secrets(&args.secret)?
+        .into_iter()
+        .map(|(id, v)| (id, base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect();
+    let (dir, dockerfile, dockerfile_name, _tmp) = commands::build::prepare_context(&args.context, args.file.as_deref())?;
+    let dockerfile = String::from_utf8(dockerfile).map_err(|_| anyhow::anyhow!("Dockerfile {dockerfile_name}: not UTF-8 text"))?;
+    let dockerignore = commands::build::read_dockerignore(&dir, &dockerfile_name);
+    let matcher = match &dockerignore {
+        Some(text) => Some(
+            kiln_frontend::dockerignore::Matcher::new(&kiln_frontend::dockerignore::parse(text))
+                .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?,
+        ),
+        None => None,
+    };
+    let keep = vec![".dockerignore".to_string(), dockerfile_name.clone()];
+    let scan_dir = dir.clone();
+    let entries = tokio::task::spawn_blocking(move || context::scan(&scan_dir, matcher.as_ref(), &keep)).await??;
+    let digests: Vec<String> = entries.iter().filter_map(|e| e.digest.clone()).collect();
+    let missing: serde_json::Value = client
+        .json(Method::POST, "/v1/build/context/missing", Some(&crate::daemon::api::MissingRequest { digests }))
+        .await?;
+    let wanted: std::collections::HashSet<String> =
+        missing["missing"].as_array().into_iter().flatten().filter_map(|d| d.as_str().map(str::to_string)).collect();
+    if !wanted.is_empty() {
+        let (tar_dir, tar_entries) = (dir.clone(), entries.clone());
+        let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
+        let response = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
+        check(response).await?;
+    }
+    let options = BuildOptions {
+        context: entries,
+        dockerfile,
+        dockerfile_name: Some(dockerfile_name),
+        dockerignore,
+        tags: args.tags.clone(),
+        build_args,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        pull: args.pull,
+        labels,
+        network: Some(args.network.clone()),
+        platform: args.platform.clone(),
+        secrets,
+        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+    };
+    let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
+    let mut body = check(response).await?.into_body();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
+    let mut pending = Vec::new();
+    let mut outcome: Option<Result<Option<String>, String>> = None;
+    'read: while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the build's progress from the daemon")?;
+        let Some(data) = frame.data_ref() else { continue };
+        pending.extend_from_slice(data);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            match serde_json::from_slice::<BuildLine>(&line).context("the daemon sent a malformed build line")? {
+                BuildLine::Event(e) => {
+                    let _ = tx.send(e);
+                }
+                BuildLine::Result { image_id } => {
+                    outcome = Some(Ok(image_id));
+                    break 'read;
+                }
+                BuildLine::Error(message) => {
+                    outcome = Some(Err(message));
+                    break 'read;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = renderer.await;
+    match outcome {
+        Some(Ok(image_id)) => {
+            if let Some(id) = image_id {
+                if let Some(path) = &args.iidfile {
+                    std::fs::write(path, &id).with_context(|| format!("writing {}", path.display()))?;
+                }
+                eprintln!("writing image {id} done");
+                for t in &args.tags {
+                    eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
+                }
+            }
+            Ok(0)
+        }
+        Some(Err(message)) => bail!("{message}"),
+        None => bail!("the daemon closed the connection before the build finished"),
+    }
 }

@@ -17,7 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod executor;
 pub mod image_source;
-pub mod registry;
 pub mod progress;
+pub mod registry;
 pub mod runtime;
 pub mod unpack;

@@ -26,6 +26,7 @@ pub mod events;
 mod exec;
 pub mod fileop;
 pub mod gc;
+mod http;
 pub mod pattern;
 pub mod solver;
 pub mod tree;

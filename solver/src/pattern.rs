@@ -6,59 +6,63 @@
 //! number of directories, `!pattern` re-includes, the last matching pattern
 //! wins, and a pattern that matches a directory matches everything under it.
 //!
-//! (Minimal matcher kept separate on purpose: replace it with the
-//! frontend's once that lands.)
+//! Exclusion itself is the frontend's `.dockerignore` matcher; this module
+//! adds what a walker needs (may an exception re-include something below
+//! an excluded directory?) and the component globs of COPY sources.
 
 use regex::Regex;
 
 /// An ordered list of include/exclude patterns.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Matcher {
-    patterns: Vec<(Regex, bool)>,
+    /// The frontend's `.dockerignore` matcher decides what is excluded.
+    rules: Option<std::sync::Arc<kiln_frontend::dockerignore::Matcher>>,
     /// The `!` patterns, cleaned, split into components.
     exceptions: Vec<Vec<String>>,
-    has_exceptions: bool,
+}
+
+impl std::fmt::Debug for Matcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matcher").field("exceptions", &self.exceptions).finish_non_exhaustive()
+    }
 }
 
 impl Matcher {
     /// Compile `patterns` (`.dockerignore` lines, `!` for exceptions).
     pub fn new(patterns: &[String]) -> anyhow::Result<Matcher> {
-        let mut out = Vec::new();
+        let mut kept = Vec::new();
         let mut exceptions = Vec::new();
-        let mut has_exceptions = false;
         for raw in patterns {
             let raw = raw.trim();
             if raw.is_empty() || raw.starts_with('#') {
                 continue;
             }
-            let (negated, pat) = match raw.strip_prefix('!') {
-                Some(rest) => (true, rest.trim()),
-                None => (false, raw),
-            };
-            has_exceptions |= negated;
-            let cleaned = clean(pat);
-            if cleaned.is_empty() {
-                continue;
+            if let Some(rest) = raw.strip_prefix('!') {
+                let cleaned = clean(rest.trim());
+                if !cleaned.is_empty() {
+                    exceptions.push(cleaned.split('/').map(String::from).collect());
+                }
             }
-            let re = glob_to_regex(&cleaned, true)
-                .map_err(|e| anyhow::anyhow!("invalid pattern {raw:?}: {e}"))?;
-            if negated {
-                exceptions.push(cleaned.split('/').map(String::from).collect());
-            }
-            out.push((re, negated));
+            kept.push(raw.to_string());
         }
-        Ok(Matcher { patterns: out, exceptions, has_exceptions })
+        if kept.is_empty() {
+            return Ok(Matcher::default());
+        }
+        // Normalized exactly as the frontend reads an ignore file.
+        let kept = kiln_frontend::dockerignore::parse(&kept.join("\n"));
+        let rules = kiln_frontend::dockerignore::Matcher::new(&kept).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Matcher { rules: Some(std::sync::Arc::new(rules)), exceptions })
     }
 
     /// Whether no pattern was given.
     pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
+        self.rules.is_none()
     }
 
     /// Whether a `!` exception exists (then excluded directories must still
     /// be walked, since something below may be re-included).
     pub fn has_exceptions(&self) -> bool {
-        self.has_exceptions
+        !self.exceptions.is_empty()
     }
 
     /// Whether an exception could re-include something below excluded
@@ -79,28 +83,8 @@ impl Matcher {
     /// Whether `rel` (a clean `/`-separated path relative to the root) is
     /// excluded.
     pub fn excluded(&self, rel: &str) -> bool {
-        let mut excluded = false;
-        for (re, negated) in &self.patterns {
-            if matches_self_or_parent(re, rel) {
-                excluded = !negated;
-            }
-        }
-        excluded
+        self.rules.as_ref().is_some_and(|r| r.matches(rel))
     }
-}
-
-fn matches_self_or_parent(re: &Regex, rel: &str) -> bool {
-    if re.is_match(rel) {
-        return true;
-    }
-    let mut end = rel.len();
-    while let Some(i) = rel[..end].rfind('/') {
-        if re.is_match(&rel[..i]) {
-            return true;
-        }
-        end = i;
-    }
-    false
 }
 
 /// Clean a pattern path: drop leading `/` and `./`, `.` components, fold

@@ -339,7 +339,46 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             let key = cachekey::image_key(&node.op.definition_digest(), &image.manifest_digest);
             Ok(Arc::new(Computed { key, output: Output::Layers(image.layers.clone()) }))
         }
-        Op::Source(SourceOp::Http { url, .. }) => Err(fail(format!("ADD of a URL ({url}) is not supported yet"))),
+        Op::Source(SourceOp::Http { url, checksum, filename, mode }) => {
+            // Fetched every time (no ETag check yet); the key follows the
+            // content, so an unchanged download keeps everything cached.
+            ctx.events.send(Event::Started { vertex: vertex.clone(), name: name.clone() });
+            let start = Instant::now();
+            let fetch_url = url.clone();
+            let body = tokio::task::spawn_blocking(move || crate::http::fetch(&fetch_url))
+                .await
+                .map_err(|e| fail(format!("download task: {e}")))?
+                .map_err(|e| fail(format!("{e:#}")))?;
+            let digest = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
+            if let Some(want) = checksum {
+                if *want != digest {
+                    return Err(fail(format!("{url}: checksum mismatch: expected {want}, got {digest}")));
+                }
+            }
+            let key = cachekey::content_key(&vertex, &[digest]);
+            let layers = match inner.cached(&key) {
+                Some(layers) => layers,
+                None => {
+                    let id = key.trim_start_matches("sha256:").to_string();
+                    let active = inner.store.snapshots.prepare().map_err(|e| fail(format!("{e:#}")))?;
+                    let file = active.fs().join(filename.trim_start_matches('/'));
+                    let written = std::fs::write(&file, &body).and_then(|()| {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode.unwrap_or(0o600)))
+                    });
+                    if let Err(e) = written {
+                        inner.store.snapshots.abort(active);
+                        return Err(fail(format!("writing {filename}: {e}")));
+                    }
+                    inner.store.snapshots.commit(active, &id, &SnapshotMeta::default()).map_err(|e| fail(format!("{e:#}")))?;
+                    let layers = vec![id];
+                    let _ = inner.remember(&key, &layers);
+                    layers
+                }
+            };
+            ctx.events.send(Event::Done { vertex, name, seconds: start.elapsed().as_secs_f64() });
+            Ok(Arc::new(Computed { key, output: Output::Layers(layers) }))
+        }
         Op::Source(SourceOp::Git { remote, .. }) => Err(fail(format!("git sources ({remote}) are not supported yet"))),
         Op::Merge(_) => {
             let mut layers = Vec::new();

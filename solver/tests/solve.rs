@@ -177,12 +177,13 @@ async fn a_failure_cancels_the_rest_and_names_the_op() {
     let mut g = Graph::default();
     let s = g.scratch();
     let slow = g.run(s, "sleep 3000 ; write /slow 1", 2);
-    let bad = g.run(s, "echo compiling ; echo error: boom ; fail 2", 7);
+    // The failing op waits a little so the slow one is surely running.
+    let bad = g.run(s, "sleep 200 ; echo compiling ; echo error: boom ; fail 2", 7);
     g.merge(vec![slow, bad]);
     let t = Instant::now();
     let err = h.solver.solve(request(g.def, None)).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_millis(1500), "did not cancel: {:?}", t.elapsed());
-    assert_eq!(err.op, "RUN echo compiling ; echo error: boom ; fail 2");
+    assert_eq!(err.op, "RUN sleep 200 ; echo compiling ; echo error: boom ; fail 2");
     assert_eq!(err.line, Some(7));
     assert_eq!(err.log_tail, ["compiling", "error: boom"]);
     assert!(err.message.contains("exit code: 2"), "{}", err.message);
@@ -190,7 +191,7 @@ async fn a_failure_cancels_the_rest_and_names_the_op() {
     assert!(shown.contains("line 7") && shown.contains("error: boom"), "{shown}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let runs = h.exec.runs.lock().unwrap().clone();
-    let slow_run = runs.iter().find(|r| r.req.args[0] == "sleep").expect("slow op started");
+    let slow_run = runs.iter().find(|r| r.req.args[1] == "3000").expect("slow op started");
     assert!(slow_run.end.is_none(), "slow op ran to the end after the failure");
 }
 
@@ -321,4 +322,52 @@ async fn prune_removes_unreferenced_then_all() {
     assert_eq!(h.exec.count(), 2, "pruned entries are rebuilt");
     gc::prune(&h.store, &gc::PruneOptions { all: true, keep_bytes: None }).unwrap();
     assert_eq!(gc::usage(&h.store).unwrap(), gc::Usage::default());
+}
+
+/// A loopback HTTP server answering each request with the next body.
+fn http_server(bodies: Vec<&'static str>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for body in bodies {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn add_url_keys_on_content_and_checks_checksums() {
+    use kiln_frontend::graph::{Op, SourceOp};
+    let h = harness();
+    let addr = http_server(vec!["v1", "v1", "v2", "v2"]);
+    let def = |checksum: Option<String>| {
+        let mut g = Graph::default();
+        let s = g.scratch();
+        let src = g.add(
+            Op::Source(SourceOp::Http { url: format!("http://{addr}/tool.sh"), checksum, filename: "tool.sh".into(), mode: None }),
+            vec![],
+            "ADD http",
+            2,
+        );
+        let c = g.copy(s, src, copy(&["/tool.sh"], "/usr/bin/"), 2);
+        g.run(c, "write /ran yes", 3);
+        g.def
+    };
+    let out = h.solver.solve(request(def(None), None)).await.unwrap();
+    assert_eq!(read_merged(&h, &out.layers, "usr/bin/tool.sh").as_deref(), Some("v1"));
+    h.solver.solve(request(def(None), None)).await.unwrap();
+    assert_eq!(h.exec.count(), 1, "same download: cached");
+    let out = h.solver.solve(request(def(None), None)).await.unwrap();
+    assert_eq!(h.exec.count(), 2, "new content: re-executed");
+    assert_eq!(read_merged(&h, &out.layers, "usr/bin/tool.sh").as_deref(), Some("v2"));
+    let err = h.solver.solve(request(def(Some("sha256:0000".into())), None)).await.unwrap_err();
+    assert!(err.message.contains("checksum mismatch"), "{}", err.message);
 }

@@ -1,6 +1,7 @@
 //! One module per `kiln` subcommand. Each has an `Args` struct (clap) and a
 //! `run(&Global, Args) -> anyhow::Result<i32>` returning the exit code.
 
+pub mod build;
 pub mod debug;
 pub mod images;
 pub mod import;
@@ -25,6 +26,8 @@ pub enum Command {
     /// Developer tools (e.g. `kiln debug parse`).
     #[command(subcommand)]
     Debug(debug::DebugCommand),
+    /// Build an image from a Dockerfile.
+    Build(build::Args),
     /// Pull an image from a registry.
     Pull(pull::Args),
     /// Push an image to a registry.
@@ -66,6 +69,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
     }
     match command {
         Command::Debug(c) => debug::run(global, c),
+        Command::Build(a) => build::run(global, a),
         Command::Pull(a) => pull::run(global, a),
         Command::Push(a) => push::run(global, a),
         Command::Images(a) => images::run(global, a),

@@ -13,7 +13,9 @@ use serde_json::json;
 
 use super::State;
 use super::containers::{RunRequest, container_spec, run_streamed};
-use super::web::{ApiError, ApiResult, Query, json_response, ok_json, read_json, streaming};
+use super::build::{BuildLine, BuildOptions};
+use super::context;
+use super::web::{ApiError, ApiResult, MAX_UPLOAD_BODY, Query, json_response, ok_json, read_body, read_json, streaming};
 use crate::commands;
 use crate::registry::manifest::parse_platform;
 use crate::runtime::LogStream;
@@ -54,8 +56,19 @@ pub struct PushResult {
     pub manifest_digest: String,
     /// Blobs uploaded.
     pub blobs_uploaded: usize,
+    /// Blobs mounted from another repository of the registry.
+    #[serde(default)]
+    pub blobs_mounted: usize,
     /// Blobs the registry already had.
     pub blobs_skipped: usize,
+}
+
+/// `POST /v1/build/context/missing` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingRequest {
+    /// `sha256:` digests of the context's files.
+    pub digests: Vec<String>,
 }
 
 /// `POST /v1/images/{name}/tag` body.
@@ -80,6 +93,9 @@ pub enum RunEvent {
     Error(String),
 }
 
+/// The largest `/v1/build` request (the context's file list is in it).
+pub const MAX_BUILD_REQUEST: usize = 64 << 20;
+
 /// Dispatch `/v1/<rest>`.
 pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> ApiResult {
     let method = req.method().clone();
@@ -101,6 +117,22 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
             ok_json(&blocking(move || store.images.list()).await?)
         }
         (&Method::POST, "images/pull") => pull(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "build/context/missing") => {
+            let body: MissingRequest = read_json(req.into_body()).await?;
+            let store = state.store.clone();
+            let missing = blocking(move || Ok(context::missing(&store, &body.digests))).await??;
+            ok_json(&json!({ "missing": missing }))
+        }
+        (&Method::POST, "build/context/blobs") => {
+            let bytes = read_body(req.into_body(), MAX_UPLOAD_BODY).await?;
+            let store = state.store.clone();
+            let stored = blocking(move || Ok(context::store_blobs(&store, &bytes[..]))).await??;
+            ok_json(&json!({ "stored": stored }))
+        }
+        (&Method::POST, "build") => {
+            let bytes = read_body(req.into_body(), MAX_BUILD_REQUEST).await?;
+            build(state, super::web::parse_json(&bytes)?).await
+        }
         (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
         (_, path) if path.starts_with("images/") => {
             let name = &path["images/".len()..];
@@ -172,6 +204,7 @@ async fn push(state: Arc<State>, name: &str) -> ApiResult {
         reference: pushed.reference,
         manifest_digest: pushed.manifest_digest,
         blobs_uploaded: pushed.blobs_uploaded,
+        blobs_mounted: pushed.blobs_mounted,
         blobs_skipped: pushed.blobs_skipped,
     })
 }
@@ -217,6 +250,42 @@ async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
             Err(e) => RunEvent::Error(format!("{e:#}")),
         };
         lines.send(&last).await;
+    });
+    Ok(response)
+}
+
+/// Lay out the context, then build, streaming [`BuildLine`]s. A client that
+/// goes away cancels its own build only.
+async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
+    context::validate(&opts.context)?;
+    let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let (store, entries, path) = (state.store.clone(), opts.context.clone(), dir.path().to_path_buf());
+    blocking(move || Ok(context::materialize(&store, &entries, &path))).await??;
+    let (response, mut lines) = streaming("application/x-ndjson");
+    tokio::spawn(async move {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let gone = lines.clone();
+        let path = dir.path().to_path_buf();
+        let work = super::build::run_build(&state, opts, path, tx);
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                Some(event) = events.recv() => { lines.send(&BuildLine::Event(event)).await; }
+                r = &mut work => break Some(r),
+                _ = gone.closed() => { tracing::info!("build: client went away, cancelling its build"); break None; }
+                _ = state.cancelled() => break Some(Err(anyhow::anyhow!("the daemon is shutting down: build cancelled"))),
+            }
+        };
+        let Some(result) = result else { return };
+        while let Ok(event) = events.try_recv() {
+            lines.send(&BuildLine::Event(event)).await;
+        }
+        let last = match result {
+            Ok(image_id) => BuildLine::Result { image_id },
+            Err(e) => BuildLine::Error(format!("{e:#}")),
+        };
+        lines.send(&last).await;
+        drop(dir);
     });
     Ok(response)
 }

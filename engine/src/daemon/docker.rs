@@ -69,6 +69,10 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, full_path: &str) -
         (&Method::GET, "/info") => info(&state).await,
         (&Method::GET, "/images/json") => images_list(&state).await,
         (&Method::POST, "/images/create") => images_create(state, &query).await,
+        (&Method::POST, "/build") => {
+            let body = read_body(req.into_body(), super::web::MAX_UPLOAD_BODY).await?;
+            build(state, &query, body).await
+        }
         (&Method::POST, "/containers/create") => {
             let body = read_body(req.into_body(), MAX_JSON_BODY).await?;
             containers_create(&state, &query, parse_json(&body)?).await
@@ -514,6 +518,107 @@ fn inspect_container(c: &Container) -> Value {
         },
         "HostConfig": { "AutoRemove": c.auto_remove },
     })
+}
+
+/// A JSON object of strings in a query parameter (`buildargs`, `labels`);
+/// `null` values (docker's "take it from the environment") are skipped.
+fn json_map(query: &Query, key: &str) -> Result<std::collections::BTreeMap<String, String>, ApiError> {
+    let Some(text) = query.get(key).filter(|t| !t.is_empty() && *t != "null") else { return Ok(Default::default()) };
+    let map: std::collections::BTreeMap<String, Option<String>> = parse_json(text.as_bytes())
+        .map_err(|e| ApiError::bad_request(format!("query parameter {key}: {}", e.message)))?;
+    Ok(map.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+}
+
+/// `POST /build`: the classic builder endpoint. The body is the context as
+/// a tar (plain or gzip); progress goes out as `{"stream": ...}` lines, the
+/// image ID as `{"aux": {"ID": ...}}`.
+async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResult {
+    if query.get("remote").is_some_and(|r| !r.is_empty()) {
+        return Err(ApiError::bad_request("build: remote contexts are not supported; send the context as a tar"));
+    }
+    let dockerfile_name = query.get("dockerfile").filter(|d| !d.is_empty()).unwrap_or("Dockerfile").to_string();
+    let rel = super::context::safe_relative(&dockerfile_name).map_err(|m| ApiError::bad_request(format!("build: dockerfile: {m}")))?;
+    let tags: Vec<String> = query.all("t").into_iter().filter(|t| !t.is_empty()).map(str::to_string).collect();
+    for t in &tags {
+        kiln_cache::images::normalize_reference(t).map_err(|e| ApiError::bad_request(format!("build: invalid tag {t:?}: {e:#}")))?;
+    }
+    let opts = super::build::BuildOptions {
+        context: Vec::new(),
+        dockerfile: String::new(),
+        dockerfile_name: Some(dockerfile_name.clone()),
+        dockerignore: None,
+        tags: tags.clone(),
+        build_args: json_map(query, "buildargs")?,
+        target: query.get("target").filter(|t| !t.is_empty()).map(str::to_string),
+        no_cache: query.flag("nocache"),
+        pull: query.flag("pull"),
+        labels: json_map(query, "labels")?,
+        network: query.get("networkmode").filter(|n| !n.is_empty() && *n != "default").map(str::to_string),
+        platform: query.get("platform").filter(|p| !p.is_empty()).map(str::to_string),
+        secrets: Default::default(),
+        source_date_epoch: None,
+    };
+    let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let path = dir.path().to_path_buf();
+    let prepared = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let mut opts = opts;
+        super::context::unpack_tar(&body, &path)?;
+        let file = path.join(&rel);
+        let text = std::fs::read(&file)
+            .map_err(|e| ApiError::bad_request(format!("build: cannot read {} in the context: {e}", rel.display())))?;
+        opts.dockerfile =
+            String::from_utf8(text).map_err(|_| ApiError::bad_request(format!("build: {} is not UTF-8", rel.display())))?;
+        opts.dockerignore = crate::commands::build::read_dockerignore(&path, &file.to_string_lossy());
+        Ok((opts, dir))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?;
+    let (opts, dir) = prepared?;
+    let (response, mut lines) = streaming("application/json");
+    tokio::spawn(async move {
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let mut plain = crate::progress::Plain::new();
+        let gone = lines.clone();
+        let work = super::build::run_build(&state, opts, dir.path().to_path_buf(), tx);
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                Some(event) = events.recv() => {
+                    for line in plain.lines(&event) {
+                        lines.send(&json!({ "stream": format!("{line}\n") })).await;
+                    }
+                }
+                r = &mut work => break Some(r),
+                _ = gone.closed() => { tracing::info!("docker build: client went away, cancelling its build"); break None; }
+                _ = state.cancelled() => break Some(Err(anyhow::anyhow!("the daemon is shutting down: build cancelled"))),
+            }
+        };
+        let Some(result) = result else { return };
+        while let Ok(event) = events.try_recv() {
+            for line in plain.lines(&event) {
+                lines.send(&json!({ "stream": format!("{line}\n") })).await;
+            }
+        }
+        match result {
+            Ok(Some(id)) => {
+                lines.send(&json!({ "aux": { "ID": id } })).await;
+                let short = id.trim_start_matches("sha256:").get(..12).unwrap_or_default().to_string();
+                lines.send(&json!({ "stream": format!("Successfully built {short}\n") })).await;
+                for t in &tags {
+                    let name = kiln_cache::images::normalize_reference(t).map(|n| familiar_name(&n).to_string()).unwrap_or_else(|_| t.clone());
+                    lines.send(&json!({ "stream": format!("Successfully tagged {name}\n") })).await;
+                }
+            }
+            Ok(None) => {
+                lines.send(&error_line("build: no image was produced")).await;
+            }
+            Err(e) => {
+                lines.send(&error_line(&format!("{e:#}"))).await;
+            }
+        }
+        drop(dir);
+    });
+    Ok(response)
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //! killed) and exits.
 
 pub mod api;
+pub mod build;
 pub mod containers;
+pub mod context;
 pub mod docker;
 pub mod web;
 pub mod tls;
@@ -55,6 +57,8 @@ pub struct State {
     pub runtime: Runtime,
     /// Containers created through the Docker API.
     pub containers: containers::ContainerTable,
+    /// The solver every build shares (one cache, identical steps run once).
+    pub solver: Arc<kiln_solver::Solver>,
     /// The daemon's settings.
     pub global: Global,
     /// Becomes true when running work must be cancelled (drain timed out).
@@ -116,12 +120,16 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("sweeping old containers: {e:#}"),
     }
     let registry = Arc::new(Registry::from_global(global)?);
+    // Contexts of builds a crash interrupted.
+    let _ = std::fs::remove_dir_all(global.root.join("daemon").join("contexts"));
+    let solver = build::shared_solver(store.clone(), registry.clone())?;
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let state = Arc::new(State {
         store,
         registry,
         runtime,
         containers: Default::default(),
+        solver,
         global: global.clone(),
         cancel: cancel_rx,
     });

@@ -15,8 +15,9 @@ pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// The largest JSON request body accepted (1 MiB).
 pub const MAX_JSON_BODY: usize = 1 << 20;
-/// The largest upload (build context, file blobs) accepted (8 GiB).
-pub const MAX_UPLOAD_BODY: usize = 8 << 30;
+/// The largest upload (build context, file blobs) accepted (1 GiB; uploads
+/// are held in memory while they are checked).
+pub const MAX_UPLOAD_BODY: usize = 1 << 30;
 
 /// An error with the HTTP status it maps to. The message is sent to the
 /// client as `{"message": ...}` (the Docker API's error shape, which kiln's
@@ -114,23 +115,31 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Api
     })
 }
 
-/// A parsed query string (`a=1&b=2`, percent-decoded; later keys win).
+/// A parsed query string (`a=1&b=2`, percent-decoded; for [`Query::get`]
+/// later keys win, [`Query::all`] sees every value).
 #[derive(Debug, Default, Clone)]
-pub struct Query(pub BTreeMap<String, String>);
+pub struct Query(pub BTreeMap<String, String>, Vec<(String, String)>);
 
 impl Query {
     /// Parse the query part of a URI.
     pub fn parse(query: Option<&str>) -> Result<Query, ApiError> {
         let mut map = BTreeMap::new();
+        let mut pairs = Vec::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            map.insert(percent_decode(k)?, percent_decode(v)?);
+            let (k, v) = (percent_decode(k)?, percent_decode(v)?);
+            map.insert(k.clone(), v.clone());
+            pairs.push((k, v));
         }
-        Ok(Query(map))
+        Ok(Query(map, pairs))
     }
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
+    }
+    /// Every value of `key`, in order (e.g. repeated `t=`).
+    pub fn all(&self, key: &str) -> Vec<&str> {
+        self.1.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
     }
     /// `key` as a boolean (`1`, `true`, `True` are true; absent is false).
     pub fn flag(&self, key: &str) -> bool {

@@ -124,6 +124,17 @@ impl Daemon {
         Command::new(env!("CARGO_BIN_EXE_kiln")).arg("--host").arg(self.host()).args(args).output().unwrap()
     }
 
+    /// [`Daemon::client`] with `SOURCE_DATE_EPOCH=0`, for comparable image IDs.
+    pub fn client_reproducible(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--host")
+            .arg(self.host())
+            .args(args)
+            .env("SOURCE_DATE_EPOCH", "0")
+            .output()
+            .unwrap()
+    }
+
     /// Raw HTTP/1.0 over the socket: (status, headers, body).
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
         raw_http(&self.socket, method, path, &[], body)

@@ -1,0 +1,158 @@
+//! Builds in the daemon: a context directory laid out by [`super::context`]
+//! plus options goes through the same lowering and [`crate::build::build`]
+//! facade as `kiln build`, with the solver's progress events streamed to
+//! the client. The daemon keeps one [`Solver`] for all builds, so concurrent
+//! builds share the cache and identical steps run once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use kiln_frontend::Platform;
+use kiln_frontend::graph::{NetworkMode, Op};
+use kiln_frontend::lower::{LowerOptions, lower, parse_platform};
+use kiln_solver::{Event, EventSink, ImageSource, Solver};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::State;
+use super::context::ContextEntry;
+use crate::build::{BuildRequest, build};
+use crate::commands::build::{MetaResolver, PullAlways};
+
+/// `POST /v1/build` body: the context's file list plus `kiln build`'s flags.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuildOptions {
+    /// The context (files uploaded before through `/v1/build/context/...`).
+    pub context: Vec<ContextEntry>,
+    /// The Dockerfile's text.
+    pub dockerfile: String,
+    /// Its name, for error messages (default `Dockerfile`).
+    pub dockerfile_name: Option<String>,
+    /// The ignore file's text, if any.
+    pub dockerignore: Option<String>,
+    /// `-t` names.
+    pub tags: Vec<String>,
+    /// `--build-arg`s.
+    pub build_args: BTreeMap<String, String>,
+    /// `--target`.
+    pub target: Option<String>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// `--pull`.
+    pub pull: bool,
+    /// `--label`s.
+    pub labels: BTreeMap<String, String>,
+    /// `--network` of RUN steps: default, none or host.
+    pub network: Option<String>,
+    /// `--platform` (only the daemon's own is supported).
+    pub platform: Option<String>,
+    /// `--secret` values by id, base64.
+    pub secrets: BTreeMap<String, String>,
+    /// `SOURCE_DATE_EPOCH`.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// One line of the `/v1/build` stream.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildLine {
+    /// A solver progress event, as the embedded renderers get it.
+    Event(Event),
+    /// The build succeeded (last line): the image ID, if an image was made.
+    Result {
+        /// `sha256:` of the image config.
+        image_id: Option<String>,
+    },
+    /// The build failed (last line).
+    Error(String),
+}
+
+/// The daemon-wide solver (images from the store, else registries).
+pub fn shared_solver(store: Arc<kiln_cache::Store>, registry: Arc<crate::registry::Registry>) -> anyhow::Result<Arc<Solver>> {
+    let images: Arc<dyn ImageSource> = Arc::new(crate::image_source::StoreImageSource::new(store.clone(), registry));
+    Ok(Arc::new(crate::build::new_solver(store, images)?))
+}
+
+/// Lower and build `opts` on the context at `context_dir`, sending events
+/// to `events`; returns the image ID.
+pub async fn run_build(
+    state: &State,
+    opts: BuildOptions,
+    context_dir: PathBuf,
+    events: mpsc::UnboundedSender<Event>,
+) -> anyhow::Result<Option<String>> {
+    let host = Platform::default();
+    let platform = match &opts.platform {
+        Some(p) if !p.is_empty() => parse_platform(p).map_err(|e| anyhow::anyhow!("platform: {e}"))?,
+        _ => host.clone(),
+    };
+    anyhow::ensure!(platform == host, "platform {platform}: kiln can only build for the host platform ({host})");
+    let network = match opts.network.as_deref().unwrap_or("default") {
+        "default" | "" => NetworkMode::Default,
+        "none" => NetworkMode::None,
+        "host" => NetworkMode::Host,
+        other => anyhow::bail!("network {other:?}: expected default, none or host"),
+    };
+    let mut secrets = HashMap::new();
+    for (id, b64) in &opts.secrets {
+        let value = base64::engine::general_purpose::STANDARD.decode(b64).with_context(|| format!("secret {id}: not base64"))?;
+        secrets.insert(id.clone(), value);
+    }
+    // --pull needs an image source that always asks the registry: a solver of its own.
+    let (solver, images): (Arc<Solver>, Arc<dyn ImageSource>) = if opts.pull {
+        let images: Arc<dyn ImageSource> = Arc::new(PullAlways { store: state.store.clone(), registry: state.registry.clone() });
+        (Arc::new(crate::build::new_solver(state.store.clone(), images.clone())?), images)
+    } else {
+        let images: Arc<dyn ImageSource> =
+            Arc::new(crate::image_source::StoreImageSource::new(state.store.clone(), state.registry.clone()));
+        (state.solver.clone(), images)
+    };
+    let lower_opts = LowerOptions {
+        target: opts.target.clone().filter(|t| !t.is_empty()),
+        build_args: opts.build_args.clone(),
+        target_platform: Some(platform),
+        build_platform: host,
+        dockerignore: opts.dockerignore.clone(),
+        no_cache: opts.no_cache,
+        filename: Some(opts.dockerfile_name.clone().unwrap_or_else(|| "Dockerfile".to_string())),
+    };
+    let resolver = MetaResolver { images, handle: tokio::runtime::Handle::current() };
+    let text = opts.dockerfile.clone().into_bytes();
+    let mut definition = tokio::task::spawn_blocking(move || lower(&text, &lower_opts, &resolver))
+        .await
+        .context("lowering task")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if network != NetworkMode::Default {
+        for node in &mut definition.ops {
+            if let Op::Exec(e) = &mut node.op {
+                if e.network == NetworkMode::Default {
+                    e.network = network;
+                }
+            }
+        }
+    }
+    let request = BuildRequest {
+        definition,
+        locals: HashMap::from([("context".to_string(), context_dir)]),
+        secrets,
+        no_cache: opts.no_cache,
+        labels: opts.labels.clone(),
+        tags: opts.tags.clone(),
+        output: None,
+        iidfile: None,
+        source_date_epoch: opts.source_date_epoch,
+    };
+    let result = build(&solver, request, EventSink(Some(events))).await?;
+    Ok(result.image_id())
+}
+
+/// A fresh directory for one build's context, removed on drop.
+pub fn context_dir(state: &State) -> anyhow::Result<tempfile::TempDir> {
+    let parent = state.store.root().join("daemon").join("contexts");
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    Ok(tempfile::tempdir_in(parent)?)
+}

@@ -1,0 +1,208 @@
+//! `kiln build` through the daemon: context upload, cache, concurrency,
+//! a client killed mid-build, the docker CLI's classic builder.
+
+mod common;
+mod daemon_support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use daemon_support::{Daemon, stderr, stdout};
+
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// The image ID from "writing image sha256:... done".
+fn image_id(err: &str) -> String {
+    err.lines().find_map(|l| l.strip_prefix("writing image ")).and_then(|l| l.strip_suffix(" done")).unwrap_or_else(|| panic!("no image line in:\n{err}")).to_string()
+}
+
+fn blob_uploads(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("path=/v1/build/context/blobs")).count()
+}
+
+#[test]
+fn build_through_the_daemon_uploads_only_what_changed() {
+    let d = Daemon::start(true, &[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        &[
+            ("Dockerfile", "FROM busybox\nRUN echo built > /built\nCOPY . /app\nCMD [\"cat\", \"/built\", \"/app/a.txt\"]\n"),
+            ("a.txt", "hello\n"),
+            ("sub/b.txt", "b\n"),
+            ("ignored.log", "not sent\n"),
+            (".dockerignore", "*.log\n"),
+        ],
+    );
+    let c = ctx.path().to_str().unwrap();
+    let first = d.client_reproducible(&["build", "--progress", "plain", "-t", "app:1", c]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let id1 = image_id(&stderr(&first));
+    assert!(stderr(&first).contains("RUN echo built") && stderr(&first).contains("naming to docker.io/library/app:1"), "{}", stderr(&first));
+    assert_eq!(blob_uploads(&d.log()), 1, "the first build uploads the context");
+
+    // Unchanged: everything cached, no upload, same image.
+    let again = d.client_reproducible(&["build", "--progress", "plain", "-t", "app:1", c]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(image_id(&stderr(&again)), id1);
+    assert!(!stderr(&again).contains(" DONE ") || stderr(&again).matches("CACHED").count() >= 2, "{}", stderr(&again));
+    assert_eq!(blob_uploads(&d.log()), 1, "an unchanged context uploads nothing");
+
+    // Touching a file changes nothing either.
+    let now = std::time::SystemTime::now();
+    std::fs::File::options().write(true).open(ctx.path().join("a.txt")).unwrap().set_modified(now).unwrap();
+    let touched = d.client_reproducible(&["build", "--progress", "plain", c]);
+    assert_eq!(image_id(&stderr(&touched)), id1);
+    assert_eq!(blob_uploads(&d.log()), 1);
+
+    // One changed file: one upload, a new image, the ignored file is not in it.
+    write(ctx.path(), &[("a.txt", "changed\n")]);
+    let changed = d.client_reproducible(&["build", "--progress", "plain", "-t", "app:2", c]);
+    assert!(changed.status.success(), "{}", stderr(&changed));
+    assert_ne!(image_id(&stderr(&changed)), id1);
+    assert_eq!(blob_uploads(&d.log()), 2);
+    let run = d.client(&["run", "--rm", "app:2"]);
+    assert_eq!(stdout(&run), "built\nchanged\n", "{}", stderr(&run));
+    let ls = d.client(&["run", "--rm", "app:2", "ls", "/app"]);
+    assert!(!stdout(&ls).contains("ignored.log") && stdout(&ls).contains("sub"), "{}", stdout(&ls));
+
+    // A failing build: exit code 1 and the error, as embedded.
+    write(ctx.path(), &[("Dockerfile.bad", "FROM busybox\nRUN exit 3\n")]);
+    let bad = d.client_reproducible(&["build", "--progress", "plain", "-f", ctx.path().join("Dockerfile.bad").to_str().unwrap(), c]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("exit code: 3"), "{}", stderr(&bad));
+    let embedded = common::kiln(&tempfile::tempdir().unwrap().path().join("r"), &["build", "--progress", "plain", "--no-cache", "-f", "/nonexistent/Dockerfile", c]);
+    let remote = d.client_reproducible(&["build", "--progress", "plain", "-f", "/nonexistent/Dockerfile", c]);
+    assert_eq!(stderr(&remote), stderr(&embedded));
+    assert_eq!(remote.status.code(), embedded.status.code());
+}
+
+#[test]
+fn concurrent_builds_and_a_client_killed_mid_build() {
+    let d = Daemon::start(true, &[]);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, dir) in dirs.iter().enumerate() {
+        write(dir.path(), &[("Dockerfile", &format!("FROM busybox\nRUN sleep 2 && echo {i} > /n\n"))]);
+    }
+    let started = Instant::now();
+    let children: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args(["--host", &d.host(), "build", "--progress", "plain", "-t", &format!("c:{i}"), dir.path().to_str().unwrap()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let took = started.elapsed();
+    for i in 0..2 {
+        let out = d.client(&["run", "--rm", &format!("c:{i}"), "cat", "/n"]);
+        assert_eq!(stdout(&out), format!("{i}\n"));
+    }
+    assert!(took < Duration::from_secs(12), "two 2 s builds at once took {took:?}");
+
+    // Kill a client while its RUN step sleeps: the daemon stays up and the next build works.
+    let slow = tempfile::tempdir().unwrap();
+    write(slow.path(), &[("Dockerfile", "FROM busybox\nRUN echo start && sleep 20\n")]);
+    let mut victim = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["--host", &d.host(), "build", "--progress", "plain", slow.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let reader = std::io::BufReader::new(victim.stderr.take().unwrap());
+        for line in reader.lines() {
+            if line.unwrap().contains("RUN echo start") {
+                break;
+            }
+        }
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.log().contains("client went away, cancelling its build") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let next = tempfile::tempdir().unwrap();
+    write(next.path(), &[("Dockerfile", "FROM busybox\nRUN echo next > /n\n")]);
+    let out = d.client(&["build", "--progress", "plain", "-t", "next:1", next.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&d.client(&["run", "--rm", "next:1", "cat", "/n"])), "next\n");
+}
+
+#[test]
+fn restart_between_builds_keeps_the_cache() {
+    let mut d = Daemon::start(true, &[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write(ctx.path(), &[("Dockerfile", "FROM busybox\nRUN echo once > /once\n")]);
+    let c = ctx.path().to_str().unwrap();
+    let first = d.client_reproducible(&["build", "--progress", "plain", c]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(d.stop());
+    d.restart(&[]);
+    let second = d.client_reproducible(&["build", "--progress", "plain", c]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert_eq!(image_id(&stderr(&second)), image_id(&stderr(&first)));
+    assert!(stderr(&second).contains("#2 CACHED"), "{}", stderr(&second));
+}
+
+#[test]
+fn docker_build_with_the_classic_builder() {
+    let docker = "/usr/bin/docker";
+    if !Path::new(docker).is_file() {
+        println!("skipped: docker_build_with_the_classic_builder because {docker} is not installed");
+        return;
+    }
+    let d = Daemon::start(true, &[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write(
+        ctx.path(),
+        &[
+            ("Dockerfile", "FROM busybox AS base\nARG WHO=nobody\nRUN echo hello $WHO > /greeting\nFROM base AS final\nCMD [\"cat\", \"/greeting\"]\n"),
+            ("other.Dockerfile", "FROM busybox\nRUN exit 5\n"),
+        ],
+    );
+    let config = d.dir.path().join("docker-config");
+    let run = |args: &[&str]| {
+        Command::new(docker)
+            .args(args)
+            .current_dir(ctx.path())
+            .env("DOCKER_HOST", d.host())
+            .env("DOCKER_CONFIG", &config)
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["build", "-t", "x", "--build-arg", "WHO=kiln", "--label", "team=build", "--target", "final", "."]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("Successfully built ") && stdout(&out).contains("Successfully tagged x:latest"), "{}", stdout(&out));
+    let out = run(&["run", "--rm", "x"]);
+    assert_eq!(stdout(&out), "hello kiln\n", "{}", stderr(&out));
+    let inspect = run(&["image", "inspect", "x"]);
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(v[0]["Config"]["Labels"]["team"], "build", "{v}");
+    let out = run(&["build", "--no-cache", "-q", "-t", "x:2", "--build-arg", "WHO=kiln", "."]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["build", "-f", "other.Dockerfile", "."]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("exit code: 5"), "{}", stderr(&out));
+    let images = run(&["images"]);
+    assert!(stdout(&images).contains("x ") && stdout(&images).contains("latest"), "{}", stdout(&images));
+}
