@@ -113,6 +113,12 @@ pub(crate) async fn run(
                     // A rw bind must not write through to the store or the
                     // context: writes go to a throw-away upper.
                     (HostMountSource::Bind(p), true) if p.is_dir() => HostMountSource::Layers(vec![p]),
+                    // A single file cannot be an overlay: bind a private copy.
+                    (HostMountSource::Bind(p), true) => {
+                        let copy = private_copy(inner, &p, &mut scratch)
+                            .map_err(|e| fail(format!("bind mount at {target}: {e:#}")))?;
+                        HostMountSource::Bind(copy)
+                    }
                     (s, _) => s,
                 };
                 mounts.push(HostMount { target, source, readonly: !readwrite });
@@ -221,6 +227,16 @@ pub(crate) async fn run(
 }
 
 /// What a bind mount of `source` inside `computed` mounts.
+/// A throw-away copy of the file `path` (removed with `scratch`), for a
+/// read-write bind that must not write through to the context or store.
+fn private_copy(inner: &Inner, path: &Path, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
+    let dir = temp_dir(inner, "bind-rw-")?;
+    scratch.0.push(dir.clone());
+    let copy = dir.join("file");
+    std::fs::copy(path, &copy)?;
+    Ok(copy)
+}
+
 fn bind_source(inner: &Inner, computed: &Computed, source: &str, scratch: &mut Scratch) -> anyhow::Result<HostMountSource> {
     let tree = tree_of(inner, computed);
     let rel = tree.resolve(Path::new(source), true)?;

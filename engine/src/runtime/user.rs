@@ -17,7 +17,7 @@ pub struct ResolvedUser {
     pub uid: u32,
     /// Primary group id.
     pub gid: u32,
-    /// Supplementary groups (from `/etc/group` membership).
+    /// Supplementary groups: the primary group, then `/etc/group` memberships.
     pub additional_gids: Vec<u32>,
     /// Home directory from `/etc/passwd` (`/` if unknown), for `HOME`.
     pub home: String,
@@ -80,8 +80,11 @@ pub fn resolve_user(root: BorrowedFd<'_>, spec: &str) -> anyhow::Result<Resolved
                     .with_context(|| format!("/etc/group: bad gid for group {g:?}"))?,
             };
     }
-    let mut additional_gids = Vec::new();
-    // Like docker: an explicit group replaces the supplementary groups.
+    // The primary group is always a supplementary group too, as in docker,
+    // containerd and BuildKit since the fix for CVE-2023-25173 (`id` shows
+    // `groups=GID`).
+    let mut additional_gids = vec![gid];
+    // Like docker: an explicit group replaces the other supplementary groups.
     if group.is_none() {
         if let Some(name) = &name {
             for f in &group_entries {
