@@ -94,7 +94,7 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
     };
     let store = solver.store().clone();
     let epoch = req.source_date_epoch;
-    let built = tokio::task::spawn_blocking(move || export_isolated(&store, &spec, &output, epoch))
+    let built = tokio::task::spawn_blocking(move || kiln_exporter::export(&store, &spec, &output, epoch))
         .await
         .context("export task panicked")?
         .context("exporting the image")?;
@@ -122,21 +122,4 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
 /// that an unchanged rebuild reproduces the image ID as BuildKit does.
 fn newest_layer_time(store: &Store, layers: &[String]) -> Option<i64> {
     layers.iter().filter_map(|id| store.snapshots.meta(id).ok()?.created).max()
-}
-
-/// Export on a rayon pool of its own, with more threads than layers.
-///
-/// Workaround: the exporter's parallel gzip blocks a rayon worker per layer
-/// while waiting for blocks it spawned on the same pool, so on a small
-/// machine (2 cores, 2+ layers) the global pool deadlocks. Until the
-/// exporter stops blocking inside rayon, give it a pool where some thread
-/// is always free.
-fn export_isolated(store: &Store, spec: &ImageSpec, output: &Output, epoch: Option<i64>) -> anyhow::Result<Option<BuiltImage>> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(cores.max(spec.layers.len() + 2))
-        .thread_name(|i| format!("kiln-export-{i}"))
-        .build()
-        .context("starting export threads")?;
-    pool.install(|| kiln_exporter::export(store, spec, output, epoch))
 }

@@ -106,3 +106,53 @@ fn builds_a_dockerfile_with_cache() {
     assert!(failed.stderr.contains("line 2") && failed.stderr.contains("about-to-fail") && failed.stderr.contains("exit code: 4"),
         "{}", failed.stderr);
 }
+
+/// `kiln` with a deadline: a hang fails the test instead of stalling it.
+fn kiln_within(root: &Path, args: &[&str], secs: u64) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let out = rx.recv().unwrap().unwrap();
+            panic!("kiln {args:?} did not finish in {secs}s; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+#[test]
+fn run_as_a_non_root_user_finishes() {
+    if let Some(why) = skip_reason() {
+        println!("skipped: kiln build with USER because {why}");
+        return;
+    }
+    let reg = TestRegistry::with_busybox();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let ctx = tmp.path().join("ctx");
+    copy_dir(&repo_root().join("testdata/user-run"), &ctx);
+    let mirror = format!("docker.io=http://{}", reg.addr);
+    let out = kiln_within(
+        &root,
+        &["--registry-mirror", &mirror, "build", "--progress", "plain", "-t", "user:1", ctx.to_str().unwrap()],
+        240,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "build failed:\n{stderr}");
+    // busybox's /etc/passwd: nobody is 65534.
+    assert_eq!(read_in_image(&root, "user:1", "data/uid.txt").as_deref(), Some("65534\n"));
+    assert!(read_in_image(&root, "user:1", "data/made-by-nobody").is_some(), "{stderr}");
+}

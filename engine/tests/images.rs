@@ -219,3 +219,29 @@ fn kill_9_mid_import_leaves_nothing_the_next_start_keeps() {
     assert!(tree(&ingest).is_empty(), "partial blob removed at the next start");
     assert!(tree(&root.path().join("blobs/sha256")).is_empty());
 }
+
+/// `kiln images | head -1`: stdout closed early must end kiln quietly (as
+/// SIGPIPE ends other CLIs), not with a "broken pipe" panic.
+#[test]
+fn images_into_a_closed_pipe_exits_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (read, write) = nix::unistd::pipe().unwrap();
+    // The reader is gone before kiln writes anything: every write is EPIPE.
+    drop(read);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(tmp.path().join("root"))
+        .arg("images")
+        .stdout(std::process::Stdio::from(write))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "kiln panicked on a closed pipe:\n{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "unexpected status {:?}:\n{stderr}",
+        out.status
+    );
+}
