@@ -98,16 +98,19 @@ find "$layer" -type f -exec cat {} + >/dev/null
 
 zstd_level=3
 gzip_level=6
-t_kiln_zstd=$(best "$bench" "$layer" zstd $zstd_level "$work/kiln.zst")
+rm -rf "$work/store-zstd" "$work/store-gzip"
+t_kiln_zstd=$(best "$bench" "$layer" zstd $zstd_level "$work/store-zstd")
 t_ref_zstd=$(best sh -c "zstd -q -T0 -$zstd_level -c '$work/layer.tar' > '$work/ref.zst'")
-t_kiln_gzip=$(best "$bench" "$layer" gzip $gzip_level "$work/kiln.gz")
+t_kiln_gzip=$(best "$bench" "$layer" gzip $gzip_level "$work/store-gzip")
 t_ref_gzip=$(best sh -c "pigz -$gzip_level -c '$work/layer.tar' > '$work/ref.gz'")
 
-# The blobs decompress to the very same tar.
-cmp <(zstd -dc "$work/kiln.zst") "$work/layer.tar"
-cmp <(gzip -dc "$work/kiln.gz") "$work/layer.tar"
+# kiln's blobs (the only blob in each store) decompress to the very same tar.
+ln -sf "$(find "$work/store-zstd/blobs/sha256" -type f | head -1)" "$work/kiln.zst"
+ln -sf "$(find "$work/store-gzip/blobs/sha256" -type f | head -1)" "$work/kiln.gz"
+cmp <(zstd -dc < "$work/kiln.zst") "$work/layer.tar"
+cmp <(gzip -dc < "$work/kiln.gz") "$work/layer.tar"
 
-size() { stat -c %s "$1"; }
+size() { stat -L -c %s "$1"; }
 printf '%-28s %8s %10s %8s\n' "contender" "secs" "MB/s" "ratio"
 row() { printf '%-28s %8.2f %10s %8.3f\n' "$1" "$2" "$(mbps "$2")" "$(echo "$(size "$3") / $tar_bytes" | bc -l)"; }
 row "kiln zstd -$zstd_level (tar+hash)" "$t_kiln_zstd" "$work/kiln.zst"

@@ -59,9 +59,7 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 
 /// Check that `digest` is `sha256:<64 lowercase hex>`; returns the hex part.
 pub fn digest_hex(digest: &str) -> Result<&str, ContentError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| ContentError::InvalidDigest(digest.to_string()))?;
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| ContentError::InvalidDigest(digest.to_string()))?;
     if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(ContentError::InvalidDigest(digest.to_string()));
     }
@@ -223,10 +221,10 @@ impl ContentStore {
             let Ok(file) = OpenOptions::new().read(true).write(true).open(&path) else {
                 continue; // committed or removed meanwhile
             };
-            if let Some(_lock) = FileLock::try_exclusive_file(file, &path)? {
-                if std::fs::remove_file(&path).is_ok() {
-                    removed += 1;
-                }
+            if let Some(_lock) = FileLock::try_exclusive_file(file, &path)?
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -273,10 +271,10 @@ impl Writer {
                 return Err(ContentError::DigestMismatch { expected: expected.to_string(), actual });
             }
         }
-        if let Some(expected) = expected_size {
-            if expected != self.written {
-                return Err(ContentError::SizeMismatch { digest: actual, expected, actual: self.written });
-            }
+        if let Some(expected) = expected_size
+            && expected != self.written
+        {
+            return Err(ContentError::SizeMismatch { digest: actual, expected, actual: self.written });
         }
         let file = self.file.take().expect("writer used after commit");
         let file = file.into_inner().map_err(|e| e.into_error())?;

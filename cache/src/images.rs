@@ -115,10 +115,10 @@ impl ImageStore {
     /// `sha256:` optional), as `docker` does.
     pub fn resolve(&self, query: &str) -> anyhow::Result<ImageRecord> {
         let index = self.load()?;
-        if let Ok(name) = normalize_reference(query) {
-            if let Some(record) = index.images.get(&name) {
-                return Ok(record.clone());
-            }
+        if let Ok(name) = normalize_reference(query)
+            && let Some(record) = index.images.get(&name)
+        {
+            return Ok(record.clone());
         }
         let hex = query.strip_prefix("sha256:").unwrap_or(query);
         let is_prefix = hex.len() >= 4 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
@@ -147,10 +147,10 @@ impl ImageStore {
             }
         }
         // `name@sha256:...` of an image we hold under another name.
-        if let Some((_, digest)) = query.rsplit_once('@') {
-            if let Some(record) = index.images.values().find(|r| r.target.digest == digest) {
-                return Ok(record.clone());
-            }
+        if let Some((_, digest)) = query.rsplit_once('@')
+            && let Some(record) = index.images.values().find(|r| r.target.digest == digest)
+        {
+            return Ok(record.clone());
         }
         Err(ImageError::NotFound(query.to_string()).into())
     }
@@ -182,8 +182,7 @@ impl ImageStore {
     fn describe(&self, name: &str, target: &Descriptor) -> anyhow::Result<ImageRecord> {
         let bad = |reason: String| ImageError::BadManifest { digest: target.digest.clone(), reason };
         let bytes = self.content.read(&target.digest)?;
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let manifest: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
         let config = manifest.get("config").ok_or_else(|| bad("no `config` (an index?)".into()))?;
         let config_digest = config
             .get("digest")

@@ -94,10 +94,10 @@ impl Snapshotter {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "lock") {
                 // A lock whose directory is gone (its owner died in between).
-                if !path.with_extension("").exists() {
-                    if let Some(_lock) = FileLock::try_exclusive(&path)? {
-                        let _ = std::fs::remove_file(&path);
-                    }
+                if !path.with_extension("").exists()
+                    && let Some(_lock) = FileLock::try_exclusive(&path)?
+                {
+                    let _ = std::fs::remove_file(&path);
                 }
                 continue;
             }

@@ -35,8 +35,8 @@ impl ImageSource for StoreImageSource {
     async fn resolve(&self, reference: &str, platform: &Platform) -> anyhow::Result<ResolvedImage> {
         let store = self.store.clone();
         let (reference_owned, platform_owned) = (reference.to_string(), platform.clone());
-        let local =
-            tokio::task::spawn_blocking(move || resolve_local(&store, &reference_owned, Some(&platform_owned))).await??;
+        let local = tokio::task::spawn_blocking(move || resolve_local(&store, &reference_owned, Some(&platform_owned)))
+            .await??;
         if let Some(image) = local {
             return Ok(image);
         }
@@ -49,17 +49,21 @@ impl ImageSource for StoreImageSource {
 /// prefix), with every layer unpacked; `None` if there is no such image or
 /// (with `platform`) it is for another platform. Blocking: call it from
 /// `spawn_blocking` in async code.
-pub fn resolve_local(store: &Store, reference: &str, platform: Option<&Platform>) -> anyhow::Result<Option<ResolvedImage>> {
+pub fn resolve_local(
+    store: &Store,
+    reference: &str,
+    platform: Option<&Platform>,
+) -> anyhow::Result<Option<ResolvedImage>> {
     let record = match store.images.resolve(reference) {
         Ok(r) => r,
         Err(e) if matches!(e.downcast_ref(), Some(kiln_cache::images::ImageError::NotFound(_))) => return Ok(None),
         Err(e) => return Err(e),
     };
     let image = open_image(store, &record)?;
-    if let Some(p) = platform {
-        if !image.matches(p) {
-            return Ok(None);
-        }
+    if let Some(p) = platform
+        && !image.matches(p)
+    {
+        return Ok(None);
     }
     let layers = image.unpack_layers(store)?;
     Ok(Some(ResolvedImage { manifest_digest: record.target.digest.clone(), config: image.config, layers }))
@@ -134,9 +138,7 @@ pub fn open_image(store: &Store, record: &ImageRecord) -> anyhow::Result<LocalIm
         layers.len(),
         diff_ids.len()
     );
-    let layers = layers
-        .into_iter()
-        .map(|l| BlobRecord { media_type: l.media_type, digest: l.digest, size: l.size })
-        .collect();
+    let layers =
+        layers.into_iter().map(|l| BlobRecord { media_type: l.media_type, digest: l.digest, size: l.size }).collect();
     Ok(LocalImage { config: config_bytes, config_json, layers, diff_ids })
 }

@@ -167,7 +167,8 @@ fn apply_entry<R: Read>(
 ) -> Result<Option<DeferredDirTimes>, UnpackError> {
     let raw_path = entry.path_bytes().into_owned();
     let name_for_errors = String::from_utf8_lossy(&raw_path).into_owned();
-    let unsafe_entry = |reason: &str| UnpackError::Unsafe { entry: name_for_errors.clone(), reason: reason.to_string() };
+    let unsafe_entry =
+        |reason: &str| UnpackError::Unsafe { entry: name_for_errors.clone(), reason: reason.to_string() };
     let io_err = |source: std::io::Error| UnpackError::Io { entry: name_for_errors.clone(), source };
 
     let components = split_path(&raw_path).map_err(unsafe_entry)?;
@@ -192,10 +193,10 @@ fn apply_entry<R: Read>(
                 uid = parse_pax_number(ext.value_bytes()).unwrap_or(uid);
             } else if key == "gid" {
                 gid = parse_pax_number(ext.value_bytes()).unwrap_or(gid);
-            } else if key == "mtime" {
-                if let Some(t) = parse_pax_time(ext.value_bytes()) {
-                    times = t;
-                }
+            } else if key == "mtime"
+                && let Some(t) = parse_pax_time(ext.value_bytes())
+            {
+                times = t;
             }
         }
     }
@@ -296,7 +297,15 @@ fn apply_entry<R: Read>(
             tracing::warn!(entry = %name_for_errors, xattr = %key, "ignoring overlay xattr in layer");
             continue;
         }
-        set_xattr(pfd, Some(name), key, value).map_err(io_err)?;
+        match set_xattr(pfd, Some(name), key, value) {
+            Ok(()) => {}
+            // Some attributes cannot live on some files (user.* on a
+            // symlink) or this filesystem: losing one beats failing the pull.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOTSUP)) => {
+                tracing::warn!(entry = %name_for_errors, xattr = %key, error = %e, "xattr not kept");
+            }
+            Err(e) => return Err(io_err(e)),
+        }
     }
     if is_dir_entry {
         return Ok(Some((components, times)));
@@ -520,7 +529,11 @@ pub fn snapshot_id_for_diff_id(diff_id: &str) -> anyhow::Result<String> {
 /// reused without touching the blob, and a layer that does not hash to it is
 /// an error. Concurrent callers (threads or processes) unpack a layer once:
 /// the others wait on its lock and then find the snapshot.
-pub fn unpack_layer_snapshot(store: &Store, blob: &BlobRecord, expected_diff_id: Option<&str>) -> anyhow::Result<String> {
+pub fn unpack_layer_snapshot(
+    store: &Store,
+    blob: &BlobRecord,
+    expected_diff_id: Option<&str>,
+) -> anyhow::Result<String> {
     let lock_key = match expected_diff_id {
         Some(d) => kiln_cache::content::digest_hex(d)?.to_string(),
         None => kiln_cache::content::digest_hex(&blob.digest)?.to_string(),
@@ -542,11 +555,11 @@ pub fn unpack_layer_snapshot(store: &Store, blob: &BlobRecord, expected_diff_id:
             return Err(anyhow::Error::new(e).context(format!("unpacking layer {}", blob.digest)));
         }
     };
-    if let Some(expected) = expected_diff_id {
-        if expected != summary.diff_id {
-            store.snapshots.abort(active);
-            return Err(UnpackError::DiffIdMismatch { expected: expected.to_string(), actual: summary.diff_id }.into());
-        }
+    if let Some(expected) = expected_diff_id
+        && expected != summary.diff_id
+    {
+        store.snapshots.abort(active);
+        return Err(UnpackError::DiffIdMismatch { expected: expected.to_string(), actual: summary.diff_id }.into());
     }
     let id = snapshot_id_for_diff_id(&summary.diff_id)?;
     if store.snapshots.exists(&id) {

@@ -109,7 +109,8 @@ fn load_oci_layouts_and_docker_archives() {
 
     // The same layout as a tar.
     let layout_tar = work.path().join("layout.tar");
-    let st = std::process::Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&layout_tar).arg(".").status().unwrap();
+    let st =
+        std::process::Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&layout_tar).arg(".").status().unwrap();
     assert!(st.success());
     let root2 = tempfile::tempdir().unwrap();
     kiln_ok(root2.path(), &["load", "-i", layout_tar.to_str().unwrap(), "-t", "bb:tar"]);

@@ -82,7 +82,8 @@ fn push_then_pull_back_by_digest_and_skopeo_agrees() {
     let out = kiln_ok(root.path(), &["--insecure-registry", insecure, "push", &pushed_ref]);
     let digest = busybox_manifest_digest();
     assert!(out.contains(&format!("digest: {digest}")), "{out}");
-    assert!(out.contains("2 blob(s) uploaded, 0 already there"), "{out}");
+    // The blobs came from library/busybox of this registry: mounted, not uploaded.
+    assert!(out.contains("0 blob(s) uploaded, 2 mounted, 0 already there"), "{out}");
 
     // skopeo, not kiln, reads what kiln pushed.
     let inspect = std::process::Command::new("skopeo")
@@ -98,7 +99,24 @@ fn push_then_pull_back_by_digest_and_skopeo_agrees() {
 
     // Pushing again uploads nothing.
     let again = kiln_ok(root.path(), &["--insecure-registry", insecure, "push", &pushed_ref]);
-    assert!(again.contains("0 blob(s) uploaded, 2 already there"), "{again}");
+    assert!(again.contains("0 blob(s) uploaded, 0 mounted, 2 already there"), "{again}");
+
+    // An image the registry has never seen is uploaded, and skopeo reads it.
+    let rootfs = root.path().join("rootfs.tar");
+    std::fs::write(&rootfs, layer_tar("imported")).unwrap();
+    let local_ref = format!("{}/kiln/imported:v1", reg.addr);
+    kiln_ok(root.path(), &["import", rootfs.to_str().unwrap(), &local_ref]);
+    let out = kiln_ok(root.path(), &["--insecure-registry", insecure, "push", &local_ref]);
+    assert!(out.contains("2 blob(s) uploaded, 0 mounted, 0 already there"), "{out}");
+    let inspect = std::process::Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{local_ref}"))
+        .output()
+        .unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let local = kiln_ok(root.path(), &["inspect", &local_ref]);
+    let local: serde_json::Value = serde_json::from_str(&local).unwrap();
+    assert_eq!(sha256(&inspect.stdout), local[0]["Descriptor"]["digest"].as_str().unwrap(), "same manifest bytes");
 
     // A fresh store pulls it back by digest.
     let fresh = tempfile::tempdir().unwrap();
@@ -150,7 +168,8 @@ fn digest_mismatch_is_refused_and_leaves_nothing() {
     // Corrupt the layer in the registry's storage (same length).
     let layout = busybox_layout();
     let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(layout.join("blobs/sha256").join(busybox_manifest_digest().trim_start_matches("sha256:"))).unwrap(),
+        &std::fs::read(layout.join("blobs/sha256").join(busybox_manifest_digest().trim_start_matches("sha256:")))
+            .unwrap(),
     )
     .unwrap();
     let layer = manifest["layers"][0]["digest"].as_str().unwrap().trim_start_matches("sha256:").to_string();
@@ -161,7 +180,8 @@ fn digest_mismatch_is_refused_and_leaves_nothing() {
     std::fs::write(&data, bytes).unwrap();
 
     let root = tempfile::tempdir().unwrap();
-    let err = kiln_err(root.path(), &["--insecure-registry", &reg.addr, "pull", &format!("{}/library/busybox", reg.addr)]);
+    let err =
+        kiln_err(root.path(), &["--insecure-registry", &reg.addr, "pull", &format!("{}/library/busybox", reg.addr)]);
     assert!(err.contains("digest mismatch"), "{err}");
     assert!(!root.path().join("blobs/sha256").join(&layer).exists(), "the corrupt layer must not be stored");
     assert!(tree(&root.path().join("snapshots")).is_empty());
@@ -257,8 +277,10 @@ fn concurrent_pulls_into_one_root() {
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let snapshots: Vec<String> =
-        std::fs::read_dir(root.path().join("snapshots")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let snapshots: Vec<String> = std::fs::read_dir(root.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert_eq!(snapshots.len(), 1, "one shared snapshot: {snapshots:?}");
     assert!(root.path().join("snapshots").join(&snapshots[0]).join("fs/bin/busybox").is_file());
     let blobs = tree(&root.path().join("blobs/sha256"));
@@ -312,7 +334,12 @@ fn docker_manifest_list_platforms_and_layer_compressions() {
             blob.len()
         );
         let manifest_digest = sha256(manifest.as_bytes());
-        reg.put_manifest(repo, &manifest_digest, "application/vnd.docker.distribution.manifest.v2+json", manifest.as_bytes());
+        reg.put_manifest(
+            repo,
+            &manifest_digest,
+            "application/vnd.docker.distribution.manifest.v2+json",
+            manifest.as_bytes(),
+        );
         entries.push(format!(
             r#"{{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#,
             manifest.len()

@@ -189,47 +189,109 @@ fn malicious_corpus(outside: &Path) -> Vec<(&'static str, Vec<u8>, &'static str)
         build(&mut t);
         cases.push((name, t.finish(), entry));
     };
-    add("dotdot file", &|t| { t.file("../leak", b"x"); }, "../leak");
-    add("dotdot in the middle", &|t| { t.file("a/../../leak", b"x"); }, "a/../../leak");
-    add("absolute path", &|t| { t.file(leak, b"x"); }, leak);
+    add(
+        "dotdot file",
+        &|t| {
+            t.file("../leak", b"x");
+        },
+        "../leak",
+    );
+    add(
+        "dotdot in the middle",
+        &|t| {
+            t.file("a/../../leak", b"x");
+        },
+        "a/../../leak",
+    );
+    add(
+        "absolute path",
+        &|t| {
+            t.file(leak, b"x");
+        },
+        leak,
+    );
     add(
         "absolute symlink then write through",
-        &|t| { t.link(tar::EntryType::Symlink, "esc", &out).file("esc/leak", b"x"); },
+        &|t| {
+            t.link(tar::EntryType::Symlink, "esc", &out).file("esc/leak", b"x");
+        },
         "esc/leak",
     );
     add(
         "relative symlink then write through",
-        &|t| { t.dir("d/", 0o755, 0).link(tar::EntryType::Symlink, "d/up", "../../..").file("d/up/leak", b"x"); },
+        &|t| {
+            t.dir("d/", 0o755, 0).link(tar::EntryType::Symlink, "d/up", "../../..").file("d/up/leak", b"x");
+        },
         "d/up/leak",
     );
     add(
         "symlink then directory through it",
-        &|t| { t.link(tar::EntryType::Symlink, "esc", &out).dir("esc/sub/", 0o755, 0); },
+        &|t| {
+            t.link(tar::EntryType::Symlink, "esc", &out).dir("esc/sub/", 0o755, 0);
+        },
         "esc/sub/",
     );
     add(
         "symlink then hardlink through it",
-        &|t| { t.link(tar::EntryType::Symlink, "esc", &out).link(tar::EntryType::Link, "stolen", "esc/canary"); },
+        &|t| {
+            t.link(tar::EntryType::Symlink, "esc", &out).link(tar::EntryType::Link, "stolen", "esc/canary");
+        },
         "stolen",
     );
-    add("hardlink with dotdot", &|t| { t.link(tar::EntryType::Link, "h", "../outside/canary"); }, "h");
-    add("hardlink to absolute path", &|t| { t.link(tar::EntryType::Link, "h", &canary); }, "h");
+    add(
+        "hardlink with dotdot",
+        &|t| {
+            t.link(tar::EntryType::Link, "h", "../outside/canary");
+        },
+        "h",
+    );
+    add(
+        "hardlink to absolute path",
+        &|t| {
+            t.link(tar::EntryType::Link, "h", &canary);
+        },
+        "h",
+    );
     add(
         "symlink then whiteout through it",
-        &|t| { t.link(tar::EntryType::Symlink, "esc", &out).file("esc/.wh.canary", b""); },
+        &|t| {
+            t.link(tar::EntryType::Symlink, "esc", &out).file("esc/.wh.canary", b"");
+        },
         "esc/.wh.canary",
     );
     add(
         "symlink then opaque marker through it",
-        &|t| { t.link(tar::EntryType::Symlink, "esc", &out).file("esc/.wh..wh..opq", b""); },
+        &|t| {
+            t.link(tar::EntryType::Symlink, "esc", &out).file("esc/.wh..wh..opq", b"");
+        },
         "esc/.wh..wh..opq",
     );
-    add("whiteout of dotdot", &|t| { t.file(".wh...", b""); }, ".wh...");
-    add("PAX path with dotdot", &|t| { t.pax(&[("path", b"../leak")]).file("innocent", b"x"); }, "../leak");
-    add("GNU long name with dotdot", &|t| { t.long_name_file("../leak", b"x"); }, "../leak");
+    add(
+        "whiteout of dotdot",
+        &|t| {
+            t.file(".wh...", b"");
+        },
+        ".wh...",
+    );
+    add(
+        "PAX path with dotdot",
+        &|t| {
+            t.pax(&[("path", b"../leak")]).file("innocent", b"x");
+        },
+        "../leak",
+    );
+    add(
+        "GNU long name with dotdot",
+        &|t| {
+            t.long_name_file("../leak", b"x");
+        },
+        "../leak",
+    );
     add(
         "device node through symlink",
-        &|t| { t.link(tar::EntryType::Symlink, "esc", &out).device(tar::EntryType::Char, "esc/null", 1, 3); },
+        &|t| {
+            t.link(tar::EntryType::Symlink, "esc", &out).device(tar::EntryType::Char, "esc/null", 1, 3);
+        },
         "esc/null",
     );
     cases

@@ -152,28 +152,26 @@ impl<'a> LayerWriter<'a> {
             _ => None,
         };
         let wanted = self.options.compression.kind;
-        if clamp.is_none() {
-            if let Some(diff_id) = &meta.diff_id {
-                let usable = |r: &&BlobRecord| {
-                    let kind = CompressionKind::from_media_type(&r.media_type);
-                    kind.is_some() && self.store.content.exists(&r.digest)
-                };
-                let exact = meta.blobs.iter().filter(usable).find(|r| {
-                    CompressionKind::from_media_type(&r.media_type) == Some(wanted)
+        if let (None, Some(diff_id)) = (clamp, &meta.diff_id) {
+            let usable = |r: &&BlobRecord| {
+                let kind = CompressionKind::from_media_type(&r.media_type);
+                kind.is_some() && self.store.content.exists(&r.digest)
+            };
+            let exact = meta.blobs.iter().filter(usable).find(|r| {
+                CompressionKind::from_media_type(&r.media_type) == Some(wanted)
+            });
+            let any = meta.blobs.iter().find(usable);
+            let found = if self.options.force_compression { exact } else { exact.or(any) };
+            if let Some(r) = found {
+                return Ok(LayerBlob {
+                    snapshot: id.to_string(),
+                    compression: CompressionKind::from_media_type(&r.media_type).expect("checked"),
+                    digest: r.digest.clone(),
+                    size: r.size,
+                    diff_id: diff_id.clone(),
+                    empty: diff_id == EMPTY_TAR_DIFF_ID,
+                    reused: true,
                 });
-                let any = meta.blobs.iter().find(usable);
-                let found = if self.options.force_compression { exact } else { exact.or(any) };
-                if let Some(r) = found {
-                    return Ok(LayerBlob {
-                        snapshot: id.to_string(),
-                        compression: CompressionKind::from_media_type(&r.media_type).expect("checked"),
-                        digest: r.digest.clone(),
-                        size: r.size,
-                        diff_id: diff_id.clone(),
-                        empty: diff_id == EMPTY_TAR_DIFF_ID,
-                        reused: true,
-                    });
-                }
             }
         }
         let sink = blob_writer(&self.store.content)?;

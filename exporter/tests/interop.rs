@@ -22,7 +22,7 @@ fn root_or_skip(test: &str) -> bool {
 }
 
 fn manifest_of(store: &Store, built: &kiln_exporter::BuiltImage) -> ImageManifest {
-    ImageManifest::from_reader(&read_blob(&store.content, &built.manifest.digest().to_string()).unwrap()[..]).unwrap()
+    ImageManifest::from_reader(&read_blob(&store.content, built.manifest.digest().as_ref()).unwrap()[..]).unwrap()
 }
 
 #[test]
@@ -41,7 +41,7 @@ fn oci_layout_passes_skopeo_and_umoci_unpacks_the_same_rootfs_as_type_local() {
         // The empty third layer is dropped; its history entry says so.
         let manifest = manifest_of(&store, &built);
         assert_eq!(manifest.layers().len(), 2);
-        let config = ImageConfiguration::from_reader(&read_blob(&store.content, &built.config.digest().to_string()).unwrap()[..]).unwrap();
+        let config = ImageConfiguration::from_reader(&read_blob(&store.content, built.config.digest().as_ref()).unwrap()[..]).unwrap();
         assert_eq!(config.rootfs().diff_ids().len(), 2);
         let empties: Vec<bool> = config.history().as_ref().unwrap().iter().map(|h| h.empty_layer() == Some(true)).collect();
         assert_eq!(empties, [false, true, false, true]);
@@ -80,8 +80,8 @@ fn layer_tars_have_whiteouts_opaque_markers_hardlinks_xattrs_in_sorted_order() {
     let spec = spec(chain(&store));
     let built = export(&store, &spec, &Output::parse("type=image,name=x").unwrap(), None).unwrap().unwrap();
     let manifest = manifest_of(&store, &built);
-    let base = layer_entries(&read_blob(&store.content, &manifest.layers()[0].digest().to_string()).unwrap());
-    let upper = layer_entries(&read_blob(&store.content, &manifest.layers()[1].digest().to_string()).unwrap());
+    let base = layer_entries(&read_blob(&store.content, manifest.layers()[0].digest().as_ref()).unwrap());
+    let upper = layer_entries(&read_blob(&store.content, manifest.layers()[1].digest().as_ref()).unwrap());
 
     let names: Vec<&str> = base.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(names[..3], ["bin/", "bin/busybox", "bin/cat"]);

@@ -50,7 +50,7 @@ fn source_date_epoch_gives_the_same_manifest_on_two_empty_roots() {
             let dest = tmp.path().join("out.tar");
             let out = Output::parse(&format!("type=oci,dest={},name=r:1,compression={compression}", dest.display())).unwrap();
             let built = export(&store, &spec, &out, Some(epoch)).unwrap().unwrap();
-            let config = ImageConfiguration::from_reader(&read_blob(&store.content, &built.config.digest().to_string()).unwrap()[..]).unwrap();
+            let config = ImageConfiguration::from_reader(&read_blob(&store.content, built.config.digest().as_ref()).unwrap()[..]).unwrap();
             assert_eq!(config.created().as_deref(), Some("2023-11-14T22:13:20Z"));
             assert!(config.history().as_ref().unwrap().iter().all(|h| h.created().as_deref() == Some("2023-11-14T22:13:20Z")));
             digests.push(built.manifest.digest().to_string());
@@ -75,7 +75,7 @@ fn without_epoch_times_are_now_and_layers_keep_mtimes() {
     let record = store.images.resolve("kiln-test/tagged:1").unwrap();
     assert_eq!(record.target.digest, built.manifest.digest().to_string());
     assert_eq!(record.config_digest, built.config.digest().to_string());
-    let config = ImageConfiguration::from_reader(&read_blob(&store.content, &built.config.digest().to_string()).unwrap()[..]).unwrap();
+    let config = ImageConfiguration::from_reader(&read_blob(&store.content, built.config.digest().as_ref()).unwrap()[..]).unwrap();
     let created = config.created().clone().unwrap();
     assert!(created.starts_with("20") && created != "2023-11-14T22:13:20Z", "{created}");
 }

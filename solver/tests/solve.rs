@@ -177,12 +177,13 @@ async fn a_failure_cancels_the_rest_and_names_the_op() {
     let mut g = Graph::default();
     let s = g.scratch();
     let slow = g.run(s, "sleep 3000 ; write /slow 1", 2);
-    let bad = g.run(s, "echo compiling ; echo error: boom ; fail 2", 7);
+    // The failing op waits a little so the slow one is surely running.
+    let bad = g.run(s, "sleep 200 ; echo compiling ; echo error: boom ; fail 2", 7);
     g.merge(vec![slow, bad]);
     let t = Instant::now();
     let err = h.solver.solve(request(g.def, None)).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_millis(1500), "did not cancel: {:?}", t.elapsed());
-    assert_eq!(err.op, "RUN echo compiling ; echo error: boom ; fail 2");
+    assert_eq!(err.op, "RUN sleep 200 ; echo compiling ; echo error: boom ; fail 2");
     assert_eq!(err.line, Some(7));
     assert_eq!(err.log_tail, ["compiling", "error: boom"]);
     assert!(err.message.contains("exit code: 2"), "{}", err.message);
@@ -190,7 +191,7 @@ async fn a_failure_cancels_the_rest_and_names_the_op() {
     assert!(shown.contains("line 7") && shown.contains("error: boom"), "{shown}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let runs = h.exec.runs.lock().unwrap().clone();
-    let slow_run = runs.iter().find(|r| r.req.args[0] == "sleep").expect("slow op started");
+    let slow_run = runs.iter().find(|r| r.req.args[1] == "3000").expect("slow op started");
     assert!(slow_run.end.is_none(), "slow op ran to the end after the failure");
 }
 

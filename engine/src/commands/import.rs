@@ -40,8 +40,8 @@ pub fn import_rootfs(store: &Store, file: &Path, name: &str) -> anyhow::Result<I
     let _ = reader.fill_buf()?;
     let (digest, size) = store.content.put_reader(&mut reader, None, None)?;
     let blob = BlobRecord { media_type: media_type.to_string(), digest, size };
-    let snapshot = unpack_layer_snapshot(store, &blob, None)
-        .map_err(|e| e.context(format!("importing {}", file.display())))?;
+    let snapshot =
+        unpack_layer_snapshot(store, &blob, None).map_err(|e| e.context(format!("importing {}", file.display())))?;
     let diff_id = format!("sha256:{}", snapshot.trim_start_matches("sha256-"));
     let created = now_rfc3339();
     let config = json!({
@@ -66,7 +66,12 @@ pub(crate) fn layer_media_type(c: Compression) -> &'static str {
 
 /// Store `config` and an OCI manifest over it and `layers` (blobs already
 /// in the content store), and name the image `name`.
-pub(crate) fn name_image(store: &Store, name: &str, config: &[u8], layers: &[BlobRecord]) -> anyhow::Result<ImageRecord> {
+pub(crate) fn name_image(
+    store: &Store,
+    name: &str,
+    config: &[u8],
+    layers: &[BlobRecord],
+) -> anyhow::Result<ImageRecord> {
     let config_digest = store.content.put_bytes(config, None)?;
     let manifest = json!({
         "schemaVersion": 2,
@@ -87,12 +92,9 @@ pub(crate) fn name_image(store: &Store, name: &str, config: &[u8], layers: &[Blo
 
 /// Now (or `SOURCE_DATE_EPOCH`) as RFC 3339 UTC.
 fn now_rfc3339() -> String {
-    let secs = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-        });
+    let secs = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    });
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
     let z = days + 719_468;

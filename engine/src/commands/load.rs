@@ -103,12 +103,16 @@ fn copy_blob(store: &Store, dir: &Path, digest: &str, size: Option<u64>) -> anyh
 fn load_oci_layout(store: &Store, dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<ImageRecord>> {
     let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)
         .map_err(|e| anyhow::anyhow!("index.json: {e}"))?;
-    let entries = index.get("manifests").and_then(|m| m.as_array()).ok_or_else(|| anyhow::anyhow!("index.json has no manifests"))?;
+    let entries = index
+        .get("manifests")
+        .and_then(|m| m.as_array())
+        .ok_or_else(|| anyhow::anyhow!("index.json has no manifests"))?;
     let mut records = Vec::new();
     for entry in entries {
         let desc: manifest::Descriptor =
             serde_json::from_value(entry.clone()).map_err(|e| anyhow::anyhow!("index.json entry: {e}"))?;
-        let annotation = |k: &str| entry.pointer(&format!("/annotations/{}", k.replace('/', "~1"))).and_then(|v| v.as_str());
+        let annotation =
+            |k: &str| entry.pointer(&format!("/annotations/{}", k.replace('/', "~1"))).and_then(|v| v.as_str());
         let ref_name = annotation("io.containerd.image.name")
             .or_else(|| annotation("org.opencontainers.image.ref.name").filter(|n| n.contains(['/', ':'])));
         let name = match (ref_name, tag) {
@@ -122,16 +126,20 @@ fn load_oci_layout(store: &Store, dir: &Path, tag: Option<&str>) -> anyhow::Resu
         };
         copy_blob(store, dir, &desc.digest, Some(desc.size))?;
         let bytes = store.content.read(&desc.digest)?;
-        let mut parsed = Manifest::parse(&bytes, Some(&desc.media_type)).map_err(|e| anyhow::anyhow!("{}: {e}", desc.digest))?;
-        let mut target = Descriptor { media_type: desc.media_type.clone(), digest: desc.digest.clone(), size: desc.size };
+        let mut parsed =
+            Manifest::parse(&bytes, Some(&desc.media_type)).map_err(|e| anyhow::anyhow!("{}: {e}", desc.digest))?;
+        let mut target =
+            Descriptor { media_type: desc.media_type.clone(), digest: desc.digest.clone(), size: desc.size };
         if let Manifest::Index { manifests, .. } = &parsed {
             let chosen = manifest::select_platform(manifests, &Platform::default())
                 .ok_or_else(|| anyhow::anyhow!("{}: no linux/amd64 image in the index", desc.digest))?
                 .clone();
             copy_blob(store, dir, &chosen.digest, Some(chosen.size))?;
             let child = store.content.read(&chosen.digest)?;
-            parsed = Manifest::parse(&child, Some(&chosen.media_type)).map_err(|e| anyhow::anyhow!("{}: {e}", chosen.digest))?;
-            target = Descriptor { media_type: chosen.media_type.clone(), digest: chosen.digest.clone(), size: chosen.size };
+            parsed = Manifest::parse(&child, Some(&chosen.media_type))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", chosen.digest))?;
+            target =
+                Descriptor { media_type: chosen.media_type.clone(), digest: chosen.digest.clone(), size: chosen.size };
         }
         let Manifest::Image { media_type, config, layers } = parsed else {
             anyhow::bail!("{}: nested indexes are not supported", desc.digest);

@@ -24,10 +24,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 /// The line `kiln push` prints when done.
 pub fn summary(pushed: &crate::registry::PushedImage) -> String {
     format!(
-        "{}: digest: {} ({} blob(s) uploaded, {} already there)",
+        "{}: digest: {} ({} blob(s) uploaded, {} mounted, {} already there)",
         kiln_cache::images::familiar_name(&pushed.reference),
         pushed.manifest_digest,
         pushed.blobs_uploaded,
+        pushed.blobs_mounted,
         pushed.blobs_skipped
     )
 }

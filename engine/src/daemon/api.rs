@@ -56,6 +56,9 @@ pub struct PushResult {
     pub manifest_digest: String,
     /// Blobs uploaded.
     pub blobs_uploaded: usize,
+    /// Blobs mounted from another repository of the registry.
+    #[serde(default)]
+    pub blobs_mounted: usize,
     /// Blobs the registry already had.
     pub blobs_skipped: usize,
 }
@@ -261,6 +264,7 @@ async fn push(state: Arc<State>, name: &str) -> ApiResult {
         reference: pushed.reference,
         manifest_digest: pushed.manifest_digest,
         blobs_uploaded: pushed.blobs_uploaded,
+        blobs_mounted: pushed.blobs_mounted,
         blobs_skipped: pushed.blobs_skipped,
     })
 }

@@ -75,13 +75,10 @@ pub fn store_credentials(path: &Path, host: &str, user: &str, password: &str) ->
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
         Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
     };
-    let obj = config
-        .as_object_mut()
-        .ok_or_else(|| anyhow::anyhow!("{}: expected a JSON object", path.display()))?;
+    let obj = config.as_object_mut().ok_or_else(|| anyhow::anyhow!("{}: expected a JSON object", path.display()))?;
     let auths = obj.entry("auths").or_insert_with(|| serde_json::json!({}));
-    let auths = auths
-        .as_object_mut()
-        .ok_or_else(|| anyhow::anyhow!("{}: `auths` must be an object", path.display()))?;
+    let auths =
+        auths.as_object_mut().ok_or_else(|| anyhow::anyhow!("{}: `auths` must be an object", path.display()))?;
     let key = if host == "docker.io" { "https://index.docker.io/v1/".to_string() } else { host.to_string() };
     auths.insert(key, serde_json::json!({ "auth": BASE64.encode(format!("{user}:{password}")) }));
     let bytes = serde_json::to_vec_pretty(&config)?;
@@ -100,7 +97,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(&path, r#"{"credsStore":"x","auths":{"https://index.docker.io/v1/":{"auth":"dTpw"}}}"#).unwrap();
-        assert!(matches!(credentials_for(&path, "docker.io").unwrap(), RegistryAuth::Basic(u, p) if u == "u" && p == "p"));
+        assert!(
+            matches!(credentials_for(&path, "docker.io").unwrap(), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
+        );
         assert!(matches!(credentials_for(&path, "127.0.0.1:5000").unwrap(), RegistryAuth::Anonymous));
         store_credentials(&path, "127.0.0.1:5000", "alice", "s3:cret").unwrap();
         assert!(matches!(credentials_for(&path, "127.0.0.1:5000").unwrap(),

@@ -125,11 +125,7 @@ fn check_layer_type(media_type: &str) -> Result<(), String> {
         "application/vnd.docker.image.rootfs.diff.tar",
         "application/vnd.docker.image.rootfs.diff.tar.zstd",
     ];
-    if OK.contains(&media_type) {
-        Ok(())
-    } else {
-        Err(format!("unsupported layer media type {media_type:?}"))
-    }
+    if OK.contains(&media_type) { Ok(()) } else { Err(format!("unsupported layer media type {media_type:?}")) }
 }
 
 /// The entry of an index matching `platform` (an empty variant matches any).
@@ -183,7 +179,9 @@ mod tests {
         let img = format!(
             r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"x","digest":"{d}","size":1}},"layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","digest":"{d}","size":2}}]}}"#
         );
-        assert!(matches!(Manifest::parse(img.as_bytes(), None), Ok(Manifest::Image { layers, .. }) if layers.len() == 1));
+        assert!(
+            matches!(Manifest::parse(img.as_bytes(), None), Ok(Manifest::Image { layers, .. }) if layers.len() == 1)
+        );
         let idx = format!(
             r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":3,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
         );

@@ -130,9 +130,10 @@ impl RegistryConfig {
     pub fn is_plain_http(&self, host: &str) -> bool {
         let name = host.rsplit_once(':').map(|(n, _)| n).unwrap_or(host);
         self.insecure.iter().any(|entry| entry == host || (!entry.contains(':') && entry == name))
-            || self.mirrors.iter().any(|(_, url)| {
-                url.strip_prefix("http://").is_some_and(|rest| rest.split('/').next() == Some(host))
-            })
+            || self
+                .mirrors
+                .iter()
+                .any(|(_, url)| url.strip_prefix("http://").is_some_and(|rest| rest.split('/').next() == Some(host)))
     }
 
     /// Flags first, then `<root>/config.json` (see the module docs).
@@ -166,7 +167,8 @@ impl RegistryConfig {
             }
             Some(serde_json::Value::Object(map)) => {
                 for (host, urls) in map {
-                    let urls = urls.as_array().ok_or_else(|| bad(&format!("registry-mirrors.{host}: expected a list")))?;
+                    let urls =
+                        urls.as_array().ok_or_else(|| bad(&format!("registry-mirrors.{host}: expected a list")))?;
                     for u in urls {
                         let u = u
                             .as_str()
@@ -225,23 +227,39 @@ pub struct PushedImage {
     pub manifest_digest: String,
     /// Blobs uploaded.
     pub blobs_uploaded: usize,
-    /// Blobs the registry already had.
+    /// Blobs mounted from another repository of the same registry (no upload).
+    pub blobs_mounted: usize,
+    /// Blobs the repository already had.
     pub blobs_skipped: usize,
+}
+
+/// How one blob got to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlobPush {
+    Uploaded,
+    Mounted,
+    AlreadyThere,
 }
 
 /// A registry client with kiln's settings.
 pub struct Registry {
     config: RegistryConfig,
-    /// For everything not listed as insecure.
-    https: oci_client::Client,
+    /// For everything not listed as insecure; made on first use (building
+    /// a TLS client loads the system's root certificates).
+    https: std::sync::OnceLock<oci_client::Client>,
     /// For insecure registries and `http://` mirrors only.
-    http: oci_client::Client,
+    http: std::sync::OnceLock<oci_client::Client>,
 }
 
 impl Registry {
     /// A client for `config`.
     pub fn new(config: RegistryConfig) -> Registry {
-        let client = |protocol| {
+        Registry { config, https: std::sync::OnceLock::new(), http: std::sync::OnceLock::new() }
+    }
+
+    /// The client for `host`: plain HTTP only where the config allows it.
+    fn client(&self, host: &str) -> &oci_client::Client {
+        let make = |protocol| {
             oci_client::Client::new(oci_client::client::ClientConfig {
                 protocol,
                 connect_timeout: Some(std::time::Duration::from_secs(10)),
@@ -251,16 +269,11 @@ impl Registry {
                 ..Default::default()
             })
         };
-        Registry {
-            config,
-            https: client(oci_client::client::ClientProtocol::Https),
-            http: client(oci_client::client::ClientProtocol::Http),
+        if self.config.is_plain_http(host) {
+            self.http.get_or_init(|| make(oci_client::client::ClientProtocol::Http))
+        } else {
+            self.https.get_or_init(|| make(oci_client::client::ClientProtocol::Https))
         }
-    }
-
-    /// The client for `host`: plain HTTP only where the config allows it.
-    fn client(&self, host: &str) -> &oci_client::Client {
-        if self.config.is_plain_http(host) { &self.http } else { &self.https }
     }
 
     /// A client from the global flags and config file.
@@ -295,8 +308,7 @@ impl Registry {
     /// unpacked into snapshots, the image named in the image store.
     pub async fn pull(&self, store: &Arc<Store>, reference: &str, platform: &Platform) -> anyhow::Result<PulledImage> {
         let name = normalize_reference(reference)?;
-        let parsed: Reference =
-            name.parse().map_err(|e| anyhow::anyhow!("invalid image reference {reference:?}: {e}"))?;
+        let parsed = to_oci_reference(&name);
         let mut failures: Vec<(Endpoint, RegistryError)> = Vec::new();
         for endpoint in self.endpoints(parsed.registry()) {
             match self.pull_from(store, &name, &parsed, &endpoint, platform).await {
@@ -320,13 +332,10 @@ impl Registry {
             RegistryError::NotFound { .. } => 0,
             _ => 1,
         };
-        let tried: Vec<String> = failures.iter().map(|(ep, e)| format!("{}: {e}", ep.label)).collect();
-        let best = failures
-            .into_iter()
-            .min_by_key(|(_, e)| rank(e))
-            .map(|(_, e)| e)
-            .expect("at least one endpoint is always tried");
-        Err(anyhow::Error::new(best).context(format!("pulling {name} (tried {})", tried.join("; "))))
+        let best_index = (0..failures.len()).min_by_key(|&i| rank(&failures[i].1)).expect("an endpoint was tried");
+        let (_, best) = failures.remove(best_index);
+        let others: Vec<String> = failures.iter().map(|(ep, e)| format!("{}: {e}", ep.label)).collect();
+        Err(anyhow::Error::new(best).context(format!("pulling {name} (also tried {})", others.join("; "))))
     }
 
     async fn pull_from(
@@ -346,18 +355,21 @@ impl Registry {
         let auth = auth::credentials_for(&self.config.auth_file, &endpoint.host)?;
         self.client(&endpoint.host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
-        let (bytes, _) =
-            self.client(&endpoint.host).pull_manifest_raw(&target, &auth, manifest::ACCEPTED).await.map_err(classify)?;
+        let (bytes, _) = self
+            .client(&endpoint.host)
+            .pull_manifest_raw(&target, &auth, manifest::ACCEPTED)
+            .await
+            .map_err(classify)?;
         let mut digest = sha256_digest(&bytes);
-        if let Some(expected) = parsed.digest() {
-            if expected != digest {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("manifest of {name}"),
-                    expected: expected.into(),
-                    actual: digest,
-                }
-                .into());
+        if let Some(expected) = parsed.digest()
+            && expected != digest
+        {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("manifest of {name}"),
+                expected: expected.into(),
+                actual: digest,
             }
+            .into());
         }
         let bad = |reason: String| RegistryError::BadManifest { reference: name.to_string(), reason };
         let mut manifest = Manifest::parse(&bytes, None).map_err(bad)?;
@@ -373,8 +385,11 @@ impl Registry {
             store.content.put_bytes(&bytes, Some(&digest))?;
             index_digest = Some(digest.clone());
             let child = target.clone_with_digest(chosen.digest.clone());
-            let (child_bytes, _) =
-                self.client(&endpoint.host).pull_manifest_raw(&child, &auth, manifest::ACCEPTED).await.map_err(classify)?;
+            let (child_bytes, _) = self
+                .client(&endpoint.host)
+                .pull_manifest_raw(&child, &auth, manifest::ACCEPTED)
+                .await
+                .map_err(classify)?;
             let child_digest = sha256_digest(&child_bytes);
             if child_digest != chosen.digest {
                 return Err(RegistryError::DigestMismatch {
@@ -440,8 +455,7 @@ impl Registry {
             .await?;
 
         store.content.put_bytes(&manifest_bytes, Some(&digest))?;
-        let descriptor =
-            images::Descriptor { media_type, digest: digest.clone(), size: manifest_bytes.len() as u64 };
+        let descriptor = images::Descriptor { media_type, digest: digest.clone(), size: manifest_bytes.len() as u64 };
         store.images.put(name, &descriptor)?;
         Ok(PulledImage {
             name: name.to_string(),
@@ -469,7 +483,11 @@ impl Registry {
             size: desc.size as i64,
             ..Default::default()
         };
-        let mut sized = self.client(target.registry()).pull_blob_stream(target, &oci_desc).await.map_err(|e| classify(e, name, label))?;
+        let mut sized = self
+            .client(target.registry())
+            .pull_blob_stream(target, &oci_desc)
+            .await
+            .map_err(|e| classify(e, name, label))?;
         let mut writer = store.content.writer()?;
         while let Some(chunk) = sized.stream.next().await {
             let chunk = chunk.map_err(|e| {
@@ -513,8 +531,7 @@ impl Registry {
     /// has are not uploaded again.
     pub async fn push(&self, store: &Store, manifest_digest: &str, reference: &str) -> anyhow::Result<PushedImage> {
         let name = normalize_reference(reference)?;
-        let parsed: Reference =
-            name.parse().map_err(|e| anyhow::anyhow!("invalid image reference {reference:?}: {e}"))?;
+        let parsed = to_oci_reference(&name);
         let host = if parsed.registry() == "docker.io" { "index.docker.io" } else { parsed.registry() };
         let target = match parsed.tag() {
             Some(t) => Reference::with_tag(host.into(), parsed.repository().into(), t.into()),
@@ -535,19 +552,30 @@ impl Registry {
         self.client(host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
         let blobs: Vec<Descriptor> = std::iter::once(config).chain(layers).collect();
-        let outcomes: Vec<bool> = futures::stream::iter(blobs)
+        let mount_sources = mount_sources(store, parsed.registry(), parsed.repository());
+        let outcomes: Vec<BlobPush> = futures::stream::iter(blobs)
             .map(|blob| {
                 let target = &target;
+                let source_repo = mount_sources.get(&blob.digest).cloned();
                 async move {
-                    if self.client(host).blob_exists(target, &blob.digest).await.map_err(classify)? {
-                        return anyhow::Ok(false);
+                    let client = self.client(host);
+                    if client.blob_exists(target, &blob.digest).await.map_err(classify)? {
+                        return anyhow::Ok(BlobPush::AlreadyThere);
+                    }
+                    // A repository of this registry we pulled it from may
+                    // lend it; if the registry declines, upload.
+                    if let Some(repo) = source_repo {
+                        let source = Reference::with_tag(host.into(), repo, "latest".into());
+                        if client.mount_blob(target, &source, &blob.digest).await.is_ok() {
+                            return Ok(BlobPush::Mounted);
+                        }
                     }
                     let file = store.content.open_blob(&blob.digest)?;
-                    self.client(host)
+                    client
                         .push_blob_stream(target, file_stream(file), &blob.digest, Some(blob.size))
                         .await
                         .map_err(classify)?;
-                    Ok(true)
+                    Ok(BlobPush::Uploaded)
                 }
             })
             .buffer_unordered(PARALLEL_BLOBS)
@@ -557,12 +585,13 @@ impl Registry {
         let content_type = http::HeaderValue::from_str(&media_type)
             .map_err(|_| bad(format!("media type {media_type:?} is not a valid header value")))?;
         self.client(host).push_manifest_raw(&target, bytes, content_type).await.map_err(classify)?;
-        let uploaded = outcomes.iter().filter(|u| **u).count();
+        let count = |kind| outcomes.iter().filter(|o| **o == kind).count();
         Ok(PushedImage {
             reference: name.clone(),
             manifest_digest: manifest_digest.to_string(),
-            blobs_uploaded: uploaded,
-            blobs_skipped: outcomes.len() - uploaded,
+            blobs_uploaded: count(BlobPush::Uploaded),
+            blobs_mounted: count(BlobPush::Mounted),
+            blobs_skipped: count(BlobPush::AlreadyThere),
         })
     }
 
@@ -585,6 +614,48 @@ impl Registry {
     }
 }
 
+/// Blob digest → another repository of `registry` holding it, from the
+/// images the local store has under names in that registry. Best effort:
+/// unreadable images are skipped.
+fn mount_sources(store: &Store, registry: &str, repository: &str) -> std::collections::HashMap<String, String> {
+    let mut sources = std::collections::HashMap::new();
+    for record in store.images.list().unwrap_or_default() {
+        let reference = to_oci_reference(&record.name);
+        if reference.registry() != registry || reference.repository() == repository {
+            continue;
+        }
+        let Ok(bytes) = store.content.read(&record.target.digest) else { continue };
+        if let Ok(Manifest::Image { config, layers, .. }) = Manifest::parse(&bytes, None) {
+            for blob in std::iter::once(config).chain(layers) {
+                sources.entry(blob.digest).or_insert_with(|| reference.repository().to_string());
+            }
+        }
+    }
+    sources
+}
+
+/// An oci-client reference for a name from [`normalize_reference`]
+/// (`host/repo[:tag][@digest]`), built from its parts: parsing it again
+/// with oci-client's regex costs a second in debug builds.
+fn to_oci_reference(normalized: &str) -> Reference {
+    let (name_tag, digest) = match normalized.split_once('@') {
+        Some((n, d)) => (n, Some(d.to_string())),
+        None => (normalized, None),
+    };
+    let (registry, rest) = name_tag.split_once('/').unwrap_or(("docker.io", name_tag));
+    let slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+    let (repository, tag) = match rest[slash..].rfind(':') {
+        Some(i) => (&rest[..slash + i], Some(rest[slash + i + 1..].to_string())),
+        None => (rest, None),
+    };
+    match (tag, digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(registry.into(), repository.into(), t, d),
+        (Some(t), None) => Reference::with_tag(registry.into(), repository.into(), t),
+        (None, Some(d)) => Reference::with_digest(registry.into(), repository.into(), d),
+        (None, None) => Reference::with_tag(registry.into(), repository.into(), "latest".into()),
+    }
+}
+
 /// A file as a stream of 1 MiB chunks for uploads.
 fn file_stream(
     file: std::fs::File,
@@ -603,10 +674,7 @@ fn file_stream(
 /// `rootfs.diff_ids` of an image config.
 fn diff_ids(config: &[u8]) -> Result<Vec<String>, String> {
     let json: serde_json::Value = serde_json::from_slice(config).map_err(|e| format!("config is not JSON: {e}"))?;
-    let ids = json
-        .pointer("/rootfs/diff_ids")
-        .and_then(|d| d.as_array())
-        .ok_or("config has no rootfs.diff_ids")?;
+    let ids = json.pointer("/rootfs/diff_ids").and_then(|d| d.as_array()).ok_or("config has no rootfs.diff_ids")?;
     ids.iter()
         .map(|d| {
             let d = d.as_str().ok_or("rootfs.diff_ids holds a non-string")?;
@@ -638,7 +706,9 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> Registr
                 RegistryError::NotFound { reference, registry }
             } else if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
                 RegistryError::Unauthorized { reference, registry }
-            } else if codes.iter().any(|c| matches!(c, OciErrorCode::ManifestInvalid | OciErrorCode::ManifestBlobUnknown))
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::ManifestInvalid | OciErrorCode::ManifestBlobUnknown))
             {
                 RegistryError::BadManifest { reference, reason: format!("{envelope} ({url})") }
             } else {
@@ -646,7 +716,9 @@ fn classify(e: OciDistributionError, reference: &str, registry: &str) -> Registr
             }
         }
         OciDistributionError::ServerError { code: 404, .. } => RegistryError::NotFound { reference, registry },
-        OciDistributionError::ServerError { code: 401 | 403, .. } => RegistryError::Unauthorized { reference, registry },
+        OciDistributionError::ServerError { code: 401 | 403, .. } => {
+            RegistryError::Unauthorized { reference, registry }
+        }
         OciDistributionError::RequestError(err) => {
             let mut detail = err.to_string();
             let mut source = std::error::Error::source(&err);
@@ -695,7 +767,28 @@ mod tests {
         assert!(c.is_plain_http("localhost:7000") && c.is_plain_http("localhost"));
         let r = Registry::new(c);
         let eps = r.endpoints("docker.io");
-        assert_eq!(eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(), ["127.0.0.1:5000", "m.example", "index.docker.io"]);
+        assert_eq!(
+            eps.iter().map(|e| e.host.as_str()).collect::<Vec<_>>(),
+            ["127.0.0.1:5000", "m.example", "index.docker.io"]
+        );
+    }
+
+    #[test]
+    fn oci_references_from_normalized_names() {
+        let d = format!("sha256:{}", "b".repeat(64));
+        for name in [
+            "docker.io/library/busybox:latest".to_string(),
+            "127.0.0.1:5000/a/b/c:v1".to_string(),
+            format!("127.0.0.1:5000/a/b@{d}"),
+        ] {
+            let ours = to_oci_reference(&name);
+            let theirs: Reference = name.parse().unwrap();
+            assert_eq!(
+                (ours.registry(), ours.repository(), ours.tag(), ours.digest()),
+                (theirs.registry(), theirs.repository(), theirs.tag(), theirs.digest()),
+                "{name}"
+            );
+        }
     }
 
     #[test]

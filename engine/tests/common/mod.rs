@@ -22,9 +22,8 @@ pub fn repo_root() -> PathBuf {
 
 /// Whether `tool` is on PATH; prints the standard skip line when not.
 pub fn have(tool: &str, test: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
     if !found {
         println!("skipped: {test} because {tool} is not installed (scripts/deps.sh installs it)");
     }
@@ -98,10 +97,10 @@ impl TestRegistry {
     /// The registry of `scripts/testenv.sh` if `KILN_TEST_REGISTRY` is set,
     /// else a registry of our own with busybox pushed to `library/busybox:latest`.
     pub fn with_busybox() -> TestRegistry {
-        if let Ok(addr) = std::env::var("KILN_TEST_REGISTRY") {
-            if !addr.is_empty() {
-                return TestRegistry { addr, child: None, dir: None };
-            }
+        if let Ok(addr) = std::env::var("KILN_TEST_REGISTRY")
+            && !addr.is_empty()
+        {
+            return TestRegistry { addr, child: None, dir: None };
         }
         let reg = Self::start();
         reg.push_busybox("library/busybox:latest");
@@ -134,9 +133,19 @@ impl TestRegistry {
     }
 
     /// A plain HTTP/1.1 request to the registry: `(status, headers, body)`.
-    pub fn http_full(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, String, Vec<u8>) {
+    pub fn http_full(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> (u16, String, Vec<u8>) {
         let mut stream = TcpStream::connect(&self.addr).unwrap();
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n", self.addr, body.len());
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
         if let Some(ct) = content_type {
             req.push_str(&format!("Content-Type: {ct}\r\n"));
         }

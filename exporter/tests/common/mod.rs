@@ -178,8 +178,11 @@ pub fn have(name: &str, test: &str) -> bool {
     ok
 }
 
-/// Entries of a (possibly compressed) layer blob: (path, type byte, link name, pax records).
-pub fn layer_entries(blob: &[u8]) -> Vec<(String, u8, Option<String>, Vec<(String, Vec<u8>)>)> {
+/// One tar entry: (path, type byte, link name, PAX records).
+pub type TarEntry = (String, u8, Option<String>, Vec<(String, Vec<u8>)>);
+
+/// Entries of a (possibly compressed) layer blob.
+pub fn layer_entries(blob: &[u8]) -> Vec<TarEntry> {
     let raw = if blob.starts_with(&[0x1f, 0x8b]) {
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(blob), &mut v).unwrap();
