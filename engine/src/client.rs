@@ -169,7 +169,12 @@ pub fn encode_path(s: &str) -> String {
 
 /// Run `command` against the daemon at `host`; returns the exit code.
 pub fn run(global: &Global, host: &str, command: Command) -> anyhow::Result<i32> {
-    let _ = global;
+    // `build --call outline|targets|check` only reads the Dockerfile, before
+    // any store or daemon is involved: it runs here, as in embedded mode.
+    let command = match command {
+        Command::Build(args) if args.call != "build" => return commands::build::run(global, args),
+        other => other,
+    };
     let client = Client::new(host)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(run_async(&client, command))
