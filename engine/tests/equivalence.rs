@@ -186,7 +186,7 @@ impl Buildah {
         run(&mut c, "buildah build")?;
         let layout = self.work.join(format!("buildah-{}", case.name));
         let mut c = self.cmd();
-        c.args(["push", "--quiet", &case.image_name()]).arg(format!("oci:{}:latest", layout.display()));
+        c.args(["push", "--quiet", "--disable-compression", &case.image_name()]).arg(format!("oci:{}:latest", layout.display()));
         run(&mut c, "buildah push")?;
         let image = read_layout(&layout);
         let mut c = self.cmd();
