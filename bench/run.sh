@@ -24,14 +24,13 @@ WORK=$(mktemp -d /tmp/kiln-bench.XXXXXX)
 DOCKER_PID=""
 cleanup() {
   [ -n "$DOCKER_PID" ] && kill "$DOCKER_PID" 2>/dev/null && wait "$DOCKER_PID" 2>/dev/null || true
-  command -v testenv_stop >/dev/null && testenv_stop || true
+  kiln_testenv_stop || true
   umount -R "$WORK"/docker 2>/dev/null || true
   rm -rf "$WORK" 2>/dev/null || true
 }
-trap cleanup EXIT
-
 # shellcheck source=../scripts/testenv.sh
-source scripts/testenv.sh
+source scripts/testenv.sh            # sets its own EXIT trap; ours below replaces it and calls it
+trap cleanup EXIT
 REG=$KILN_TEST_REGISTRY
 
 # --- dockerd with a private data root, its docker.io mirror on the local registry

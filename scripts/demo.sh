@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cargo build --release -p kiln-engine --quiet
-KILN=$PWD/target/release/kiln
+cargo build -p kiln-engine --bin kiln --quiet
+KILN=$PWD/target/debug/kiln
 # shellcheck source=testenv.sh
 source scripts/testenv.sh           # starts the registry; exports KILN_TEST_REGISTRY; stops it on exit
 ROOT=${KILN_ROOT:-$(mktemp -d /tmp/kiln-demo.XXXXXX)}

@@ -52,6 +52,11 @@ pub struct SnapshotMeta {
     /// re-tarred: one per compression.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blobs: Vec<BlobRecord>,
+    /// When the snapshot was first committed (Unix seconds). A build whose
+    /// steps all come from the cache gets the same layers and so the same
+    /// creation time, hence the same image ID, as BuildKit's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
 }
 
 /// A blob in the content store made from a snapshot.
@@ -118,7 +123,9 @@ impl Snapshotter {
     pub fn commit(&self, active: ActiveSnapshot, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
         check_id(id)?;
         let _ = std::fs::remove_dir_all(active.work());
-        write_atomic(&active.dir.join("meta.json"), &serde_json::to_vec(meta)?)?;
+        let mut meta = meta.clone();
+        meta.created.get_or_insert_with(unix_now);
+        write_atomic(&active.dir.join("meta.json"), &serde_json::to_vec(&meta)?)?;
         let final_dir = self.dir.join(id);
         if final_dir.exists() {
             self.abort(active);
@@ -203,6 +210,10 @@ fn release(mut active: ActiveSnapshot) {
     if let Some(lock) = active.lock.take() {
         let _ = std::fs::remove_file(lock.path());
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 /// Snapshot ids are file names: no separators, no dots-only names.

@@ -86,6 +86,7 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
         os: image.platform.os.clone(),
         architecture: image.platform.architecture.clone(),
         variant: (!image.platform.variant.is_empty()).then(|| image.platform.variant.clone()),
+        created: newest_layer_time(solver.store(), &solved.layers),
     };
     let output = match req.output.clone() {
         Some(o) => o,
@@ -115,6 +116,12 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
         }
     }
     Ok(BuildResult { layers: solved.layers, image: built })
+}
+
+/// The newest commit time among `layers`: the image's creation time, so
+/// that an unchanged rebuild reproduces the image ID as BuildKit does.
+fn newest_layer_time(store: &Store, layers: &[String]) -> Option<i64> {
+    layers.iter().filter_map(|id| store.snapshots.meta(id).ok()?.created).max()
 }
 
 /// Export on a rayon pool of its own, with more threads than layers.

@@ -248,8 +248,24 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::Build(args) => build_remote(client, args).await,
         Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
         Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
-        Command::Build(_) | Command::Du(_) | Command::Prune(_) => {
-            bail!("kiln build/du/prune: not available through --host yet; run them without --host on the daemon's machine")
+        Command::Du(_) => {
+            let u: crate::daemon::api::DiskUsage = client.json(Method::GET, "/v1/system/df", None::<&()>).await?;
+            commands::du::print(&kiln_solver::gc::Usage {
+                records: u.records,
+                snapshots: u.snapshots,
+                snapshot_bytes: u.snapshot_bytes,
+                unreferenced_snapshots: u.unreferenced_snapshots,
+                cache_mount_bytes: u.cache_mount_bytes,
+            });
+            Ok(0)
+        }
+        Command::Prune(args) => {
+            // Bad sizes fail here, worded as in embedded mode.
+            args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?;
+            let request = crate::daemon::api::PruneRequest { all: args.all, keep_storage: args.keep_storage };
+            let r: crate::daemon::api::PruneResult = client.json(Method::POST, "/v1/system/prune", Some(&request)).await?;
+            commands::prune::print(&kiln_solver::gc::PruneReport { records: r.records, snapshots: r.snapshots, bytes: r.bytes });
+            Ok(0)
         }
         Command::Import(_) | Command::Load(_) | Command::Save(_) => {
             bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")

@@ -23,7 +23,9 @@ impl ContainerExecutor {
     /// An executor keeping container state under `state_root` (e.g.
     /// `<kiln root>/run`); cleans up what dead kiln processes left there.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
-        Ok(ContainerExecutor { runtime: Runtime::new(state_root)? })
+        Ok(ContainerExecutor {
+            runtime: Runtime::new(state_root)?,
+        })
     }
 
     /// An executor sharing an existing runtime.
@@ -49,7 +51,11 @@ pub fn container_spec(req: ExecRequest) -> ContainerSpec {
         .collect();
     ContainerSpec {
         name: None,
-        rootfs: Rootfs { lower: req.lower, upper: req.upper, work: req.work },
+        rootfs: Rootfs {
+            lower: req.lower,
+            upper: req.upper,
+            work: req.work,
+        },
         args: req.args,
         env: req.env,
         cwd: req.cwd,

@@ -567,7 +567,7 @@ pub fn unpack_layer_snapshot(
         remember_blob(store, &id, blob)?;
         return Ok(id);
     }
-    let meta = SnapshotMeta { diff_id: Some(summary.diff_id), blobs: vec![blob.clone()] };
+    let meta = SnapshotMeta { diff_id: Some(summary.diff_id), blobs: vec![blob.clone()], ..Default::default() };
     store.snapshots.commit(active, &id, &meta)?;
     Ok(id)
 }

@@ -149,7 +149,9 @@ async fn builds_runs_exports_and_caches() {
     }
     assert!(logs.contains(&"to-stdout".to_string()), "{logs:?}");
 
-    // Again: everything cached, same image.
+    // Again, a second later: everything cached, same image (the config's
+    // created time is the newest layer's, not the clock's).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let again = build(&solver, req.clone(), EventSink(Some(tx))).await.unwrap();
     assert_eq!(again.layers, result.layers);

@@ -96,6 +96,10 @@ fn client_output_equals_embedded() {
     both(&["inspect", "busybox", "no-such-image"]);
     both(&["rmi", "no-such-image"]);
     both(&["tag", "no-such-image", "x:1"]);
+    both(&["du"]);
+    let pruned = d.client(&["prune", "--keep-storage", "100GB"]);
+    assert!(pruned.status.success() && stdout(&pruned).starts_with("Deleted "), "{}", stderr(&pruned));
+    both(&["prune", "--keep-storage", "lots"]);
 
     // Tag through the daemon, then both see it; remove through each side.
     let out = d.client(&["tag", "busybox", "example.com/team/app:v1"]);

@@ -39,6 +39,7 @@ fn skopeo_copies_the_oci_layout_to_a_registry_and_kiln_pulls_it() {
         os: "linux".into(),
         architecture: "amd64".into(),
         variant: None,
+        created: None,
     };
     for compression in ["gzip", "zstd"] {
         let layout = work.path().join(format!("layout-{compression}"));

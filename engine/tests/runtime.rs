@@ -16,12 +16,19 @@ fn echo_goes_to_stdout_and_exit_code_propagates() {
     let rt = s.runtime();
     let base = s.busybox_layer("base");
     let cap = Capture::default();
-    let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], "a"), sh("echo hello; echo oops >&2; exit 3"));
+    let spec = ContainerSpec::new(
+        s.rootfs(vec![base.clone()], "a"),
+        sh("echo hello; echo oops >&2; exit 3"),
+    );
     let code = rt.run(&spec, Stdio::stream(cap.sink())).unwrap();
     assert_eq!(code, 3);
     assert_eq!(cap.out(), "hello\n");
     assert_eq!(cap.err(), "oops\n");
-    assert!(mounts_below(s.path()).is_empty(), "mounts left: {:?}", mounts_below(s.path()));
+    assert!(
+        mounts_below(s.path()).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(s.path())
+    );
 }
 
 #[test]
@@ -50,13 +57,19 @@ fn env_cwd_and_hostname() {
     require_containers!();
     let s = Scratch::new();
     let base = s.busybox_layer("base");
-    let mut spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("echo $FOO; pwd; hostname; echo $PATH"));
+    let mut spec = ContainerSpec::new(
+        s.rootfs(vec![base], "a"),
+        sh("echo $FOO; pwd; hostname; echo $PATH"),
+    );
     spec.env = vec!["FOO=bar baz".into()];
     spec.cwd = "/work/deep/dir".into();
     spec.hostname = "builder".into();
     let (code, out, err) = run_capture(&s, &spec);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out, "bar baz\n/work/deep/dir\nbuilder\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n");
+    assert_eq!(
+        out,
+        "bar baz\n/work/deep/dir\nbuilder\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    );
     // The created working directory is part of the diff (as with BuildKit).
     assert!(spec.rootfs.upper.join("work/deep/dir").is_dir());
 }
@@ -73,7 +86,10 @@ fn user_resolved_from_rootfs_passwd_and_group() {
         ("nobody:0", "65534 0 0\n"),
         ("", "0 0 0\n"),
     ] {
-        let mut spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("u{}", user.replace(':', "_"))), sh("echo $(id -u) $(id -g) $(id -G)"));
+        let mut spec = ContainerSpec::new(
+            s.rootfs(vec![base.clone()], &format!("u{}", user.replace(':', "_"))),
+            sh("echo $(id -u) $(id -g) $(id -G)"),
+        );
         spec.user = user.into();
         let (code, out, err) = run_capture(&s, &spec);
         assert_eq!(code, 0, "user {user:?}: {err}");
@@ -81,7 +97,10 @@ fn user_resolved_from_rootfs_passwd_and_group() {
     }
     let mut spec = ContainerSpec::new(s.rootfs(vec![base], "bad"), sh("true"));
     spec.user = "mallory".into();
-    let err = s.runtime().run(&spec, Stdio::stream(Capture::default().sink())).unwrap_err();
+    let err = s
+        .runtime()
+        .run(&spec, Stdio::stream(Capture::default().sink()))
+        .unwrap_err();
     assert!(format!("{err:#}").contains("mallory"), "{err:#}");
 }
 
@@ -96,17 +115,34 @@ fn bind_mounts_ro_and_rw() {
     std::fs::write(&host_file, "one file\n").unwrap();
     let mut spec = ContainerSpec::new(
         s.rootfs(vec![base], "a"),
-        sh("cat /data/in.txt /etc/single.txt; echo written > /data/out.txt; echo x > /ro/x 2>/dev/null && echo BAD; echo done"),
+        sh(
+            "cat /data/in.txt /etc/single.txt; echo written > /data/out.txt; echo x > /ro/x 2>/dev/null && echo BAD; echo done",
+        ),
     );
     spec.mounts = vec![
-        Mount { target: "/data".into(), source: MountSource::Bind(host_dir.clone()), readonly: false },
-        Mount { target: "/ro".into(), source: MountSource::Bind(host_dir.clone()), readonly: true },
-        Mount { target: "/etc/single.txt".into(), source: MountSource::Bind(host_file), readonly: true },
+        Mount {
+            target: "/data".into(),
+            source: MountSource::Bind(host_dir.clone()),
+            readonly: false,
+        },
+        Mount {
+            target: "/ro".into(),
+            source: MountSource::Bind(host_dir.clone()),
+            readonly: true,
+        },
+        Mount {
+            target: "/etc/single.txt".into(),
+            source: MountSource::Bind(host_file),
+            readonly: true,
+        },
     ];
     let (code, out, err) = run_capture(&s, &spec);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "from host\none file\ndone\n");
-    assert_eq!(std::fs::read_to_string(host_dir.join("out.txt")).unwrap(), "written\n");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.join("out.txt")).unwrap(),
+        "written\n"
+    );
     assert!(!host_dir.join("x").exists());
     // Bind targets kiln created are gone from the diff.
     assert_eq!(tree(&spec.rootfs.upper), Vec::<String>::new());
@@ -124,12 +160,26 @@ fn layer_and_tmpfs_mounts() {
     std::fs::write(l1.join("b"), "B1\n").unwrap();
     let mut spec = ContainerSpec::new(
         s.rootfs(vec![base], "a"),
-        sh("cat /cache/a /cache/b; echo new > /cache/c; cat /cache/c; touch /ro/z 2>/dev/null && echo BAD; echo t > /scratch/t && cat /scratch/t"),
+        sh(
+            "cat /cache/a /cache/b; echo new > /cache/c; cat /cache/c; touch /ro/z 2>/dev/null && echo BAD; echo t > /scratch/t && cat /scratch/t",
+        ),
     );
     spec.mounts = vec![
-        Mount { target: "/cache".into(), source: MountSource::Layers(vec![l1.clone(), l2.clone()]), readonly: false },
-        Mount { target: "/ro".into(), source: MountSource::Layers(vec![l1.clone(), l2.clone()]), readonly: true },
-        Mount { target: "/scratch".into(), source: MountSource::Tmpfs { size: 1 << 20 }, readonly: false },
+        Mount {
+            target: "/cache".into(),
+            source: MountSource::Layers(vec![l1.clone(), l2.clone()]),
+            readonly: false,
+        },
+        Mount {
+            target: "/ro".into(),
+            source: MountSource::Layers(vec![l1.clone(), l2.clone()]),
+            readonly: true,
+        },
+        Mount {
+            target: "/scratch".into(),
+            source: MountSource::Tmpfs { size: 1 << 20 },
+            readonly: false,
+        },
     ];
     let (code, out, err) = run_capture(&s, &spec);
     assert_eq!(code, 0, "{err}");
@@ -147,7 +197,9 @@ fn network_none_has_only_loopback_and_it_is_up() {
     for mode in [NetworkMode::None, NetworkMode::Default] {
         let mut spec = ContainerSpec::new(
             s.rootfs(vec![base.clone()], &format!("{mode:?}")),
-            sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/flags; ping -c1 -W1 127.0.0.1 >/dev/null && echo ping-ok"),
+            sh(
+                "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/flags; ping -c1 -W1 127.0.0.1 >/dev/null && echo ping-ok",
+            ),
         );
         spec.network = mode;
         let (code, out, err) = run_capture(&s, &spec);
@@ -160,9 +212,16 @@ fn network_none_has_only_loopback_and_it_is_up() {
         assert_eq!(lines.len(), 3, "{mode:?}: {out}");
     }
     // Host mode sees the host's interfaces.
-    let mut spec = ContainerSpec::new(s.rootfs(vec![base], "host"), sh("tail -n +3 /proc/net/dev | wc -l"));
+    let mut spec = ContainerSpec::new(
+        s.rootfs(vec![base], "host"),
+        sh("tail -n +3 /proc/net/dev | wc -l"),
+    );
     spec.network = NetworkMode::Host;
-    let host_count = std::fs::read_to_string("/proc/net/dev").unwrap().lines().count() - 2;
+    let host_count = std::fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .lines()
+        .count()
+        - 2;
     let (code, out, _) = run_capture(&s, &spec);
     assert_eq!(code, 0);
     assert_eq!(out.trim(), host_count.to_string());
@@ -175,7 +234,9 @@ fn pid_namespace_and_standard_files() {
     let base = s.busybox_layer("base");
     let spec = ContainerSpec::new(
         s.rootfs(vec![base], "a"),
-        sh("echo $$; ls /proc | grep -c '^[0-9]'; test -c /dev/null && test -c /dev/urandom && test -d /dev/pts && test -d /dev/shm && echo devs; grep -q localhost /etc/hosts && echo hosts; test -f /etc/resolv.conf && echo resolv; test -d /sys/kernel && echo sys"),
+        sh(
+            "echo $$; ls /proc | grep -c '^[0-9]'; test -c /dev/null && test -c /dev/urandom && test -d /dev/pts && test -d /dev/shm && echo devs; grep -q localhost /etc/hosts && echo hosts; test -f /etc/resolv.conf && echo resolv; test -d /sys/kernel && echo sys",
+        ),
     );
     let (code, out, err) = run_capture(&s, &spec);
     assert_eq!(code, 0, "{err}");
@@ -193,14 +254,19 @@ fn seccomp_and_capabilities_are_docker_like() {
     let base = s.busybox_layer("base");
     let spec = ContainerSpec::new(
         s.rootfs(vec![base], "a"),
-        sh("grep -E '^(CapEff|Seccomp):' /proc/self/status; mkdir /m; mount -t tmpfs none /m 2>/dev/null && echo MOUNTED; unshare -n true 2>/dev/null && echo UNSHARED; echo end"),
+        sh(
+            "grep -E '^(CapEff|Seccomp):' /proc/self/status; mkdir /m; mount -t tmpfs none /m 2>/dev/null && echo MOUNTED; unshare -n true 2>/dev/null && echo UNSHARED; echo end",
+        ),
     );
     let (code, out, err) = run_capture(&s, &spec);
     assert_eq!(code, 0, "{err}");
     // docker's default set: 0x00000000a80425fb.
     assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
-    assert!(!out.contains("MOUNTED") && !out.contains("UNSHARED"), "{out}");
+    assert!(
+        !out.contains("MOUNTED") && !out.contains("UNSHARED"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -209,21 +275,28 @@ fn memory_and_cpu_limits_land_in_the_cgroup() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let mut spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("sleep 30"));
-    spec.limits = Limits { memory_bytes: Some(64 << 20), cpus: Some(0.5) };
+    spec.limits = Limits {
+        memory_bytes: Some(64 << 20),
+        cpus: Some(0.5),
+    };
     let rt = s.runtime();
-    let running = rt.start(&spec, Stdio::stream(Capture::default().sink())).unwrap();
+    let running = rt
+        .start(&spec, Stdio::stream(Capture::default().sink()))
+        .unwrap();
     let pid = running.pid().unwrap();
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let mem_path = cgroups
-        .lines()
-        .find_map(|l| {
-            let parts: Vec<&str> = l.splitn(3, ':').collect();
-            (parts[1].split(',').any(|c| c == "memory")).then(|| parts[2].to_string())
-        });
+    let mem_path = cgroups.lines().find_map(|l| {
+        let parts: Vec<&str> = l.splitn(3, ':').collect();
+        (parts[1].split(',').any(|c| c == "memory")).then(|| parts[2].to_string())
+    });
     let limit_file = match &mem_path {
         Some(p) => format!("/sys/fs/cgroup/memory{p}/memory.limit_in_bytes"),
         None => {
-            let p = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
+            let p = cgroups
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap()
+                .to_string();
             format!("/sys/fs/cgroup{p}/memory.max")
         }
     };
@@ -233,13 +306,19 @@ fn memory_and_cpu_limits_land_in_the_cgroup() {
     if let Some(p) = &mem_path {
         let quota_file = format!("/sys/fs/cgroup/cpu{p}/cpu.cfs_quota_us");
         if std::path::Path::new(&quota_file).exists() {
-            assert_eq!(std::fs::read_to_string(&quota_file).unwrap().trim(), "50000");
+            assert_eq!(
+                std::fs::read_to_string(&quota_file).unwrap().trim(),
+                "50000"
+            );
         }
     }
     running.kill(9).unwrap();
     assert_eq!(running.wait().unwrap(), 137);
     // The container's cgroup is gone.
-    assert!(!std::path::Path::new(&limit_file).exists(), "{limit_file} still there");
+    assert!(
+        !std::path::Path::new(&limit_file).exists(),
+        "{limit_file} still there"
+    );
 }
 
 #[test]
@@ -248,10 +327,16 @@ fn memory_limit_is_enforced() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     // Try to hold 200 MiB in a shell variable under a 32 MiB limit.
-    let mut spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"));
+    let mut spec = ContainerSpec::new(
+        s.rootfs(vec![base], "a"),
+        sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"),
+    );
     spec.limits.memory_bytes = Some(32 << 20);
     let (code, out, _) = run_capture(&s, &spec);
-    assert!(!out.contains("survived") || code != 0, "code {code}, out {out}");
+    assert!(
+        !out.contains("survived") || code != 0,
+        "code {code}, out {out}"
+    );
 }
 
 #[test]
@@ -272,7 +357,10 @@ fn upperdir_is_exact_diff_with_whiteout() {
     assert_eq!(tree(&upper), vec!["etc", "etc/motd", "new"]);
     let meta = std::fs::symlink_metadata(upper.join("etc/motd")).unwrap();
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    assert!(meta.file_type().is_char_device(), "whiteout must be a 0/0 char device");
+    assert!(
+        meta.file_type().is_char_device(),
+        "whiteout must be a 0/0 char device"
+    );
     assert_eq!(meta.rdev(), 0);
 }
 
@@ -287,7 +375,11 @@ fn stubs_the_process_touched_are_kept() {
     // /mnt/data is a bind target kiln creates (with its parent /mnt); the
     // process writes into /mnt, so /mnt stays and only the stub goes.
     let mut spec = ContainerSpec::new(rootfs, sh("echo k > /mnt/keep"));
-    spec.mounts = vec![Mount { target: "/mnt/data".into(), source: MountSource::Bind(host_dir), readonly: true }];
+    spec.mounts = vec![Mount {
+        target: "/mnt/data".into(),
+        source: MountSource::Bind(host_dir),
+        readonly: true,
+    }];
     let (code, _, err) = run_capture(&s, &spec);
     assert_eq!(code, 0, "{err}");
     assert_eq!(tree(&upper), vec!["mnt", "mnt/keep"]);
@@ -300,7 +392,9 @@ fn many_layers_overflowing_the_option_page() {
     let mut lower = vec![s.busybox_layer("base")];
     for i in 0..120 {
         // Long names so the lowerdir list is far beyond one 4 KiB page.
-        let l = s.layer(&format!("layer-with-a-deliberately-long-directory-name-to-overflow-{i:03}"));
+        let l = s.layer(&format!(
+            "layer-with-a-deliberately-long-directory-name-to-overflow-{i:03}"
+        ));
         std::fs::write(l.join(format!("f{i:03}")), format!("{i}\n")).unwrap();
         std::fs::write(l.join("top"), format!("{i}\n")).unwrap();
         lower.push(l);
@@ -323,7 +417,10 @@ fn missing_layer_is_a_clear_error_and_cleans_up() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let spec = ContainerSpec::new(s.rootfs(vec![base, s.path().join("nope")], "a"), sh("true"));
-    let err = s.runtime().run(&spec, Stdio::stream(Capture::default().sink())).unwrap_err();
+    let err = s
+        .runtime()
+        .run(&spec, Stdio::stream(Capture::default().sink()))
+        .unwrap_err();
     assert!(format!("{err:#}").contains("nope"), "{err:#}");
     assert_clean(&s);
 }
@@ -336,18 +433,33 @@ fn cleanup_after_failed_exec() {
     let rootfs = s.rootfs(vec![base], "a");
     let upper = rootfs.upper.clone();
     let spec = ContainerSpec::new(rootfs, vec!["/no/such/binary".into()]);
-    let err = s.runtime().run(&spec, Stdio::stream(Capture::default().sink())).unwrap_err();
+    let err = s
+        .runtime()
+        .run(&spec, Stdio::stream(Capture::default().sink()))
+        .unwrap_err();
     assert!(format!("{err:#}").contains("/no/such/binary"), "{err:#}");
     assert_clean(&s);
-    assert_eq!(tree(&upper), Vec::<String>::new(), "stubs left in the upperdir");
+    assert_eq!(
+        tree(&upper),
+        Vec::<String>::new(),
+        "stubs left in the upperdir"
+    );
 }
 
 /// No mounts, no container state, no cgroup left.
 fn assert_clean(s: &Scratch) {
-    assert!(mounts_below(s.path()).is_empty(), "mounts left: {:?}", mounts_below(s.path()));
-    let containers: Vec<_> = std::fs::read_dir(s.path().join("run/containers")).unwrap().collect();
+    assert!(
+        mounts_below(s.path()).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(s.path())
+    );
+    let containers: Vec<_> = std::fs::read_dir(s.path().join("run/containers"))
+        .unwrap()
+        .collect();
     assert!(containers.is_empty(), "state left: {containers:?}");
-    let lc: Vec<_> = std::fs::read_dir(s.path().join("run/libcontainer")).unwrap().collect();
+    let lc: Vec<_> = std::fs::read_dir(s.path().join("run/libcontainer"))
+        .unwrap()
+        .collect();
     assert!(lc.is_empty(), "libcontainer state left: {lc:?}");
 }
 
@@ -357,11 +469,17 @@ fn sigterm_reaches_the_container() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let cap = Capture::default();
-    let spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done"));
+    let spec = ContainerSpec::new(
+        s.rootfs(vec![base], "a"),
+        sh("trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done"),
+    );
     let running = s.runtime().start(&spec, Stdio::stream(cap.sink())).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !cap.out().contains("ready") {
-        assert!(std::time::Instant::now() < deadline, "container never got ready");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "container never got ready"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     running.kill(libc::SIGTERM).unwrap();
@@ -376,10 +494,16 @@ fn dropping_a_running_container_kills_and_cleans() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("sleep 60"));
-    let running = s.runtime().start(&spec, Stdio::stream(Capture::default().sink())).unwrap();
+    let running = s
+        .runtime()
+        .start(&spec, Stdio::stream(Capture::default().sink()))
+        .unwrap();
     let pid = running.pid().unwrap();
     drop(running);
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "container process survived");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "container process survived"
+    );
     assert_clean(&s);
 }
 
@@ -392,7 +516,10 @@ fn concurrent_containers_from_threads() {
     let handles: Vec<_> = (0..6)
         .map(|i| {
             let rt = rt.clone();
-            let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("c{i}")), sh(&format!("echo {i}; exit {i}")));
+            let spec = ContainerSpec::new(
+                s.rootfs(vec![base.clone()], &format!("c{i}")),
+                sh(&format!("echo {i}; exit {i}")),
+            );
             std::thread::spawn(move || {
                 let cap = Capture::default();
                 let code = rt.run(&spec, Stdio::stream(cap.sink())).unwrap();

@@ -51,6 +51,11 @@ pub struct ImageSpec {
     pub architecture: String,
     /// `variant`, e.g. `v8`.
     pub variant: Option<String>,
+    /// The image's `created` time (Unix seconds) when no
+    /// `SOURCE_DATE_EPOCH` is given; `None` means now. The build passes its
+    /// newest layer's commit time so that a fully cached rebuild yields the
+    /// same image ID.
+    pub created: Option<i64>,
 }
 
 /// How an image is written.
@@ -115,7 +120,7 @@ pub fn build_image(store: &Store, spec: &ImageSpec, options: &ImageOptions) -> a
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let created_secs = options.source_date_epoch.unwrap_or(now);
+    let created_secs = options.source_date_epoch.or(spec.created).unwrap_or(now);
     let created = rfc3339(created_secs);
     let (history, kept) = normalize_history(&spec.history, &layers, &created, options.source_date_epoch)?;
     let oci = options.oci_mediatypes;

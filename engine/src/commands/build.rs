@@ -68,8 +68,70 @@ pub struct Args {
     /// local image store.
     #[arg(short = 'o', long)]
     pub output: Option<String>,
+    /// What to do instead of building, as buildx's `--call`:
+    /// `outline`, `targets` or `check` (append `,format=json` for JSON).
+    #[arg(long, value_name = "METHOD[,format=json]", default_value = "build")]
+    pub call: String,
     /// Directory, tarball, or `-` for stdin.
     pub context: String,
+}
+
+/// A `--call` method other than `build`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallMethod {
+    Outline,
+    Targets,
+    Check,
+}
+
+/// `--call` parsed: `None` for a build, else the method and whether to
+/// print JSON.
+fn parse_call(spec: &str) -> anyhow::Result<Option<(CallMethod, bool)>> {
+    let mut parts = spec.split(',');
+    let method = match parts.next().unwrap_or_default() {
+        "build" if spec == "build" => return Ok(None),
+        "build" => bail!("--call build takes no options"),
+        "outline" => CallMethod::Outline,
+        "targets" => CallMethod::Targets,
+        "check" | "lint" => CallMethod::Check,
+        other => bail!("--call {other:?}: expected build, outline, targets or check"),
+    };
+    let mut json = false;
+    for part in parts {
+        match part {
+            "format=json" => json = true,
+            "format=text" => json = false,
+            other => bail!("--call {spec:?}: unknown option {other:?} (expected format=json or format=text)"),
+        }
+    }
+    Ok(Some((method, json)))
+}
+
+/// `--call outline|targets|check`: inspect the Dockerfile without building.
+/// `check` exits 1 when it found warnings, as buildx does.
+fn run_call(method: CallMethod, json: bool, dockerfile: &[u8], name: &str, target: Option<&str>) -> anyhow::Result<i32> {
+    use kiln_frontend::call;
+    let located = |e: kiln_frontend::FrontendError| anyhow::anyhow!("{e}");
+    let (text, code) = match method {
+        CallMethod::Outline => {
+            let o = call::outline(dockerfile, target).map_err(located)?;
+            (if json { serde_json::to_string_pretty(&o)? } else { call::render_outline(&o) }, 0)
+        }
+        CallMethod::Targets => {
+            let t = call::targets(dockerfile).map_err(located)?;
+            (if json { serde_json::to_string_pretty(&t)? } else { call::render_targets(&t) }, 0)
+        }
+        CallMethod::Check => {
+            let w = call::check(dockerfile).map_err(located)?;
+            let code = if w.is_empty() { 0 } else { 1 };
+            (if json { serde_json::to_string_pretty(&w)? } else { call::render_check(&w, name) }, code)
+        }
+    };
+    print!("{text}");
+    if json {
+        println!();
+    }
+    Ok(code)
 }
 
 /// Build; exit code 0 on success.
@@ -93,7 +155,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let secrets = read_secrets(&args.secret)?;
     let output = args.output.as_deref().map(kiln_exporter::Output::parse).transpose()?;
 
+    let call = parse_call(&args.call)?;
     let (context, dockerfile_bytes, dockerfile_name, _tmp) = prepare_context(&args.context, args.file.as_deref())?;
+    if let Some((method, json)) = call {
+        return run_call(method, json, &dockerfile_bytes, &dockerfile_name, args.target.as_deref());
+    }
     let dockerignore = read_dockerignore(&context, &dockerfile_name);
 
     let store = Arc::new(Store::open(&global.root)?);

@@ -9,14 +9,18 @@ pub struct Args {}
 /// Print build-cache usage.
 pub fn run(global: &Global, _args: Args) -> anyhow::Result<i32> {
     let store = kiln_cache::Store::open(&global.root)?;
-    let u = kiln_solver::gc::usage(&store)?;
+    print(&kiln_solver::gc::usage(&store)?);
+    Ok(0)
+}
+
+/// Print `u` as `kiln du` does.
+pub fn print(u: &kiln_solver::gc::Usage) {
     println!("{:<28} {:>10} {:>12}", "TYPE", "COUNT", "SIZE");
     println!("{:<28} {:>10} {:>12}", "cache records", u.records, "-");
     println!("{:<28} {:>10} {:>12}", "snapshots", u.snapshots, human(u.snapshot_bytes));
     println!("{:<28} {:>10} {:>12}", "  of which unreferenced", u.unreferenced_snapshots, "-");
     println!("{:<28} {:>10} {:>12}", "cache mounts", "-", human(u.cache_mount_bytes));
     println!("Total: {}", human(u.snapshot_bytes + u.cache_mount_bytes));
-    Ok(0)
 }
 
 /// Bytes as `12.3MB` (powers of 1024, as docker prints them).

@@ -18,12 +18,16 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let keep_bytes = args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?;
     let store = kiln_cache::Store::open(&global.root)?;
     let options = kiln_solver::gc::PruneOptions { all: args.all, keep_bytes };
-    let report = kiln_solver::gc::prune(&store, &options)?;
+    print(&kiln_solver::gc::prune(&store, &options)?);
+    Ok(0)
+}
+
+/// Print `report` as `kiln prune` does.
+pub fn print(report: &kiln_solver::gc::PruneReport) {
     println!(
         "Deleted {} cache records and {} snapshots\nTotal reclaimed space: {}",
         report.records,
         report.snapshots,
         super::du::human(report.bytes)
     );
-    Ok(0)
 }

@@ -1,5 +1,5 @@
-//! `kiln run`: run a command in a container from an image (or, for
-//! testing and debugging, from a plain rootfs directory).
+//! `kiln run`: run a command in a container from an image in the local
+//! store (or, for testing and debugging, from a plain rootfs directory).
 //!
 //! The container's stdout/stderr are kiln's, its exit code becomes kiln's,
 //! and SIGINT/SIGTERM/SIGHUP/SIGQUIT sent to kiln are forwarded to it. The
@@ -13,7 +13,9 @@ use anyhow::{Context, bail};
 use kiln_frontend::image::ImageConfig;
 
 use crate::config::Global;
-use crate::runtime::{ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Runtime, Stdin, Stdio};
+use crate::runtime::{
+    ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Runtime, Stdin, Stdio,
+};
 
 /// `kiln run` flags.
 #[derive(Debug, clap::Args)]
@@ -61,7 +63,11 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
     /// `IMAGE [CMD...]`, or just `CMD...` with `--rootfs`.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "IMAGE [CMD]...")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "IMAGE [CMD]..."
+    )]
     pub args: Vec<String>,
 }
 
@@ -73,9 +79,19 @@ pub struct ImageRootfs {
     pub config: ImageConfig,
 }
 
-/// Look `image` up in the local image store.
-pub fn resolve_image(_global: &Global, image: &str) -> anyhow::Result<ImageRootfs> {
-    bail!("kiln run {image}: image store not available yet; use --rootfs DIR")
+/// Look `image` up in the local image store (name, ID or digest) and
+/// unpack its layers if needed. Images are not pulled implicitly.
+pub fn resolve_image(global: &Global, image: &str) -> anyhow::Result<ImageRootfs> {
+    let store = kiln_cache::Store::open(&global.root)?;
+    let (layers, config) =
+        crate::daemon::containers::image_rootfs(&store, image).with_context(|| {
+            format!("kiln run {image}: not in the local image store (try `kiln pull {image}`)")
+        })?;
+    anyhow::ensure!(
+        !layers.is_empty(),
+        "kiln run {image}: the image has no layers to run"
+    );
+    Ok(ImageRootfs { layers, config })
 }
 
 /// Run the container; returns its exit code.
@@ -87,10 +103,16 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let image = match &args.rootfs {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--rootfs {}: not a directory", dir.display());
-            ImageRootfs { layers: vec![std::fs::canonicalize(dir)?], config: ImageConfig::default() }
+            ImageRootfs {
+                layers: vec![std::fs::canonicalize(dir)?],
+                config: ImageConfig::default(),
+            }
         }
         None => {
-            anyhow::ensure!(!rest.is_empty(), "kiln run: give an IMAGE (or --rootfs DIR)");
+            anyhow::ensure!(
+                !rest.is_empty(),
+                "kiln run: give an IMAGE (or --rootfs DIR)"
+            );
             let name = rest.remove(0);
             resolve_image(global, &name)?
         }
@@ -115,7 +137,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         env.retain(|old| old.split('=').next() != Some(key.as_str()));
         env.push(kv);
     }
-    let mounts = args.volumes.iter().map(|v| parse_volume(v)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mounts = args
+        .volumes
+        .iter()
+        .map(|v| parse_volume(v))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let limits = Limits {
         memory_bytes: args.memory.as_deref().map(parse_bytes).transpose()?,
         cpus: match args.cpus {
@@ -130,14 +156,27 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         rootfs: Rootfs::throwaway(image.layers),
         args: argv,
         env,
-        cwd: args.workdir.clone().unwrap_or_else(|| image.config.working_dir.clone()),
-        user: args.user.clone().unwrap_or_else(|| image.config.user.clone()),
+        cwd: args
+            .workdir
+            .clone()
+            .unwrap_or_else(|| image.config.working_dir.clone()),
+        user: args
+            .user
+            .clone()
+            .unwrap_or_else(|| image.config.user.clone()),
         mounts,
         network,
         hostname: args.hostname.clone().unwrap_or_default(),
         limits,
     };
-    let stdio = Stdio { stdin: if args.interactive { Stdin::Inherit } else { Stdin::Null }, output: Output::Inherit };
+    let stdio = Stdio {
+        stdin: if args.interactive {
+            Stdin::Inherit
+        } else {
+            Stdin::Null
+        },
+        output: Output::Inherit,
+    };
     forward_signals();
     let running = runtime.start(&spec, stdio)?;
     if let Some(pid) = running.pid() {
@@ -149,7 +188,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 }
 
 /// The argv: entrypoint (flag or image) + CMD (given or image's).
-fn command_line(config: &ImageConfig, entrypoint: Option<&str>, cmd: &[String]) -> anyhow::Result<Vec<String>> {
+fn command_line(
+    config: &ImageConfig,
+    entrypoint: Option<&str>,
+    cmd: &[String],
+) -> anyhow::Result<Vec<String>> {
     let mut argv = match entrypoint {
         Some("") => Vec::new(),
         Some(e) => vec![e.to_string()],
@@ -160,7 +203,10 @@ fn command_line(config: &ImageConfig, entrypoint: Option<&str>, cmd: &[String]) 
     } else if entrypoint.is_none() {
         argv.extend(config.cmd.clone().unwrap_or_default());
     }
-    anyhow::ensure!(!argv.is_empty(), "kiln run: no command given and the image has none");
+    anyhow::ensure!(
+        !argv.is_empty(),
+        "kiln run: no command given and the image has none"
+    );
     Ok(argv)
 }
 
@@ -173,9 +219,17 @@ fn parse_volume(v: &str) -> anyhow::Result<Mount> {
         [h, c, "rw"] => (h, c, false),
         _ => bail!("-v {v:?}: expected HOST:CONTAINER[:ro|rw]"),
     };
-    let host = std::fs::canonicalize(host).with_context(|| format!("-v {v:?}: host path {host}"))?;
-    anyhow::ensure!(target.starts_with('/'), "-v {v:?}: the container path must be absolute");
-    Ok(Mount { target: PathBuf::from(target), source: MountSource::Bind(host), readonly })
+    let host =
+        std::fs::canonicalize(host).with_context(|| format!("-v {v:?}: host path {host}"))?;
+    anyhow::ensure!(
+        target.starts_with('/'),
+        "-v {v:?}: the container path must be absolute"
+    );
+    Ok(Mount {
+        target: PathBuf::from(target),
+        source: MountSource::Bind(host),
+        readonly,
+    })
 }
 
 /// `123`, `64k`, `64m`, `1g` (binary units, case-insensitive, optional `b`).
@@ -188,7 +242,9 @@ pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
         Some('g') => (&t[..t.len() - 1], 1 << 30),
         _ => (t, 1),
     };
-    let n: f64 = num.parse().with_context(|| format!("--memory {s:?}: expected e.g. 64m, 1g or a byte count"))?;
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("--memory {s:?}: expected e.g. 64m, 1g or a byte count"))?;
     anyhow::ensure!(n > 0.0, "--memory {s:?}: must be positive");
     Ok((n * mult as f64) as i64)
 }
@@ -245,9 +301,18 @@ mod tests {
         let mut c = ImageConfig::default();
         c.entrypoint = Some(vec!["/bin/sh".into(), "-c".into()]);
         c.cmd = Some(vec!["echo hi".into()]);
-        assert_eq!(command_line(&c, None, &[]).unwrap(), vec!["/bin/sh", "-c", "echo hi"]);
-        assert_eq!(command_line(&c, None, &["true".into()]).unwrap(), vec!["/bin/sh", "-c", "true"]);
-        assert_eq!(command_line(&c, Some("/bin/true"), &[]).unwrap(), vec!["/bin/true"]);
+        assert_eq!(
+            command_line(&c, None, &[]).unwrap(),
+            vec!["/bin/sh", "-c", "echo hi"]
+        );
+        assert_eq!(
+            command_line(&c, None, &["true".into()]).unwrap(),
+            vec!["/bin/sh", "-c", "true"]
+        );
+        assert_eq!(
+            command_line(&c, Some("/bin/true"), &[]).unwrap(),
+            vec!["/bin/true"]
+        );
         assert!(command_line(&ImageConfig::default(), None, &[]).is_err());
     }
 }

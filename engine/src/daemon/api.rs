@@ -63,6 +63,42 @@ pub struct PushResult {
     pub blobs_skipped: usize,
 }
 
+/// `GET /v1/system/df` answer (see `kiln du`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiskUsage {
+    /// Cache records.
+    pub records: usize,
+    /// Snapshots.
+    pub snapshots: usize,
+    /// Bytes of snapshots.
+    pub snapshot_bytes: u64,
+    /// Snapshots no record refers to.
+    pub unreferenced_snapshots: usize,
+    /// Bytes of cache mounts.
+    pub cache_mount_bytes: u64,
+}
+
+/// `POST /v1/system/prune` body (see `kiln prune`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PruneRequest {
+    /// Remove the whole build cache.
+    pub all: bool,
+    /// Keep this much (e.g. `10GB`), removing the oldest first.
+    pub keep_storage: Option<String>,
+}
+
+/// `POST /v1/system/prune` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PruneResult {
+    /// Records removed.
+    pub records: usize,
+    /// Snapshots removed.
+    pub snapshots: usize,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
 /// `POST /v1/build/context/missing` body.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -115,6 +151,30 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
         (&Method::GET, "images") => {
             let store = state.store.clone();
             ok_json(&blocking(move || store.images.list()).await?)
+        }
+        (&Method::GET, "system/df") => {
+            let store = state.store.clone();
+            let u = blocking(move || kiln_solver::gc::usage(&store)).await?;
+            ok_json(&DiskUsage {
+                records: u.records,
+                snapshots: u.snapshots,
+                snapshot_bytes: u.snapshot_bytes,
+                unreferenced_snapshots: u.unreferenced_snapshots,
+                cache_mount_bytes: u.cache_mount_bytes,
+            })
+        }
+        (&Method::POST, "system/prune") => {
+            let body: PruneRequest = read_json(req.into_body()).await?;
+            let keep_bytes = body
+                .keep_storage
+                .as_deref()
+                .map(kiln_solver::gc::parse_size)
+                .transpose()
+                .map_err(|e| ApiError::bad_request(format!("keep_storage: {e:#}")))?;
+            let store = state.store.clone();
+            let options = kiln_solver::gc::PruneOptions { all: body.all, keep_bytes };
+            let r = blocking(move || kiln_solver::gc::prune(&store, &options)).await?;
+            ok_json(&PruneResult { records: r.records, snapshots: r.snapshots, bytes: r.bytes })
         }
         (&Method::POST, "images/pull") => pull(state, read_json(req.into_body()).await?).await,
         (&Method::POST, "build/context/missing") => {
@@ -257,15 +317,13 @@ async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
 /// Lay out the context, then build, streaming [`BuildLine`]s. A client that
 /// goes away cancels its own build only.
 async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
-    context::validate(&opts.context)?;
-    let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
-    let (store, entries, path) = (state.store.clone(), opts.context.clone(), dir.path().to_path_buf());
-    blocking(move || Ok(context::materialize(&store, &entries, &path))).await??;
+    let (store, cache, entries) = (state.store.clone(), state.contexts.clone(), opts.context.clone());
+    let dir = blocking(move || Ok(cache.lease(&store, &entries))).await??;
     let (response, mut lines) = streaming("application/x-ndjson");
     tokio::spawn(async move {
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let gone = lines.clone();
-        let path = dir.path().to_path_buf();
+        let path = dir.path.clone();
         let work = super::build::run_build(&state, opts, path, tx);
         tokio::pin!(work);
         let result = loop {

@@ -150,9 +150,95 @@ pub async fn run_build(
     Ok(result.image_id())
 }
 
-/// A fresh directory for one build's context, removed on drop.
+/// A fresh directory for one build's context (Docker's tar contexts),
+/// removed on drop.
 pub fn context_dir(state: &State) -> anyhow::Result<tempfile::TempDir> {
-    let parent = state.store.root().join("daemon").join("contexts");
+    let parent = state.store.root().join("daemon").join("tmp");
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     Ok(tempfile::tempdir_in(parent)?)
+}
+
+/// Materialized kiln contexts, keyed by the digest of their file list, so
+/// an unchanged context is laid out once and reused (creating thousands of
+/// files per build would dominate an unchanged rebuild). Builds only read
+/// their context, so concurrent builds of one context share it. The least
+/// recently used contexts beyond [`ContextCache::KEEP`] are removed when no
+/// build uses them.
+pub struct ContextCache {
+    dir: PathBuf,
+    uses: std::sync::Mutex<HashMap<String, (usize, std::time::Instant)>>,
+}
+
+/// A context in use by one build; releases it on drop.
+pub struct ContextLease {
+    cache: Arc<ContextCache>,
+    key: String,
+    /// The context directory.
+    pub path: PathBuf,
+}
+
+impl Drop for ContextLease {
+    fn drop(&mut self) {
+        if let Some(u) = self.cache.uses.lock().unwrap().get_mut(&self.key) {
+            u.0 = u.0.saturating_sub(1);
+        }
+    }
+}
+
+impl ContextCache {
+    /// How many unused contexts are kept.
+    pub const KEEP: usize = 8;
+
+    /// A cache under `dir` (emptied: contexts do not outlive the daemon).
+    pub fn new(dir: PathBuf) -> anyhow::Result<Arc<ContextCache>> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Arc::new(ContextCache { dir, uses: Default::default() }))
+    }
+
+    /// The directory holding `entries`, laid out from `store` if new.
+    /// Blocking.
+    pub fn lease(self: &Arc<Self>, store: &kiln_cache::Store, entries: &[ContextEntry]) -> Result<ContextLease, super::web::ApiError> {
+        use sha2::Digest;
+        super::context::validate(entries)?;
+        let list = serde_json::to_vec(entries).unwrap_or_default();
+        let key = hex::encode(sha2::Sha256::digest(&list));
+        let path = self.dir.join(&key);
+        {
+            let mut uses = self.uses.lock().unwrap();
+            let u = uses.entry(key.clone()).or_insert((0, std::time::Instant::now()));
+            u.0 += 1;
+            u.1 = std::time::Instant::now();
+        }
+        let lease = ContextLease { cache: self.clone(), key, path: path.clone() };
+        let internal = |e: std::io::Error| super::web::ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, format!("context: {e}"));
+        if !path.is_dir() {
+            let tmp = tempfile::Builder::new().prefix(".new-").tempdir_in(&self.dir).map_err(internal)?;
+            super::context::materialize(store, entries, tmp.path())?;
+            let tmp = tmp.keep();
+            // A concurrent build may have laid out the same context first.
+            if std::fs::rename(&tmp, &path).is_err() {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+        }
+        self.evict();
+        Ok(lease)
+    }
+
+    fn evict(&self) {
+        let doomed: Vec<String> = {
+            let mut uses = self.uses.lock().unwrap();
+            let mut idle: Vec<(String, std::time::Instant)> =
+                uses.iter().filter(|(_, (n, _))| *n == 0).map(|(k, (_, t))| (k.clone(), *t)).collect();
+            idle.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+            let doomed: Vec<String> = idle.into_iter().skip(Self::KEEP).map(|(k, _)| k).collect();
+            for k in &doomed {
+                uses.remove(k);
+            }
+            doomed
+        };
+        for k in doomed {
+            let _ = std::fs::remove_dir_all(self.dir.join(k));
+        }
+    }
 }

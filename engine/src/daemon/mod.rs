@@ -59,6 +59,8 @@ pub struct State {
     pub containers: containers::ContainerTable,
     /// The solver every build shares (one cache, identical steps run once).
     pub solver: Arc<kiln_solver::Solver>,
+    /// Laid-out build contexts, reused while unchanged.
+    pub contexts: Arc<build::ContextCache>,
     /// The daemon's settings.
     pub global: Global,
     /// Becomes true when running work must be cancelled (drain timed out).
@@ -120,8 +122,9 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
         Err(e) => tracing::warn!("sweeping old containers: {e:#}"),
     }
     let registry = Arc::new(Registry::from_global(global)?);
-    // Contexts of builds a crash interrupted.
-    let _ = std::fs::remove_dir_all(global.root.join("daemon").join("contexts"));
+    // Contexts of earlier runs (and of builds a crash interrupted) go.
+    let _ = std::fs::remove_dir_all(global.root.join("daemon").join("tmp"));
+    let contexts = build::ContextCache::new(global.root.join("daemon").join("contexts"))?;
     let solver = build::shared_solver(store.clone(), registry.clone())?;
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let state = Arc::new(State {
@@ -130,6 +133,7 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
         runtime,
         containers: Default::default(),
         solver,
+        contexts,
         global: global.clone(),
         cancel: cancel_rx,
     });

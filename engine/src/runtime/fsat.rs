@@ -22,12 +22,24 @@ pub enum Resolve {
 }
 
 /// Open `rel` (relative, `/`-separated) below the directory `root`.
-pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path, flags: i32, resolve: Resolve) -> io::Result<OwnedFd> {
+pub fn open_beneath(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    flags: i32,
+    resolve: Resolve,
+) -> io::Result<OwnedFd> {
     let rel = relative(rel);
-    let path = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let path = if rel.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        rel
+    };
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let resolve = match resolve {
-        Resolve::NoSymlinks => libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+        Resolve::NoSymlinks => {
+            libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS
+        }
         Resolve::InRoot => libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
     };
     // SAFETY: open_how is plain data; zero is a valid value for every field.
@@ -53,9 +65,15 @@ pub fn open_beneath(root: BorrowedFd<'_>, rel: &Path, flags: i32, resolve: Resol
 
 /// Open a directory as an `O_PATH`-less directory fd (for *at calls).
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: NUL-terminated path.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -76,7 +94,10 @@ pub fn components(p: &Path) -> io::Result<Vec<&std::ffi::OsStr>> {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(n) => out.push(n),
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: `..` not allowed", p.display())));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: `..` not allowed", p.display()),
+                ));
             }
         }
     }
@@ -85,11 +106,19 @@ pub fn components(p: &Path) -> io::Result<Vec<&std::ffi::OsStr>> {
 
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` if it does not exist.
 pub fn lstat_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<Option<libc::stat>> {
-    let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: zeroed stat is a valid out-buffer.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, NUL-terminated name, valid out pointer.
-    let r = unsafe { libc::fstatat(dir.as_raw_fd(), c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENOENT) {
@@ -113,7 +142,8 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
 
 /// `mkdirat(dir, name, mode)`.
 pub fn mkdir_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {
-    let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: valid fd and NUL-terminated name.
     if unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode) } < 0 {
         return Err(io::Error::last_os_error());
@@ -123,7 +153,8 @@ pub fn mkdir_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, mode: u32) -> io::R
 
 /// Create an empty regular file `name` in `dir` (fails if it exists).
 pub fn create_file_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {
-    let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: valid fd and NUL-terminated name.
     let fd = unsafe {
         libc::openat(
@@ -143,7 +174,8 @@ pub fn create_file_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, mode: u32) ->
 
 /// `unlinkat(dir, name, flags)`.
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr, remove_dir: bool) -> io::Result<()> {
-    let c = CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let flags = if remove_dir { libc::AT_REMOVEDIR } else { 0 };
     // SAFETY: valid fd and NUL-terminated name.
     if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), flags) } < 0 {
@@ -163,7 +195,12 @@ pub fn is_opaque(fd: BorrowedFd<'_>) -> bool {
     let mut buf = [0u8; 4];
     // SAFETY: valid fd, NUL-terminated name, buffer of the given size.
     let n = unsafe {
-        libc::fgetxattr(fd.as_raw_fd(), c"trusted.overlay.opaque".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        libc::fgetxattr(
+            fd.as_raw_fd(),
+            c"trusted.overlay.opaque".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
     };
     n > 0
 }

@@ -19,8 +19,8 @@
 //! this machine has no network to give); `Host` shares the host's.
 
 mod fsat;
-pub mod overlay;
 mod netns;
+pub mod overlay;
 mod spec;
 mod stubs;
 pub mod user;
@@ -60,7 +60,11 @@ impl Rootfs {
     /// `lower` with changes discarded when the container is cleaned up
     /// (also by a sweep after a crash), as for `kiln run`.
     pub fn throwaway(lower: Vec<PathBuf>) -> Self {
-        Rootfs { lower, upper: PathBuf::new(), work: PathBuf::new() }
+        Rootfs {
+            lower,
+            upper: PathBuf::new(),
+            work: PathBuf::new(),
+        }
     }
 }
 
@@ -172,7 +176,10 @@ pub struct Stdio {
 impl Stdio {
     /// stdin from `/dev/null`, output to `sink`.
     pub fn stream(sink: LogSink) -> Self {
-        Stdio { stdin: Stdin::Null, output: Output::Stream(sink) }
+        Stdio {
+            stdin: Stdin::Null,
+            output: Output::Stream(sink),
+        }
     }
 }
 
@@ -180,19 +187,39 @@ impl Stdio {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     state_root: PathBuf,
+    /// `KILN_RUNTIME_TIMING=1`: print how long each phase took (to stderr).
+    timing: bool,
 }
 
 impl Runtime {
     /// Use `state_root` (e.g. `<kiln root>/run`) for container state, and
     /// clean up whatever containers of dead kiln processes left there.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
-        let rt = Runtime { state_root: state_root.into() };
+        let rt = Runtime {
+            state_root: state_root.into(),
+            timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some(),
+        };
         std::fs::create_dir_all(rt.containers_dir())
             .with_context(|| format!("creating {}", rt.containers_dir().display()))?;
         std::fs::create_dir_all(rt.libcontainer_dir())
             .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
         rt.sweep()?;
         Ok(rt)
+    }
+
+    /// The runtime-wide lock between sweeping and creating containers.
+    fn sweep_lock(&self, how: nix::fcntl::FlockArg) -> anyhow::Result<File> {
+        let path = self.state_root.join("sweep.lock");
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        #[allow(deprecated)]
+        nix::fcntl::flock(f.as_raw_fd(), how)
+            .with_context(|| format!("locking {}", path.display()))?;
+        Ok(f)
     }
 
     fn containers_dir(&self) -> PathBuf {
@@ -207,6 +234,10 @@ impl Runtime {
     /// their libcontainer state and cgroup, unmount, remove stubs and state.
     /// Returns how many were cleaned.
     pub fn sweep(&self) -> anyhow::Result<usize> {
+        // Exclusive against container creation (which holds it shared from
+        // mkdir until its own lock is taken), so a half-created container
+        // is never mistaken for a dead one.
+        let _guard = self.sweep_lock(nix::fcntl::FlockArg::LockExclusive)?;
         let mut cleaned = 0;
         for entry in std::fs::read_dir(self.containers_dir())? {
             let entry = entry?;
@@ -215,15 +246,18 @@ impl Runtime {
             // The owner holds an exclusive flock on the lock file for the
             // container's lifetime; getting it means the owner is gone.
             let Ok(lock) = File::open(dir.join("lock")) else {
-                // Half-created (no lock yet) or half-removed: take it only if old.
-                if is_older_than(&dir, 60) {
-                    self.cleanup_state(&id, None)?;
-                    cleaned += 1;
-                }
+                // Its creator died between mkdir and taking the lock.
+                self.cleanup_state(&id, None)?;
+                cleaned += 1;
                 continue;
             };
             #[allow(deprecated)] // a plain fd lock; nix's Flock wrapper would own the File
-            if nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
+            if nix::fcntl::flock(
+                lock.as_raw_fd(),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            )
+            .is_err()
+            {
                 continue;
             }
             let stubs = read_stub_record(&dir);
@@ -252,6 +286,7 @@ impl Runtime {
             None => random_id(),
         };
         let dir = self.containers_dir().join(&id);
+        let creating = self.sweep_lock(nix::fcntl::FlockArg::LockShared)?;
         std::fs::create_dir(&dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 anyhow::anyhow!("container name {id:?} is already in use")
@@ -259,9 +294,12 @@ impl Runtime {
                 anyhow::Error::new(e).context(format!("creating {}", dir.display()))
             }
         })?;
-        let lock = File::create(dir.join("lock")).with_context(|| format!("creating {}/lock", dir.display()))?;
+        let lock = File::create(dir.join("lock"))
+            .with_context(|| format!("creating {}/lock", dir.display()))?;
         #[allow(deprecated)]
-        nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive).context("locking container state")?;
+        nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive)
+            .context("locking container state")?;
+        drop(creating);
         std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
         let mut running = Running {
             runtime: self.clone(),
@@ -273,6 +311,8 @@ impl Runtime {
             container: None,
             pid: None,
             readers: Vec::new(),
+            detacher: None,
+            clock: Clock::new(self.timing),
             _lock: lock,
             cleaned: false,
         };
@@ -287,12 +327,28 @@ impl Runtime {
         self.start(spec, stdio)?.wait()
     }
 
+    /// Remove the cgroup directories and libcontainer state of a container
+    /// whose processes are all gone. False if anything is left (then use
+    /// libcontainer's own delete).
+    fn remove_stopped_container(&self, id: &str) -> bool {
+        remove_cgroups(id) && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
+    }
+
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
     /// take out of the upperdir after unmounting.
     fn cleanup_state(&self, id: &str, stubs: Option<(&Path, &Stubs)>) -> anyhow::Result<()> {
         let lc = self.libcontainer_dir().join(id);
         if lc.exists() {
             delete_libcontainer(&lc);
+        }
+        // libcontainer can leave the cgroup behind when creation fails, and
+        // after a crash its killed processes may take a moment to be reaped
+        // (by their new parent, not us): give them a second.
+        for _ in 0..10 {
+            if remove_cgroups(id) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let dir = self.containers_dir().join(id);
         overlay::unmount_all_under(&dir)?;
@@ -311,6 +367,33 @@ impl Runtime {
         }
         Ok(())
     }
+}
+
+/// Remove the (empty) cgroup directories `/kiln/<id>` in every cgroup
+/// hierarchy; false if one could not be removed.
+fn remove_cgroups(id: &str) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let mut all_gone = true;
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fstype = right.split(' ').next().unwrap_or("");
+        let fields: Vec<&str> = left.split(' ').collect();
+        if !(fstype == "cgroup" || fstype == "cgroup2") || fields.len() < 5 || fields[3] != "/" {
+            continue;
+        }
+        // The spec's cgroupsPath is /kiln/<id> in every hierarchy.
+        let dir = Path::new(fields[4]).join("kiln").join(id);
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => all_gone = false,
+        }
+    }
+    all_gone
 }
 
 /// Kill and delete a libcontainer container (state dir and cgroup); if its
@@ -341,6 +424,8 @@ pub struct Running {
     container: Option<Container>,
     pid: Option<Pid>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    detacher: Option<std::thread::JoinHandle<()>>,
+    clock: Clock,
     _lock: File,
     cleaned: bool,
 }
@@ -378,6 +463,7 @@ impl Running {
             }
         };
         self.pid = None;
+        self.clock.mark("run+exit");
         let code = match status {
             WaitStatus::Exited(_, code) => code,
             WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
@@ -404,22 +490,43 @@ impl Running {
             (spec.rootfs.upper.clone(), spec.rootfs.work.clone())
         };
         self.upper = upper.clone();
-        overlay::mount_overlay(&overlay::OverlaySpec { lower: &spec.rootfs.lower, upper: Some((&upper, &work)) }, &rootfs)?;
+        overlay::mount_overlay(
+            &overlay::OverlaySpec {
+                lower: &spec.rootfs.lower,
+                upper: Some((&upper, &work)),
+            },
+            &rootfs,
+        )?;
+        self.clock.mark("overlay");
         // Mount points the image may lack; recorded so they can be removed.
         let upper = &upper;
         for d in ["/proc", "/dev", "/sys"] {
-            self.stubs.ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
+            self.stubs
+                .ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
         }
         for f in ["/etc/hosts", "/etc/resolv.conf"] {
-            self.stubs.ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
+            self.stubs
+                .ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
         }
+        // Saved before anything else can fail, so a sweep after a crash
+        // removes them too (and again after the user's mount points).
+        self.save_stub_record()?;
         let mut mounts = Vec::new();
         for (i, m) in spec.mounts.iter().enumerate() {
-            anyhow::ensure!(m.target.is_absolute(), "mount target {} must be absolute", m.target.display());
+            anyhow::ensure!(
+                m.target.is_absolute(),
+                "mount target {} must be absolute",
+                m.target.display()
+            );
             let kind = match &m.source {
                 MountSource::Bind(src) => {
-                    let meta = std::fs::metadata(src).with_context(|| format!("bind source {}", src.display()))?;
-                    if meta.is_dir() { StubKind::Dir } else { StubKind::File }
+                    let meta = std::fs::metadata(src)
+                        .with_context(|| format!("bind source {}", src.display()))?;
+                    if meta.is_dir() {
+                        StubKind::Dir
+                    } else {
+                        StubKind::File
+                    }
                 }
                 _ => StubKind::Dir,
             };
@@ -432,14 +539,27 @@ impl Running {
         }
         self.save_stub_record()?;
         let root_fd = fsat::open_dir(&rootfs)?;
-        let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
-        anyhow::ensure!(cwd.starts_with('/'), "working directory {cwd:?} must be absolute");
-        mkdir_all_in_root(&root_fd, Path::new(cwd)).with_context(|| format!("creating working directory {cwd}"))?;
+        let cwd = if spec.cwd.is_empty() {
+            "/"
+        } else {
+            spec.cwd.as_str()
+        };
+        anyhow::ensure!(
+            cwd.starts_with('/'),
+            "working directory {cwd:?} must be absolute"
+        );
+        mkdir_all_in_root(&root_fd, Path::new(cwd))
+            .with_context(|| format!("creating working directory {cwd}"))?;
         let user = user::resolve_user(root_fd.as_fd(), &spec.user)?;
         drop(root_fd);
 
+        self.clock.mark("stubs+user");
         let hostname = if spec.hostname.is_empty() {
-            self.id.trim_start_matches("kiln-").chars().take(12).collect()
+            self.id
+                .trim_start_matches("kiln-")
+                .chars()
+                .take(12)
+                .collect()
         } else {
             spec.hostname.clone()
         };
@@ -452,7 +572,10 @@ impl Running {
             NetworkMode::Host => None,
             NetworkMode::None | NetworkMode::Default => Some(netns::new_loopback_netns()?),
         };
-        let netns_path = netns.as_ref().map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
+        self.clock.mark("netns");
+        let netns_path = netns
+            .as_ref()
+            .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
         let config = spec::build(&spec::SpecInput {
             id: &self.id,
             rootfs: &rootfs,
@@ -470,7 +593,9 @@ impl Running {
         let bundle = self.dir.join("bundle");
         std::fs::create_dir(&bundle)?;
         std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
+        self.clock.mark("spec");
 
+        private_cwd()?;
         let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
             .with_root_path(self.runtime.libcontainer_dir())
             .context("libcontainer state dir")?
@@ -480,7 +605,8 @@ impl Running {
         }
         if let Output::Stream(sink) = &stdio.output {
             for stream in [LogStream::Stdout, LogStream::Stderr] {
-                let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+                let (read, write) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
                 builder = match stream {
                     LogStream::Stdout => builder.with_stdout(write),
                     LogStream::Stderr => builder.with_stderr(write),
@@ -494,33 +620,69 @@ impl Running {
             .with_detach(true)
             .build()
             .map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
+        self.clock.mark("libcontainer create");
         drop(netns);
         self.pid = container.pid();
+        // The container's mount namespace now holds its own copies of the
+        // overlay and layer mounts (private: nothing propagates between
+        // them). Detach the host's copies while the container runs: an
+        // unmount waits for an RCU grace period, which on a busy host costs
+        // tens of milliseconds, and this keeps it off the critical path.
+        let host_mounts = overlay::mounts_under(&self.dir)?;
+        self.detacher = Some(std::thread::spawn(move || {
+            for m in host_mounts {
+                if let Err(e) = overlay::unmount(&m) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+        }));
         let started = container.start();
         self.container = Some(container);
         started.map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
+        self.clock.mark("start");
         Ok(())
     }
 
     /// Mount layer directories for a [`MountSource::Layers`] mount under the
     /// state dir; returns the host directory to bind into the container.
-    fn mount_layers(&self, index: usize, layers: &[PathBuf], readonly: bool) -> anyhow::Result<PathBuf> {
+    fn mount_layers(
+        &self,
+        index: usize,
+        layers: &[PathBuf],
+        readonly: bool,
+    ) -> anyhow::Result<PathBuf> {
         if readonly && layers.len() == 1 {
             // overlayfs wants two lowers when there is no upper; one
             // read-only layer is simply bind-mounted read-only.
-            anyhow::ensure!(layers[0].is_dir(), "layer mount: {} is not a directory", layers[0].display());
+            anyhow::ensure!(
+                layers[0].is_dir(),
+                "layer mount: {} is not a directory",
+                layers[0].display()
+            );
             return Ok(layers[0].clone());
         }
         let base = self.dir.join("mounts").join(index.to_string());
         let target = base.join("merged");
         std::fs::create_dir_all(&target)?;
         if readonly {
-            overlay::mount_overlay(&overlay::OverlaySpec { lower: layers, upper: None }, &target)?;
+            overlay::mount_overlay(
+                &overlay::OverlaySpec {
+                    lower: layers,
+                    upper: None,
+                },
+                &target,
+            )?;
         } else {
             let (upper, work) = (base.join("upper"), base.join("work"));
             std::fs::create_dir(&upper)?;
             std::fs::create_dir(&work)?;
-            overlay::mount_overlay(&overlay::OverlaySpec { lower: layers, upper: Some((&upper, &work)) }, &target)?;
+            overlay::mount_overlay(
+                &overlay::OverlaySpec {
+                    lower: layers,
+                    upper: Some((&upper, &work)),
+                },
+                &target,
+            )?;
         }
         Ok(target)
     }
@@ -546,14 +708,26 @@ impl Running {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
-        // Deleting through the handle we have saves re-reading its state.
+        if let Some(d) = self.detacher.take() {
+            let _ = d.join();
+        }
+        self.clock.mark("join");
         if let Some(mut c) = self.container.take() {
-            if let Err(e) = c.delete(true) {
-                tracing::warn!("deleting container {}: {e}", self.id);
+            // The process is reaped and its pid namespace gone, so the
+            // cgroup is empty: removing it and the state directly costs a
+            // few syscalls where libcontainer's delete re-reads its state
+            // and re-detects the cgroup layout (hundreds).
+            if !self.runtime.remove_stopped_container(&self.id) {
+                if let Err(e) = c.delete(true) {
+                    tracing::warn!("deleting container {}: {e}", self.id);
+                }
             }
         }
+        self.clock.mark("libcontainer delete");
         let stubs = (!self.throwaway_upper).then_some((self.upper.as_path(), &self.stubs));
-        self.runtime.cleanup_state(&self.id, stubs)
+        let r = self.runtime.cleanup_state(&self.id, stubs);
+        self.clock.mark("unmount+stubs+state");
+        r
     }
 }
 
@@ -594,7 +768,12 @@ fn mkdir_all_in_root(root: &OwnedFd, path: &Path) -> anyhow::Result<()> {
             }
             Some(_) => bail!("{} exists and is not a directory", path.display()),
         }
-        dir = fsat::open_beneath(dir.as_fd(), Path::new(name), libc::O_DIRECTORY | libc::O_RDONLY, fsat::Resolve::NoSymlinks)?;
+        dir = fsat::open_beneath(
+            dir.as_fd(),
+            Path::new(name),
+            libc::O_DIRECTORY | libc::O_RDONLY,
+            fsat::Resolve::NoSymlinks,
+        )?;
     }
     Ok(())
 }
@@ -620,7 +799,9 @@ fn resolv_content(network: NetworkMode) -> String {
     host.lines()
         .filter(|l| {
             let mut w = l.split_whitespace();
-            !(w.next() == Some("nameserver") && w.next().is_some_and(|ip| ip.starts_with("127.") || ip == "::1"))
+            !(w.next() == Some("nameserver")
+                && w.next()
+                    .is_some_and(|ip| ip.starts_with("127.") || ip == "::1"))
         })
         .map(|l| format!("{l}\n"))
         .collect()
@@ -631,30 +812,73 @@ fn validate_name(name: &str) -> anyhow::Result<()> {
         && name.len() <= 128
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    anyhow::ensure!(ok, "container name {name:?}: use letters, digits, `_`, `.` and `-` only");
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    anyhow::ensure!(
+        ok,
+        "container name {name:?}: use letters, digits, `_`, `.` and `-` only"
+    );
     Ok(())
 }
 
 fn random_id() -> String {
     let mut bytes = [0u8; 8];
-    if File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id())).to_le_bytes();
     }
     format!("kiln-{}", hex::encode(bytes))
-}
-
-fn is_older_than(path: &Path, secs: u64) -> bool {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age.as_secs() > secs)
 }
 
 fn read_stub_record(dir: &Path) -> Option<(PathBuf, Stubs)> {
     let text = std::fs::read_to_string(dir.join("stubs")).ok()?;
     let (upper, rest) = text.split_once('\n')?;
     Some((PathBuf::from(upper), Stubs::from_record(rest)?))
+}
+
+/// Phase timings for profiling container start and teardown.
+struct Clock {
+    last: Option<std::time::Instant>,
+}
+
+impl Clock {
+    fn new(enabled: bool) -> Clock {
+        Clock {
+            last: enabled.then(std::time::Instant::now),
+        }
+    }
+
+    fn mark(&mut self, phase: &str) {
+        if let Some(last) = self.last {
+            eprintln!(
+                "kiln-runtime: {phase:<22} {:>8.2} ms",
+                last.elapsed().as_secs_f64() * 1000.0
+            );
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+}
+
+thread_local! {
+    static PRIVATE_CWD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Give the calling thread its own working directory (`unshare(CLONE_FS)`).
+///
+/// libcontainer creates and connects its notify socket by `chdir`ing into
+/// the container's state dir and back; with a shared cwd, containers
+/// started concurrently from several threads would pull the working
+/// directory from under each other (and out from under the rest of kiln).
+fn private_cwd() -> anyhow::Result<()> {
+    if !PRIVATE_CWD.get() {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).context("unshare(CLONE_FS)")?;
+        PRIVATE_CWD.set(true);
+    }
+    Ok(())
 }

@@ -11,8 +11,10 @@ use anyhow::Context;
 /// Create a network namespace with `lo` up; returns an fd to it.
 pub fn new_loopback_netns() -> anyhow::Result<OwnedFd> {
     std::thread::spawn(|| -> anyhow::Result<OwnedFd> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-        let ns = std::fs::File::open("/proc/thread-self/ns/net").context("opening the new network namespace")?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("unshare(CLONE_NEWNET)")?;
+        let ns = std::fs::File::open("/proc/thread-self/ns/net")
+            .context("opening the new network namespace")?;
         loopback_up().context("bringing up lo in the new network namespace")?;
         Ok(OwnedFd::from(ns))
     })

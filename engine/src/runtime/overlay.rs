@@ -38,22 +38,35 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
     }
     for dir in spec.lower {
         if !dir.is_dir() {
-            bail!("overlay at {}: layer {} is not a directory", target.display(), dir.display());
+            bail!(
+                "overlay at {}: layer {} is not a directory",
+                target.display(),
+                dir.display()
+            );
         }
     }
     // SAFETY: plain syscall; the name is a NUL-terminated literal.
     let fs = unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) };
     if fs < 0 {
-        return Err(io::Error::last_os_error()).context("fsopen(overlay) (needs kernel >= 5.2 and overlayfs)");
+        return Err(io::Error::last_os_error())
+            .context("fsopen(overlay) (needs kernel >= 5.2 and overlayfs)");
     }
     // SAFETY: fsopen returned a fresh fd that we now own.
     let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
     let set = |key: &str, value: &[u8]| -> anyhow::Result<()> {
         let k = CString::new(key).expect("static key");
-        let v = CString::new(value).with_context(|| format!("overlay option {key}: NUL in value"))?;
+        let v =
+            CString::new(value).with_context(|| format!("overlay option {key}: NUL in value"))?;
         // SAFETY: valid fd and NUL-terminated strings that outlive the call.
         let r = unsafe {
-            libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_SET_STRING, k.as_ptr(), v.as_ptr(), 0)
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                k.as_ptr(),
+                v.as_ptr(),
+                0,
+            )
         };
         if r < 0 {
             let err = io::Error::last_os_error();
@@ -67,8 +80,12 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
     };
     // Top layer first for the kernel; `lowerdir+` appends below the previous one.
     for dir in spec.lower.iter().rev() {
-        set("lowerdir+", dir.as_os_str().as_bytes())
-            .with_context(|| format!("overlay at {} (kernel >= 6.8 needed for lowerdir+)", target.display()))?;
+        set("lowerdir+", dir.as_os_str().as_bytes()).with_context(|| {
+            format!(
+                "overlay at {} (kernel >= 6.8 needed for lowerdir+)",
+                target.display()
+            )
+        })?;
     }
     if let Some((upper, work)) = spec.upper {
         set("upperdir", upper.as_os_str().as_bytes())?;
@@ -81,7 +98,14 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
     set("redirect_dir", b"off")?;
     // SAFETY: valid fd; key pointer may be null for CMD_CREATE.
     let r = unsafe {
-        libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), FSCONFIG_CMD_CREATE, std::ptr::null::<u8>(), std::ptr::null::<u8>(), 0)
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<u8>(),
+            std::ptr::null::<u8>(),
+            0,
+        )
     };
     if r < 0 {
         let err = io::Error::last_os_error();
@@ -92,16 +116,25 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
             kernel_messages(&fs)
         );
     }
-    let attrs = if spec.upper.is_none() { MOUNT_ATTR_RDONLY } else { 0 };
+    let attrs = if spec.upper.is_none() {
+        MOUNT_ATTR_RDONLY
+    } else {
+        0
+    };
     // SAFETY: valid fs context fd.
     let mnt = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };
     if mnt < 0 {
         let err = io::Error::last_os_error();
-        bail!("fsmount overlay for {}: {err}{}", target.display(), kernel_messages(&fs));
+        bail!(
+            "fsmount overlay for {}: {err}{}",
+            target.display(),
+            kernel_messages(&fs)
+        );
     }
     // SAFETY: fsmount returned a fresh fd that we now own.
     let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
-    let target_c = CString::new(target.as_os_str().as_bytes()).context("mount target has a NUL byte")?;
+    let target_c =
+        CString::new(target.as_os_str().as_bytes()).context("mount target has a NUL byte")?;
     // SAFETY: valid fds and NUL-terminated strings.
     let r = unsafe {
         libc::syscall(
@@ -114,7 +147,8 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
         )
     };
     if r < 0 {
-        return Err(io::Error::last_os_error()).with_context(|| format!("move_mount overlay to {}", target.display()));
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("move_mount overlay to {}", target.display()));
     }
     Ok(())
 }
@@ -148,7 +182,8 @@ pub fn unmount(target: &Path) -> anyhow::Result<()> {
 
 /// Every mount point at or below `dir` in this mount namespace, deepest first.
 pub fn mounts_under(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let mut found: Vec<PathBuf> = info
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
@@ -166,7 +201,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;

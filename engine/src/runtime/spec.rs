@@ -32,25 +32,84 @@ pub const DEFAULT_CAPABILITIES: &[&str] = &[
 /// (kernel modules, kexec, reboot, mount and namespace games, keyrings,
 /// tracing other processes, bpf, clock setting, swap, quotas, ...).
 pub const BLOCKED_SYSCALLS: &[&str] = &[
-    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
-    "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms", "get_mempolicy",
-    "init_module", "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl",
-    "lookup_dcookie", "mbind", "mount", "mount_setattr", "move_mount", "move_pages",
-    "name_to_handle_at", "nfsservctl", "open_by_handle_at", "open_tree", "perf_event_open",
-    "pivot_root", "process_vm_readv", "process_vm_writev", "ptrace", "query_module", "quotactl",
-    "quotactl_fd", "reboot", "request_key", "set_mempolicy", "setns", "settimeofday", "swapoff",
-    "swapon", "sysfs", "_sysctl", "umount2", "unshare", "uselib", "userfaultfd", "ustat",
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "sysfs",
+    "_sysctl",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
 ];
 
 /// Paths hidden from the container (as docker does).
 const MASKED_PATHS: &[&str] = &[
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
     "/sys/devices/virtual/powercap",
 ];
 
 /// Paths the container may read but not write (as docker does).
-const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// Everything the spec needs that the caller decided.
 pub struct SpecInput<'a> {
@@ -112,7 +171,12 @@ pub fn build(input: &SpecInput<'_>) -> Value {
             (MountSource::Layers(_), None) => unreachable!("layer mounts are prepared before the spec is built"),
         });
     }
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "uts"}), json!({"type": "mount"})];
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+    ];
     if let Some(path) = &input.netns_path {
         namespaces.push(json!({"type": "network", "path": path}));
     }
@@ -122,7 +186,8 @@ pub fn build(input: &SpecInput<'_>) -> Value {
     }
     if let Some(cpus) = input.limits.cpus {
         let period: u64 = 100_000;
-        resources["cpu"] = json!({"quota": (cpus * period as f64).round() as i64, "period": period});
+        resources["cpu"] =
+            json!({"quota": (cpus * period as f64).round() as i64, "period": period});
     }
     let mut env = input.env.to_vec();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
@@ -139,7 +204,11 @@ pub fn build(input: &SpecInput<'_>) -> Value {
         // SAFETY: zeroed rlimit is a valid out-buffer for getrlimit.
         let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
         // SAFETY: valid resource and out pointer.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_max.min(1_048_576) } else { 1024 }
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_max.min(1_048_576)
+        } else {
+            1024
+        }
     };
     json!({
         "ociVersion": "1.0.2",
@@ -160,6 +229,10 @@ pub fn build(input: &SpecInput<'_>) -> Value {
         "mounts": mounts,
         "linux": {
             "namespaces": namespaces,
+            // Mount events never cross between host and container (libcontainer
+            // applies it recursively); kiln
+            // detaches its host copies of the rootfs while the container runs.
+            "rootfsPropagation": "private",
             "cgroupsPath": format!("/kiln/{}", input.id),
             "resources": resources,
             "maskedPaths": MASKED_PATHS,

@@ -35,7 +35,12 @@ enum Made {
     Created(PathBuf, StubKind),
     /// This directory existed only in a lower layer; creating something in
     /// it copied it up. Remember its owner and mode to recognise it.
-    CopiedUp { rel: PathBuf, uid: u32, gid: u32, mode: u32 },
+    CopiedUp {
+        rel: PathBuf,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    },
 }
 
 /// What kiln created in a rootfs, in creation order.
@@ -50,11 +55,21 @@ impl Stubs {
     /// `upper` is the overlay's upperdir (to learn what creation copies up).
     /// A target whose last component is a symlink is left alone (the runtime
     /// resolves it inside the root); a symlink among its parents is an error.
-    pub fn ensure(&mut self, merged: &Path, upper: &Path, target: &Path, kind: StubKind) -> anyhow::Result<()> {
+    pub fn ensure(
+        &mut self,
+        merged: &Path,
+        upper: &Path,
+        target: &Path,
+        kind: StubKind,
+    ) -> anyhow::Result<()> {
         let parts = fsat::components(target)?;
-        let Some((last, parents)) = parts.split_last() else { return Ok(()) };
-        let root = fsat::open_dir(merged).with_context(|| format!("opening rootfs {}", merged.display()))?;
-        let upper_fd = fsat::open_dir(upper).with_context(|| format!("opening upperdir {}", upper.display()))?;
+        let Some((last, parents)) = parts.split_last() else {
+            return Ok(());
+        };
+        let root = fsat::open_dir(merged)
+            .with_context(|| format!("opening rootfs {}", merged.display()))?;
+        let upper_fd = fsat::open_dir(upper)
+            .with_context(|| format!("opening upperdir {}", upper.display()))?;
         let mut dir: OwnedFd = root.try_clone()?;
         let mut rel = PathBuf::new();
         let mut pending_copy_up = Vec::new();
@@ -62,8 +77,9 @@ impl Stubs {
             rel.push(name);
             match fsat::lstat_at(dir.as_fd(), name)? {
                 None => {
-                    fsat::mkdir_at(dir.as_fd(), name, 0o755)
-                        .with_context(|| format!("creating mount point parent /{}", rel.display()))?;
+                    fsat::mkdir_at(dir.as_fd(), name, 0o755).with_context(|| {
+                        format!("creating mount point parent /{}", rel.display())
+                    })?;
                     self.made.push(Made::Created(rel.clone(), StubKind::Dir));
                 }
                 Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
@@ -82,8 +98,13 @@ impl Stubs {
                     rel.display()
                 ),
             }
-            dir = fsat::open_beneath(dir.as_fd(), Path::new(name), libc::O_DIRECTORY | libc::O_RDONLY, Resolve::NoSymlinks)
-                .with_context(|| format!("opening /{} in the rootfs", rel.display()))?;
+            dir = fsat::open_beneath(
+                dir.as_fd(),
+                Path::new(name),
+                libc::O_DIRECTORY | libc::O_RDONLY,
+                Resolve::NoSymlinks,
+            )
+            .with_context(|| format!("opening /{} in the rootfs", rel.display()))?;
         }
         rel.push(last);
         if fsat::lstat_at(dir.as_fd(), last)?.is_some() {
@@ -103,16 +124,25 @@ impl Stubs {
     /// Remove from the (unmounted) upperdir every stub that is still exactly
     /// what kiln created, newest first. Entries the process changed stay.
     pub fn remove_from_upper(&self, upper: &Path) -> anyhow::Result<()> {
-        let upper_fd = fsat::open_dir(upper).with_context(|| format!("opening upperdir {}", upper.display()))?;
+        let upper_fd = fsat::open_dir(upper)
+            .with_context(|| format!("opening upperdir {}", upper.display()))?;
         for made in self.made.iter().rev() {
             let (rel, check): (&Path, &dyn Fn(&libc::stat, &OwnedFd) -> bool) = match made {
-                Made::Created(rel, StubKind::File) => {
-                    (rel, &|st, _| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 && st.st_nlink == 1)
-                }
-                Made::Created(rel, StubKind::Dir) => (rel, &|st, fd| {
-                    st.st_mode & libc::S_IFMT == libc::S_IFDIR && fsat::dir_is_empty(fd.as_fd()).unwrap_or(false)
+                Made::Created(rel, StubKind::File) => (rel, &|st, _| {
+                    st.st_mode & libc::S_IFMT == libc::S_IFREG
+                        && st.st_size == 0
+                        && st.st_nlink == 1
                 }),
-                Made::CopiedUp { rel, uid, gid, mode } => (rel, &move |st: &libc::stat, fd: &OwnedFd| {
+                Made::Created(rel, StubKind::Dir) => (rel, &|st, fd| {
+                    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                        && fsat::dir_is_empty(fd.as_fd()).unwrap_or(false)
+                }),
+                Made::CopiedUp {
+                    rel,
+                    uid,
+                    gid,
+                    mode,
+                } => (rel, &move |st: &libc::stat, fd: &OwnedFd| {
                     st.st_mode & libc::S_IFMT == libc::S_IFDIR
                         && st.st_uid == *uid
                         && st.st_gid == *gid
@@ -121,12 +151,17 @@ impl Stubs {
                         && fsat::dir_is_empty(fd.as_fd()).unwrap_or(false)
                 }),
             };
-            let Some(name) = rel.file_name() else { continue };
+            let Some(name) = rel.file_name() else {
+                continue;
+            };
             let parent = rel.parent().unwrap_or(Path::new(""));
             // Any symlink on the way (planted by the process) makes this fail: leave it.
-            let Ok(parent_fd) =
-                fsat::open_beneath(upper_fd.as_fd(), parent, libc::O_DIRECTORY | libc::O_RDONLY, Resolve::NoSymlinks)
-            else {
+            let Ok(parent_fd) = fsat::open_beneath(
+                upper_fd.as_fd(),
+                parent,
+                libc::O_DIRECTORY | libc::O_RDONLY,
+                Resolve::NoSymlinks,
+            ) else {
                 continue;
             };
             let Ok(fd) = fsat::open_beneath(
@@ -137,13 +172,16 @@ impl Stubs {
             ) else {
                 continue;
             };
-            let Ok(st) = fsat::fstat(fd.as_fd()) else { continue };
+            let Ok(st) = fsat::fstat(fd.as_fd()) else {
+                continue;
+            };
             if !check(&st, &fd) {
                 continue;
             }
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
             drop(fd);
-            remove_checked(&parent_fd, name, is_dir).with_context(|| format!("removing stub /{}", rel.display()))?;
+            remove_checked(&parent_fd, name, is_dir)
+                .with_context(|| format!("removing stub /{}", rel.display()))?;
         }
         Ok(())
     }
@@ -160,14 +198,27 @@ impl Stubs {
 }
 
 fn in_upper(upper: &OwnedFd, rel: &Path) -> bool {
-    fsat::open_beneath(upper.as_fd(), rel, libc::O_PATH | libc::O_NOFOLLOW, Resolve::NoSymlinks).is_ok()
+    fsat::open_beneath(
+        upper.as_fd(),
+        rel,
+        libc::O_PATH | libc::O_NOFOLLOW,
+        Resolve::NoSymlinks,
+    )
+    .is_ok()
 }
 
 fn remove_checked(parent: &OwnedFd, name: &OsStr, is_dir: bool) -> anyhow::Result<()> {
     match fsat::unlink_at(parent.as_fd(), name, is_dir) {
         Ok(()) => Ok(()),
         // Raced with a change, or not empty after all: leave it.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENOTEMPTY) | Some(libc::EEXIST)
+            ) =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }

@@ -42,15 +42,22 @@ pub fn resolve_user(root: BorrowedFd<'_>, spec: &str) -> anyhow::Result<Resolved
         .filter(|f| f.len() >= 4)
         .collect();
     let found = match user.parse::<u32>() {
-        Ok(uid) => entries.iter().find(|f| f[2].parse::<u32>().ok() == Some(uid)),
+        Ok(uid) => entries
+            .iter()
+            .find(|f| f[2].parse::<u32>().ok() == Some(uid)),
         Err(_) => entries.iter().find(|f| f[0] == user),
     };
     let (uid, mut gid, name, home) = match (found, user.parse::<u32>()) {
         (Some(f), _) => (
-            f[2].parse::<u32>().with_context(|| format!("/etc/passwd: bad uid for user {:?}", f[0]))?,
-            f[3].parse::<u32>().with_context(|| format!("/etc/passwd: bad gid for user {:?}", f[0]))?,
+            f[2].parse::<u32>()
+                .with_context(|| format!("/etc/passwd: bad uid for user {:?}", f[0]))?,
+            f[3].parse::<u32>()
+                .with_context(|| format!("/etc/passwd: bad gid for user {:?}", f[0]))?,
             Some(f[0].to_string()),
-            f.get(5).filter(|h| !h.is_empty()).unwrap_or(&"/").to_string(),
+            f.get(5)
+                .filter(|h| !h.is_empty())
+                .unwrap_or(&"/")
+                .to_string(),
         ),
         (None, Ok(uid)) => (uid, uid, None, "/".to_string()),
         (None, Err(_)) => bail!("user {user:?}: no such user in the image's /etc/passwd"),
@@ -63,15 +70,15 @@ pub fn resolve_user(root: BorrowedFd<'_>, spec: &str) -> anyhow::Result<Resolved
         .filter(|f| f.len() >= 3)
         .collect();
     if let Some(g) = group {
-        gid = match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => group_entries
-                .iter()
-                .find(|f| f[0] == g)
-                .with_context(|| format!("group {g:?}: no such group in the image's /etc/group"))?[2]
-                .parse::<u32>()
-                .with_context(|| format!("/etc/group: bad gid for group {g:?}"))?,
-        };
+        gid =
+            match g.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => group_entries.iter().find(|f| f[0] == g).with_context(|| {
+                    format!("group {g:?}: no such group in the image's /etc/group")
+                })?[2]
+                    .parse::<u32>()
+                    .with_context(|| format!("/etc/group: bad gid for group {g:?}"))?,
+            };
     }
     // The primary group is always a supplementary group too, as in docker,
     // containerd and BuildKit since the fix for CVE-2023-25173 (`id` shows
@@ -92,7 +99,12 @@ pub fn resolve_user(root: BorrowedFd<'_>, spec: &str) -> anyhow::Result<Resolved
             }
         }
     }
-    Ok(ResolvedUser { uid, gid, additional_gids, home })
+    Ok(ResolvedUser {
+        uid,
+        gid,
+        additional_gids,
+        home,
+    })
 }
 
 /// A file's text as the container would read it; "" if it does not exist.
@@ -100,7 +112,9 @@ fn read_in_root(root: BorrowedFd<'_>, path: &str) -> anyhow::Result<String> {
     match open_beneath(root, Path::new(path), libc::O_RDONLY, Resolve::InRoot) {
         Ok(fd) => {
             let mut s = String::new();
-            std::fs::File::from(fd).read_to_string(&mut s).with_context(|| format!("reading {path} in the rootfs"))?;
+            std::fs::File::from(fd)
+                .read_to_string(&mut s)
+                .with_context(|| format!("reading {path} in the rootfs"))?;
             Ok(s)
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(String::new()),

@@ -14,7 +14,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use libcontainer::oci_spec::runtime::Spec;
-use libcontainer::workload::{Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError};
+use libcontainer::workload::{
+    Executor, ExecutorError, ExecutorSetEnvsError, ExecutorValidationError,
+};
 
 /// Executes `process.args` with exactly `process.env`.
 #[derive(Clone, Default)]
@@ -31,36 +33,59 @@ fn find_executable(name: &str, env: &[String]) -> Option<PathBuf> {
     if name.contains('/') {
         return Some(PathBuf::from(name));
     }
-    let path = env.iter().find_map(|e| e.strip_prefix("PATH=")).unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-    path.split(':').map(|dir| Path::new(dir).join(name)).find(|p| {
-        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    path.split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 impl Executor for ExecveExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         let (args, env) = process_parts(spec).ok_or(ExecutorError::InvalidArg)?;
-        let path = find_executable(&args[0], &env)
-            .ok_or_else(|| ExecutorError::Other(format!("executable {:?} not found in $PATH", args[0])))?;
+        let path = find_executable(&args[0], &env).ok_or_else(|| {
+            ExecutorError::Other(format!("executable {:?} not found in $PATH", args[0]))
+        })?;
         let to_c = |s: &str| CString::new(s).map_err(|_| ExecutorError::InvalidArg);
-        let path_c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ExecutorError::InvalidArg)?;
-        let argv = args.iter().map(|a| to_c(a)).collect::<Result<Vec<_>, _>>()?;
+        let path_c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| ExecutorError::InvalidArg)?;
+        let argv = args
+            .iter()
+            .map(|a| to_c(a))
+            .collect::<Result<Vec<_>, _>>()?;
         let envp = env.iter().map(|e| to_c(e)).collect::<Result<Vec<_>, _>>()?;
         let err = nix::unistd::execve(&path_c, &argv, &envp).unwrap_err();
-        Err(ExecutorError::Other(format!("exec {}: {err}", path.display())))
+        Err(ExecutorError::Other(format!(
+            "exec {}: {err}",
+            path.display()
+        )))
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
-        let (args, env) = process_parts(spec)
-            .ok_or_else(|| ExecutorValidationError::ArgValidationError("no command to run".into()))?;
+        let (args, env) = process_parts(spec).ok_or_else(|| {
+            ExecutorValidationError::ArgValidationError("no command to run".into())
+        })?;
         match find_executable(&args[0], &env) {
-            Some(p) if p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0) => Ok(()),
+            Some(p)
+                if p.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0) =>
+            {
+                Ok(())
+            }
             Some(p) if p.exists() => Err(ExecutorValidationError::ArgValidationError(format!(
                 "{:?} ({}) is not an executable file",
                 args[0],
                 p.display()
             ))),
-            _ => Err(ExecutorValidationError::ArgValidationError(format!("executable {:?} not found in $PATH", args[0]))),
+            _ => Err(ExecutorValidationError::ArgValidationError(format!(
+                "executable {:?} not found in $PATH",
+                args[0]
+            ))),
         }
     }
 

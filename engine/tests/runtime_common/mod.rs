@@ -37,7 +37,12 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Scratch {
-        Scratch { dir: tempfile::Builder::new().prefix("kiln-rt-test").tempdir().unwrap() }
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("kiln-rt-test")
+                .tempdir()
+                .unwrap(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -105,7 +110,11 @@ pub fn make_busybox_rootfs(root: &Path) {
         "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
     )
     .unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\nstaff:x:50:alice\nalice:x:1000:\nnogroup:x:65534:\n").unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nstaff:x:50:alice\nalice:x:1000:\nnogroup:x:65534:\n",
+    )
+    .unwrap();
     std::fs::create_dir_all(root.join("root")).unwrap();
     std::fs::create_dir_all(root.join("tmp")).unwrap();
 }

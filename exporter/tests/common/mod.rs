@@ -109,6 +109,7 @@ pub fn spec(layers: Vec<String>) -> ImageSpec {
         os: "linux".into(),
         architecture: "amd64".into(),
         variant: None,
+        created: None,
     }
 }
 
