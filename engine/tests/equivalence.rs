@@ -117,6 +117,7 @@ impl Kiln {
         c.args(["save", "--format", "oci", "-o"]).arg(&layout).arg(case.image_name());
         run(&mut c, "kiln save")?;
         let image = read_layout(&layout);
+        let _ = std::fs::remove_dir_all(&layout); // read into memory; keep the disk free
         let mut c = self.cmd();
         c.args(["inspect", &case.image_name()]);
         let inspect = run(&mut c, "kiln inspect")?;
@@ -186,9 +187,10 @@ impl Buildah {
         run(&mut c, "buildah build")?;
         let layout = self.work.join(format!("buildah-{}", case.name));
         let mut c = self.cmd();
-        c.args(["push", "--quiet", &case.image_name()]).arg(format!("oci:{}:latest", layout.display()));
+        c.args(["push", "--quiet", "--disable-compression", &case.image_name()]).arg(format!("oci:{}:latest", layout.display()));
         run(&mut c, "buildah push")?;
         let image = read_layout(&layout);
+        let _ = std::fs::remove_dir_all(&layout); // read into memory; keep the disk free
         let mut c = self.cmd();
         c.args(["inspect", "--type", "image", &case.image_name()]);
         let inspect: Value = serde_json::from_slice(&run(&mut c, "buildah inspect")?).map_err(|e| e.to_string())?;
