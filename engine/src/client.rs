@@ -251,6 +251,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::Build(_) | Command::Du(_) | Command::Prune(_) => {
             bail!("kiln build/du/prune: not available through --host yet; run them without --host on the daemon's machine")
         }
+        Command::Check(_) => bail!("kiln check: not available through --host; run it on the daemon's machine without --host"),
         Command::Import(_) | Command::Load(_) | Command::Save(_) => {
             bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
         }
