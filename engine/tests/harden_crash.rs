@@ -129,7 +129,9 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
                 ("save", vec!["save".into(), "-o".into(), out.to_string_lossy().into_owned(), "busybox".into()])
             }
         };
-        let after = Duration::from_millis(rng.between(20, 800));
+        // Builds get a longer window so that some of them finish steps
+        // (the final build must reuse those); pulls and saves are short.
+        let after = Duration::from_millis(if what == "build" { rng.between(20, 2500) } else { rng.between(20, 800) });
         if run_and_kill(&root, &args, after) {
             kills += 1;
         } else {

@@ -105,18 +105,36 @@ fn symlink(b: &mut tar::Builder<std::fs::File>, path: &str, target: &str) {
     h.set_entry_type(tar::EntryType::Symlink);
     h.set_size(0);
     h.set_mode(0o777);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
     b.append_link(&mut h, path, target).unwrap();
 }
 
-/// A tar whose member names are written raw (the tar crate refuses `..`).
+/// A ustar archive whose member names are written raw (the tar crate's
+/// builder refuses `..`). An entry whose data starts with `->` is a symlink
+/// to the rest.
 fn raw_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, data) in entries {
-        let mut h = tar::Header::new_old();
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_size(data.len() as u64);
+        let mut h = tar::Header::new_ustar();
+        h.as_ustar_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
         h.set_mode(0o644);
-        h.set_entry_type(tar::EntryType::Regular);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        let data: &[u8] = match data.strip_prefix(b"->") {
+            Some(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_link_name(std::str::from_utf8(target).unwrap()).unwrap();
+                &[]
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Regular);
+                data
+            }
+        };
+        h.set_size(data.len() as u64);
         h.set_cksum();
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(data);
@@ -142,10 +160,14 @@ fn hostile_builds_stay_inside_the_rootfs() {
     w.assert_canary("WORKDIR through symlinks", &out);
 
     // COPY --from a stage whose files are symlinks out: must not copy host files.
-    let (out, dest) = w.build("copy-from-symlinks", "FROM evil:1 AS s\nFROM busybox\nCOPY --from=s /hostfile /got\nCOPY --from=s /evil/etc/hostname /got2\n", &[]);
-    w.assert_canary("COPY --from symlinks leading out", &out);
-    if let Ok(got) = std::fs::read_to_string(dest.join("got")) {
-        assert_ne!(got, CANARY_TEXT, "COPY --from read a host file through a symlink");
+    for (i, src) in ["/hostfile", "/evil/etc/hostname", "/up/etc/hostname"].iter().enumerate() {
+        let df = format!("FROM evil:1 AS s\nFROM busybox\nCOPY --from=s {src} /got\n");
+        let (out, dest) = w.build(&format!("copy-from-symlinks-{i}"), &df, &[]);
+        w.assert_canary(&format!("COPY --from a stage's {src} (symlink leading out)"), &out);
+        if let Ok(got) = std::fs::read(dest.join("got")) {
+            let host_file = std::fs::read(src.replace("/evil", "").replace("/up", "")).unwrap_or_default();
+            assert!(got != CANARY_TEXT.as_bytes() && got != host_file, "COPY --from {src} read a host file through a symlink");
+        }
     }
 
     // Cache mount ids and sources with `..`.
@@ -158,20 +180,26 @@ fn hostile_builds_stay_inside_the_rootfs() {
     w.assert_canary("cache mount id/source with ..", &out);
 
     // Bind mount from an image that holds symlinks to / and to the host dir.
-    let (out, _) = w.build(
-        "bind-from-symlink",
-        "FROM busybox\nRUN --mount=type=bind,from=evil:1,source=/hostdir,target=/m,rw touch /m/pwned-bind\n\
-         RUN --mount=type=bind,from=evil:1,source=/evil,target=/m,rw sh -c 'ls /m; touch /m/pwned-root'\n",
-        &[],
-    );
-    w.assert_canary("RUN --mount=type=bind,from=IMAGE with symlinks out", &out);
+    for (i, src) in ["/hostdir", "/evil", "/up"].iter().enumerate() {
+        let host = w.host_target();
+        let df = format!("FROM busybox\nRUN --mount=type=bind,from=evil:1,source={src},target=/m,rw sh -c 'touch /m/pwned-bind; touch /m{host}/pwned-bind2; ls /m'\n");
+        let (out, _) = w.build(&format!("bind-from-symlink-{i}"), &df, &[]);
+        w.assert_canary(&format!("RUN --mount=type=bind,from=IMAGE,source={src} (symlink out)"), &out);
+        assert!(!Path::new("/pwned-bind").exists(), "bind mount of {src} wrote /pwned-bind on the host");
+    }
 
     // WORKDIR into /proc/self/fd/N.
     let (out, _) = w.build("workdir-proc-fd", "FROM busybox\nWORKDIR /proc/self/fd/3\nRUN touch pwned-fd || true\nCOPY Dockerfile pwned-copyfd\n", &[]);
     w.assert_canary("WORKDIR /proc/self/fd/N", &out);
 
     // ADD of a tar with ../ entries.
-    let evil_tar = raw_tar(&[("../../../../../../../../../../tmp/kiln-pwned-add", b"x"), ("a/../../../pwned-add2", b"x")]);
+    let link = format!("->{host}");
+    let evil_tar = raw_tar(&[
+        ("../../../../../../../../../../tmp/kiln-pwned-add", b"x"),
+        ("a/../../../pwned-add2", b"x"),
+        ("hostlink", link.as_bytes()),
+        ("hostlink/pwned-add3", b"x"),
+    ]);
     let (out, _) = w.build("add-dotdot-tar", "FROM busybox\nADD evil.tar /x/\n", &[("evil.tar", &evil_tar)]);
     w.assert_canary("ADD of a tar with ../ entries", &out);
     assert!(!Path::new("/tmp/kiln-pwned-add").exists(), "ADD wrote /tmp/kiln-pwned-add on the host");
@@ -180,6 +208,8 @@ fn hostile_builds_stay_inside_the_rootfs() {
     let ctx_tar = raw_tar(&[
         ("Dockerfile", b"FROM busybox\nCOPY . /ctx/\n"),
         ("../../../../../../../../../tmp/kiln-pwned-ctx", b"x"),
+        ("hostlink", link.as_bytes()),
+        ("hostlink/pwned-ctx2", b"x"),
     ]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
