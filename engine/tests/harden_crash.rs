@@ -40,6 +40,28 @@ fn mounts_under(root: &Path) -> Vec<String> {
         .collect()
 }
 
+/// SIGKILL processes still running with `root` on their command line: the
+/// forks libcontainer made of a killed kiln (they outlive it, holding the
+/// container's state lock, so the runtime's sweep thinks it is alive).
+/// Returns how many there were.
+fn kill_orphans(root: &Path) -> usize {
+    let needle = root.to_string_lossy().into_owned();
+    let me = std::process::id();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid as u32 == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
 fn unmount_all(mounts: &[String]) {
     for m in mounts.iter().rev() {
         let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
@@ -47,19 +69,25 @@ fn unmount_all(mounts: &[String]) {
 }
 
 /// Run `kiln --root ROOT ARGS` and SIGKILL it after `after`; returns whether
-/// it was still running (and so really killed).
+/// it was still running (and so really killed). A run that ends by itself
+/// must succeed.
 fn run_and_kill(root: &Path, args: &[String], after: Duration) -> bool {
+    let log = root.with_extension("log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
         .arg(root)
         .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + after;
     while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+            // `save` before any pull finished has nothing to save yet.
+            let nothing_to_save = args[0] == "save" && stderr.contains("no such image");
+            assert!(status.success() || nothing_to_save, "kiln {args:?} failed by itself ({status}):\n{stderr}");
             return false;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -116,35 +144,46 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
             .chain([format!("N={n}"), ctx_s.clone()])
             .collect()
     };
+    // One uninterrupted build first, so there are finished steps that the
+    // kills must not lose (killed runs may finish more of them).
+    let first = kiln(&root, &build_args(1).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(first.status.success(), "first build failed:\n{}", String::from_utf8_lossy(&first.stderr));
     let started = Instant::now();
-    let (mut kills, mut finished, mut leftover_mounts) = (0, 0, 0);
-    // Builds (most with N=0, so progress accumulates toward a full build),
-    // then pulls and saves, interleaved.
-    for i in 0..66u64 {
+    let (mut kills, mut finished, mut leftover_mounts, mut orphans) = (0, 0, 0, 0);
+    // Builds (each with a fresh N, so the last step always has work),
+    // pulls and saves, interleaved, until 50 runs were killed mid-way.
+    // Runs that finish before their kill are fine: their steps are what the
+    // final build must reuse.
+    let mut i = 0u64;
+    while kills < 50 {
+        assert!(i < 400, "only {kills} of {i} runs could be killed mid-way");
         let (what, args) = match i % 6 {
-            0..=3 => ("build", build_args(if i % 4 == 3 { rng.between(1, 1000) } else { 0 })),
+            0..=3 => ("build", build_args(rng.between(1, 1_000_000))),
             4 => ("pull", vec!["--registry-mirror".into(), mirror.clone(), "pull".into(), "busybox".into()]),
             _ => {
                 let out = tmp.path().join(format!("save-{i}.tar"));
                 ("save", vec!["save".into(), "-o".into(), out.to_string_lossy().into_owned(), "busybox".into()])
             }
         };
-        // Builds get a longer window so that some of them finish steps
-        // (the final build must reuse those); pulls and saves are short.
-        let after = Duration::from_millis(if what == "build" { rng.between(20, 2500) } else { rng.between(20, 800) });
+        i += 1;
+        // Builds get a longer window so that some of them finish steps.
+        let after = Duration::from_millis(if what == "build" { rng.between(20, 700) } else { rng.between(5, 120) });
         if run_and_kill(&root, &args, after) {
             kills += 1;
         } else {
             finished += 1;
         }
+        orphans += kill_orphans(&root);
         let mounts = mounts_under(&root);
         if !mounts.is_empty() {
             leftover_mounts += 1;
         }
         check_is_consistent(&root, &format!("{what} killed after {after:?} (iteration {i}, seed {seed})"));
     }
-    println!("{kills} kills, {finished} runs finished before their kill, {leftover_mounts} kills left mounts behind");
-    assert!(kills >= 50, "only {kills} runs were killed mid-way");
+    println!(
+        "{kills} kills, {finished} runs finished before their kill, {leftover_mounts} kills left mounts behind, \
+         {orphans} orphaned kiln forks killed"
+    );
 
     // A normal build: succeeds, reuses what finished, and its runtime sweep
     // leaves no mount of the dead builds behind.
@@ -155,6 +194,7 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     println!("final build: {cached} steps CACHED; total {:?}", started.elapsed());
     assert!(cached >= 2, "the final build reused no finished step:\n{stderr}");
     check_is_consistent(&root, "the final build");
+    kill_orphans(&root);
     let mounts = mounts_under(&root);
     unmount_all(&mounts);
     assert!(mounts.is_empty(), "mounts left under the store root after a full build's sweep: {mounts:?}");
