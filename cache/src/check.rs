@@ -1,5 +1,6 @@
-//! Store hygiene: removing what dead processes left under `tmp/`, and
-//! scratch directories that are cleaned up even after a crash.
+//! Store hygiene: removing what dead processes left under `tmp/`,
+//! scratch directories that are cleaned up even after a crash, and
+//! [`check`], the whole-store consistency check behind `kiln check`.
 //!
 //! Everything under `tmp/` that is in use is guarded by a `flock` held by
 //! its owner (ingest files, prepared snapshots, scratch dirs). A lock that
@@ -7,7 +8,11 @@
 //! makes [`clean_tmp`] safe to run while other kiln processes work on the
 //! same root. [`crate::Store::open`] runs it every time.
 
+use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
 
 use crate::Store;
 use crate::fsutil::unique_name;
@@ -101,6 +106,228 @@ fn remove_stale_scratch(base: &Path) -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// The store-wide lock (under `locks/`) that solves hold shared and
+/// garbage collection holds exclusively; `kiln check --repair` only removes
+/// cache records and snapshots while it can hold it exclusively.
+pub const BUILD_LOCK_FILE: &str = "build-cache.lock";
+
+/// One inconsistency [`check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// A blob's bytes do not hash to its name.
+    CorruptBlob {
+        /// The blob's name (`sha256:...`).
+        digest: String,
+        /// What its bytes hash to, or why they could not be read.
+        actual: String,
+    },
+    /// An image name whose manifest, config or layer blob is missing,
+    /// corrupt or unusable.
+    BrokenImage {
+        /// The image name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A cache record naming a snapshot that is missing or broken, or a
+    /// record that is not JSON.
+    BrokenRecord {
+        /// The cache key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A committed snapshot without `fs/` or with unparseable `meta.json`.
+    BrokenSnapshot {
+        /// The snapshot id.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::CorruptBlob { digest, actual } => write!(f, "blob {digest}: content hashes to {actual}"),
+            Problem::BrokenImage { name, reason } => write!(f, "image {name}: {reason}"),
+            Problem::BrokenRecord { key, reason } => write!(f, "cache record {key}: {reason}"),
+            Problem::BrokenSnapshot { id, reason } => write!(f, "snapshot {id}: {reason}"),
+        }
+    }
+}
+
+/// What [`check`] looked at, found and (with `repair`) fixed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Leftovers of dead processes removed first (always, repair or not).
+    pub cleaned: CleanReport,
+    /// Blobs hashed.
+    pub blobs: usize,
+    /// Image names checked.
+    pub images: usize,
+    /// Cache records checked.
+    pub records: usize,
+    /// Committed snapshots checked.
+    pub snapshots: usize,
+    /// Every inconsistency found.
+    pub problems: Vec<Problem>,
+    /// The problems that repair removed (a subset of `problems`).
+    pub repaired: Vec<Problem>,
+    /// Set when repair skipped records/snapshots because a build or a
+    /// prune held the build lock.
+    pub busy: bool,
+}
+
+impl CheckReport {
+    /// No problem is left: none was found, or repair removed them all.
+    pub fn consistent(&self) -> bool {
+        self.problems.len() == self.repaired.len()
+    }
+}
+
+/// Verify the whole store: every blob against its digest, every image name
+/// against the manifest, config and layer blobs it needs, every snapshot's
+/// `fs/` and `meta.json`, every cache record against the snapshots it
+/// names. Leftovers of dead processes under `tmp/` are removed first.
+///
+/// With `repair`, broken image names and cache records, broken snapshots and
+/// corrupt blobs are removed. Records and snapshots are only touched while
+/// the build lock can be held exclusively (no build or prune running);
+/// image names are removed under the image index lock; what a live writer
+/// holds lives under `tmp/` and is never touched.
+pub fn check(store: &Store, repair: bool) -> anyhow::Result<CheckReport> {
+    let mut report = CheckReport { cleaned: clean_tmp(store)?, ..Default::default() };
+    let build_lock = if repair {
+        let lock = FileLock::try_exclusive(&store.root().join("locks").join(BUILD_LOCK_FILE))?;
+        report.busy = lock.is_none();
+        lock
+    } else {
+        None
+    };
+
+    // Blobs.
+    let mut bad_blobs = HashSet::new();
+    for blob in store.content.list()? {
+        report.blobs += 1;
+        let actual = match hash_file(&store.content.blob_path(&blob.digest)) {
+            Ok(actual) if actual == blob.digest => continue,
+            Ok(actual) => actual,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // deleted meanwhile
+            Err(e) => format!("(unreadable: {e})"),
+        };
+        let problem = Problem::CorruptBlob { digest: blob.digest.clone(), actual };
+        if repair && store.content.delete(&blob.digest).is_ok() {
+            report.repaired.push(problem.clone());
+        }
+        report.problems.push(problem);
+        bad_blobs.insert(blob.digest);
+    }
+
+    // Images.
+    for image in store.images.list()? {
+        report.images += 1;
+        let Err(reason) = check_image(store, &image.target.digest, &bad_blobs) else { continue };
+        let problem = Problem::BrokenImage { name: image.name.clone(), reason };
+        if repair && store.images.remove(&image.name).is_ok() {
+            report.repaired.push(problem.clone());
+        }
+        report.problems.push(problem);
+    }
+
+    // Snapshots.
+    let mut bad_snapshots = HashSet::new();
+    for id in store.snapshots.list()? {
+        report.snapshots += 1;
+        let reason = if !store.snapshots.exists(&id) {
+            "no fs/ directory (or an invalid id)".to_string()
+        } else {
+            match store.snapshots.meta(&id) {
+                Ok(_) => continue,
+                Err(e) => format!("metadata unreadable: {e:#}"),
+            }
+        };
+        let problem = Problem::BrokenSnapshot { id: id.clone(), reason };
+        if build_lock.is_some() && store.snapshots.remove(&id).is_ok() {
+            report.repaired.push(problem.clone());
+        }
+        report.problems.push(problem);
+        bad_snapshots.insert(id);
+    }
+
+    // Cache records: opaque JSON; those naming `layers` must have them all.
+    for key in store.index.keys()? {
+        report.records += 1;
+        let Some(bytes) = store.index.get(&key)? else { continue };
+        let reason = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Err(e) => format!("not JSON: {e}"),
+            Ok(record) => match record_layers(&record) {
+                Err(reason) => reason,
+                Ok(layers) => match layers
+                    .iter()
+                    .find(|id| bad_snapshots.contains(*id) || !store.snapshots.exists(id))
+                {
+                    None => continue,
+                    Some(id) => format!("snapshot {id} is missing or broken"),
+                },
+            },
+        };
+        let problem = Problem::BrokenRecord { key: key.clone(), reason };
+        if build_lock.is_some() && store.index.remove(&key).is_ok() {
+            report.repaired.push(problem.clone());
+        }
+        report.problems.push(problem);
+    }
+    Ok(report)
+}
+
+/// The snapshot ids a record's `layers` names (none if it has no `layers`).
+fn record_layers(record: &serde_json::Value) -> Result<Vec<String>, String> {
+    let Some(layers) = record.get("layers") else { return Ok(Vec::new()) };
+    let layers = layers.as_array().ok_or("`layers` is not a list")?;
+    layers.iter().map(|l| l.as_str().map(str::to_string).ok_or_else(|| "a layer id is not a string".to_string())).collect()
+}
+
+/// Why the image whose manifest is `manifest_digest` is unusable, if it is.
+fn check_image(store: &Store, manifest_digest: &str, bad_blobs: &HashSet<String>) -> Result<(), String> {
+    let need = |digest: &str, role: &str| -> Result<(), String> {
+        if bad_blobs.contains(digest) {
+            return Err(format!("{role} blob {digest} is corrupt"));
+        }
+        if !store.content.exists(digest) {
+            return Err(format!("{role} blob {digest} is missing"));
+        }
+        Ok(())
+    };
+    need(manifest_digest, "manifest")?;
+    let bytes = store.content.read(manifest_digest).map_err(|e| format!("manifest: {e}"))?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| format!("manifest {manifest_digest} is not JSON: {e}"))?;
+    let digest_of = |d: &serde_json::Value| d.get("digest").and_then(|d| d.as_str()).map(str::to_string);
+    let config = manifest.get("config").and_then(digest_of).ok_or("manifest names no config")?;
+    need(&config, "config")?;
+    for layer in manifest.get("layers").and_then(|l| l.as_array()).into_iter().flatten() {
+        let digest = digest_of(layer).ok_or("a layer descriptor has no digest")?;
+        need(&digest, "layer")?;
+    }
+    Ok(())
+}
+
+/// `sha256:<hex>` of a file's bytes, streamed.
+fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +368,126 @@ mod tests {
         // Reopening cleans too and keeps committed data.
         Store::open(root.path()).unwrap();
         assert!(store.snapshots.exists("sha256-live"));
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+    use crate::images::Descriptor;
+
+    /// A store with one image (manifest, config, one layer blob), one
+    /// snapshot and one cache record naming it.
+    fn healthy() -> (tempfile::TempDir, Store, String) {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let layer = store.content.put_bytes(b"layer bytes", None).unwrap();
+        let config = store.content.put_bytes(br#"{"created":"2024-01-01T00:00:00Z"}"#, None).unwrap();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{config}","size":1}},"layers":[{{"digest":"{layer}","size":11}}]}}"#
+        );
+        let manifest_digest = store.content.put_bytes(manifest.as_bytes(), None).unwrap();
+        let target = Descriptor {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            digest: manifest_digest,
+            size: manifest.len() as u64,
+        };
+        store.images.put("example/app:1", &target).unwrap();
+        let snap = store.snapshots.prepare().unwrap();
+        std::fs::write(snap.fs().join("f"), b"x").unwrap();
+        store.snapshots.commit(snap, "sha256-s1", &Default::default()).unwrap();
+        let key = format!("sha256:{}", "ab".repeat(32));
+        store.index.put(&key, br#"{"layers":["sha256-s1"]}"#).unwrap();
+        (root, store, layer)
+    }
+
+    #[test]
+    fn healthy_store_is_consistent() {
+        let (_root, store, _) = healthy();
+        let report = check(&store, false).unwrap();
+        assert!(report.consistent(), "{:?}", report.problems);
+        assert_eq!((report.blobs, report.images, report.snapshots, report.records), (3, 1, 1, 1));
+    }
+
+    #[test]
+    fn flipped_byte_in_a_blob_breaks_it_and_its_image() {
+        let (_root, store, layer) = healthy();
+        let path = store.content.blob_path(&layer);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let report = check(&store, false).unwrap();
+        assert!(!report.consistent());
+        assert!(matches!(&report.problems[0], Problem::CorruptBlob { digest, .. } if *digest == layer));
+        assert!(report.problems.iter().any(|p| matches!(p, Problem::BrokenImage { reason, .. } if reason.contains("corrupt"))));
+        assert!(path.exists(), "a check without repair changes nothing");
+
+        let repaired = check(&store, true).unwrap();
+        assert!(repaired.consistent() && repaired.repaired.len() == 2, "{repaired:?}");
+        assert!(!path.exists());
+        assert!(store.images.list().unwrap().is_empty());
+        assert!(check(&store, false).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn record_naming_a_missing_snapshot_is_broken() {
+        let (_root, store, _) = healthy();
+        std::fs::remove_dir_all(store.root().join("snapshots/sha256-s1")).unwrap();
+        let report = check(&store, false).unwrap();
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert!(matches!(&report.problems[0], Problem::BrokenRecord { reason, .. } if reason.contains("sha256-s1")));
+        check(&store, true).unwrap();
+        assert!(store.index.keys().unwrap().is_empty());
+        assert!(check(&store, false).unwrap().consistent());
+    }
+
+    #[test]
+    fn dangling_image_name_is_broken() {
+        let (_root, store, _) = healthy();
+        let manifest = store.images.get("example/app:1").unwrap().unwrap().target.digest;
+        store.content.delete(&manifest).unwrap();
+        let report = check(&store, false).unwrap();
+        assert!(
+            matches!(&report.problems[..], [Problem::BrokenImage { name, reason }] if name.contains("example/app") && reason.contains("missing")),
+            "{:?}",
+            report.problems
+        );
+        assert!(check(&store, true).unwrap().consistent());
+        assert!(store.images.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn unparseable_snapshot_meta_and_record() {
+        let (_root, store, _) = healthy();
+        std::fs::write(store.root().join("snapshots/sha256-s1/meta.json"), b"{not json").unwrap();
+        std::fs::write(store.root().join("cache").join(format!("{}.json", "cd".repeat(32))), b"garbage").unwrap();
+        let report = check(&store, false).unwrap();
+        assert_eq!(report.problems.len(), 3, "{:?}", report.problems);
+        assert!(report.problems.iter().any(|p| matches!(p, Problem::BrokenSnapshot { .. })));
+        assert!(report.problems.iter().any(|p| matches!(p, Problem::BrokenRecord { reason, .. } if reason.contains("not JSON"))));
+        assert!(check(&store, true).unwrap().consistent());
+        assert!(check(&store, false).unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn repair_leaves_records_alone_while_a_build_holds_the_lock() {
+        let (_root, store, _) = healthy();
+        std::fs::remove_dir_all(store.root().join("snapshots/sha256-s1")).unwrap();
+        let build = FileLock::shared(&store.root().join("locks").join(BUILD_LOCK_FILE)).unwrap();
+        let report = check(&store, true).unwrap();
+        assert!(report.busy && !report.consistent());
+        assert_eq!(store.index.keys().unwrap().len(), 1);
+        drop(build);
+        assert!(check(&store, true).unwrap().consistent());
+    }
+
+    #[test]
+    fn dead_leftovers_are_cleaned_first() {
+        let (_root, store, _) = healthy();
+        std::fs::write(store.root().join("tmp/ingest/w-dead"), b"partial").unwrap();
+        let report = check(&store, false).unwrap();
+        assert_eq!(report.cleaned.ingests, 1);
+        assert!(report.consistent());
     }
 }

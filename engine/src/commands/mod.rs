@@ -2,6 +2,7 @@
 //! `run(&Global, Args) -> anyhow::Result<i32>` returning the exit code.
 
 pub mod build;
+pub mod check;
 pub mod debug;
 pub mod images;
 pub mod import;
@@ -56,6 +57,8 @@ pub enum Command {
     Du(du::Args),
     /// Remove build cache.
     Prune(prune::Args),
+    /// Verify the store and optionally remove what is broken.
+    Check(check::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -84,5 +87,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Save(a) => save::run(global, a),
         Command::Du(a) => du::run(global, a),
         Command::Prune(a) => prune::run(global, a),
+        Command::Check(a) => check::run(global, a),
     }
 }

@@ -357,7 +357,12 @@ impl Runtime {
             // Never recurse into a directory that still has a mount below it.
             bail!("container {id}: could not unmount {}", left[0].display());
         }
-        if let Some((upper, stubs)) = stubs {
+        // After a crash the upperdir (an uncommitted snapshot under the
+        // store's tmp/) may already be gone, removed by the store's own
+        // cleanup: then there are no stubs left to remove.
+        if let Some((upper, stubs)) = stubs
+            && std::fs::symlink_metadata(upper).is_ok()
+        {
             stubs
                 .remove_from_upper(upper)
                 .with_context(|| format!("container {id}: removing mount-point stubs"))?;
