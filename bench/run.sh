@@ -2,6 +2,7 @@
 # kiln vs buildah vs docker's built-in BuildKit, side by side on this machine.
 #
 #   bash bench/run.sh [RUNS]        (default 5 runs per scenario and builder)
+#   BIG_MB=500 (size of the large files of the big-context scenario, in 5 files)
 #
 # Installs buildah and docker.io with apt, starts a loopback registry serving
 # busybox (scripts/testenv.sh), a private dockerd pointed at it as docker.io
@@ -19,6 +20,7 @@ for p in buildah docker.io; do
 done
 cargo build --release -p kiln-engine --quiet
 KILN=$REPO/target/release/kiln
+# Scenario 7 (export of a 1 GB image) is measured by bench/export.sh (see bench/EXPORT.md).
 
 WORK=$(mktemp -d /tmp/kiln-bench.XXXXXX)
 DOCKER_PID=""
@@ -33,7 +35,9 @@ source scripts/testenv.sh            # sets its own EXIT trap; ours below replac
 trap cleanup EXIT
 REG=$KILN_TEST_REGISTRY
 
-# --- dockerd with a private data root, its docker.io mirror on the local registry
+# --- dockerd with a private data root, its docker.io mirror on the local registry.
+# No bridge network (no traffic may leave this machine), so docker builds use
+# --network host for RUN steps.
 mkdir -p "$WORK/docker"
 /usr/sbin/dockerd --data-root "$WORK/docker/data" --exec-root "$WORK/docker/exec" \
   --pidfile "$WORK/docker/pid" -H "unix://$WORK/docker/sock" \
@@ -98,13 +102,14 @@ COPY . /data/
 DF
 mkdir -p "$WORK/ctx/big-context/small"
 ( cd "$WORK/ctx/big-context/small" && for d in $(seq 0 99); do mkdir -p d$d; for f in $(seq 0 199); do echo "file $d/$f" > d$d/f$f.txt; done; done )
-for i in 1 2 3 4 5; do head -c 100M /dev/urandom >"$WORK/ctx/big-context/large$i.bin"; done
+BIG_MB=${BIG_MB:-500}
+for i in 1 2 3 4 5; do head -c "$((BIG_MB / 5))M" /dev/urandom >"$WORK/ctx/big-context/large$i.bin"; done
 
 # --- one build with each tool; prints seconds
 now() { date +%s.%N; }
 build_kiln()    { "$KILN" --root "$WORK/kiln-root" --registry-mirror "docker.io=http://$REG" build --progress plain -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
 build_buildah() { "${BUILDAH[@]}" build --runtime runc --layers -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
-build_docker()  { DOCKER_BUILDKIT=1 /usr/bin/docker build -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
+build_docker()  { DOCKER_BUILDKIT=1 /usr/bin/docker build --network host -t "bench-$1" "$WORK/ctx/$1" >"$WORK/last.log" 2>&1; }
 reset_kiln()    { rm -rf "$WORK/kiln-root"; }
 reset_buildah() { "${BUILDAH[@]}" rmi -af >/dev/null 2>&1 || true; "${BUILDAH[@]}" rm -a >/dev/null 2>&1 || true; }
 reset_docker()  { /usr/bin/docker builder prune -af >/dev/null 2>&1 || true; /usr/bin/docker image prune -af >/dev/null 2>&1 || true; /usr/bin/docker rmi -f $(/usr/bin/docker images -q) >/dev/null 2>&1 || true; }
@@ -166,7 +171,7 @@ cat "$OUT"
 {
   echo "# Benchmarks"
   echo
-  echo "Produced by \`bash bench/run.sh $RUNS\` on $(date -u +%Y-%m-%d): medians of $RUNS interleaved runs each."
+  echo "Produced by \`BIG_MB=$BIG_MB bash bench/run.sh $RUNS\` on $(date -u +%Y-%m-%d): medians of $RUNS interleaved runs each."
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)."
   echo "buildah $(buildah --version | awk '{print $3}'), docker $(/usr/bin/docker version --format '{{.Server.Version}}' 2>/dev/null) (built-in BuildKit), kiln $(git rev-parse --short HEAD)."
   echo
