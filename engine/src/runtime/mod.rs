@@ -488,15 +488,17 @@ impl Running {
                 self.readers.push(spawn_reader(read, stream, sink.clone()));
             }
         }
-        let mut container = builder
-            .as_init(&bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
+        let built = {
+            let _cwd = lock_process_cwd();
+            builder.as_init(&bundle).with_systemd(false).with_detach(true).build()
+        };
+        let mut container = built.map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
         drop(netns);
         self.pid = container.pid();
-        let started = container.start();
+        let started = {
+            let _cwd = lock_process_cwd();
+            container.start()
+        };
         self.container = Some(container);
         started.map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
         Ok(())
@@ -563,6 +565,21 @@ impl Drop for Running {
             tracing::error!("cleaning up container {}: {e:#}", self.id);
         }
     }
+}
+
+/// Serializes libcontainer's use of the process-wide working directory.
+///
+/// Creating a container (its notify socket) and starting it (connecting to
+/// that socket) each `chdir` the whole process into the container's state
+/// dir and back, to keep the socket path short. Two containers doing this
+/// at once from different threads interleave: one saves the other's state
+/// dir as "the" cwd and restores it; once that container is cleaned up, the
+/// process's cwd is a deleted directory and every later `getcwd` fails
+/// ("failed to get cwd"). Only these calls are serialized; the containers
+/// themselves still run in parallel.
+fn lock_process_cwd() -> std::sync::MutexGuard<'static, ()> {
+    static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    CWD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
