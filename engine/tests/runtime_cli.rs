@@ -3,7 +3,6 @@
 
 mod runtime_common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -202,7 +201,7 @@ fn sigterm_to_kiln_is_forwarded_to_the_container() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let marker = s.layer("marker");
-    let mut child = kiln()
+    let child = kiln()
         .args(["--root"])
         .arg(s.path().join("root"))
         .args(["run", "-v"])

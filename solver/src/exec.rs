@@ -26,9 +26,11 @@ use crate::worker::{ExecRequest, HostMount, HostMountSource, LogSink, LogStream}
 /// How many output lines an error carries.
 const LOG_TAIL_LINES: usize = 20;
 
-/// Temporary host directories removed when the op ends (also on cancel).
+/// Temporary host directories removed when the op ends (also on cancel):
+/// paths outside the store (secrets) and store scratch dirs (which the next
+/// store open also removes if the process dies).
 #[derive(Default)]
-struct Scratch(Vec<PathBuf>);
+struct Scratch(Vec<PathBuf>, Vec<kiln_cache::check::ScratchDir>);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -144,9 +146,7 @@ pub(crate) async fn run(
                             dir
                         }
                         Err(_) => {
-                            let tmp = temp_dir(inner, "cache-private-").map_err(|e| fail(format!("{e:#}")))?;
-                            scratch.0.push(tmp.clone());
-                            tmp
+                            temp_dir(inner, &mut scratch).map_err(|e| fail(format!("{e:#}")))?
                         }
                     },
                 };
@@ -230,8 +230,7 @@ pub(crate) async fn run(
 /// A throw-away copy of the file `path` (removed with `scratch`), for a
 /// read-write bind that must not write through to the context or store.
 fn private_copy(inner: &Inner, path: &Path, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
-    let dir = temp_dir(inner, "bind-rw-")?;
-    scratch.0.push(dir.clone());
+    let dir = temp_dir(inner, scratch)?;
     let copy = dir.join("file");
     std::fs::copy(path, &copy)?;
     Ok(copy)
@@ -248,8 +247,7 @@ fn bind_source(inner: &Inner, computed: &Computed, source: &str, scratch: &mut S
                 return Ok(HostMountSource::Bind(path));
             }
             // Ignored files must stay invisible: mount a filtered copy.
-            let copy_root = temp_dir(inner, "bind-")?;
-            scratch.0.push(copy_root.clone());
+            let copy_root = temp_dir(inner, scratch)?;
             let upper = copy_root.join("fs");
             std::fs::create_dir(&upper)?;
             let copy = CopyAction {
@@ -295,10 +293,12 @@ fn cache_mount_dir(inner: &Inner, id: &str, uid: u32, gid: u32, mode: u32) -> an
     Ok(dir)
 }
 
-fn temp_dir(inner: &Inner, prefix: &str) -> anyhow::Result<PathBuf> {
-    let dir = inner.store.root().join("tmp").join(kiln_cache::fsutil::unique_name(prefix));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A store scratch dir kept until `scratch` drops.
+fn temp_dir(inner: &Inner, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
+    let dir = inner.store.scratch_dir()?;
+    let path = dir.path().to_path_buf();
+    scratch.1.push(dir);
+    Ok(path)
 }
 
 /// Write a secret into a private directory outside the store (on tmpfs
