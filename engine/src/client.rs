@@ -267,6 +267,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
             commands::prune::print(&kiln_solver::gc::PruneReport { records: r.records, snapshots: r.snapshots, bytes: r.bytes });
             Ok(0)
         }
+        Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
         Command::Import(_) | Command::Load(_) | Command::Save(_) => {
             bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
         }

@@ -17,6 +17,7 @@ pub mod serve;
 pub mod save;
 pub mod du;
 pub mod prune;
+pub mod shim;
 
 use crate::config::Global;
 
@@ -56,6 +57,9 @@ pub enum Command {
     Du(du::Args),
     /// Remove build cache.
     Prune(prune::Args),
+    /// Internal: run one container in this (single-threaded) process.
+    #[command(name = "__container-shim", hide = true)]
+    ContainerShim(shim::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -63,7 +67,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
     // With --host / KILN_HOST, commands are requests to a daemon (`serve`
     // listens there instead; `debug` is always local).
     if let Some(host) = &global.host {
-        if !matches!(command, Command::Serve(_) | Command::Debug(_)) {
+        if !matches!(command, Command::Serve(_) | Command::Debug(_) | Command::ContainerShim(_)) {
             return crate::client::run(global, host, command);
         }
     }
@@ -84,5 +88,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Save(a) => save::run(global, a),
         Command::Du(a) => du::run(global, a),
         Command::Prune(a) => prune::run(global, a),
+        Command::ContainerShim(a) => shim::run(global, a),
     }
 }
