@@ -129,3 +129,31 @@ fn bad_spec_is_an_error_not_an_exit_code() {
     let err = rt.block_on(shim.run(&spec, Capture::default().sink())).unwrap_err();
     assert!(format!("{err:#}").contains("no command to run"), "{err:#}");
 }
+
+/// Cost of the shim: 20 sequential `true` containers in process and
+/// through the shim (`--ignored --nocapture` to see the numbers).
+#[test]
+#[ignore]
+fn shim_cost() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let runtime = s.runtime();
+    let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
+    let tokio = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..2 {
+        let t = Instant::now();
+        for i in 0..20 {
+            let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("a{round}-{i}")), sh("true"));
+            assert_eq!(runtime.run(&spec, Stdio::stream(Capture::default().sink())).unwrap(), 0);
+        }
+        let direct = t.elapsed() / 20;
+        let t = Instant::now();
+        for i in 0..20 {
+            let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("b{round}-{i}")), sh("true"));
+            assert_eq!(tokio.block_on(shim.run(&spec, Capture::default().sink())).unwrap(), 0);
+        }
+        let shimmed = t.elapsed() / 20;
+        eprintln!("round {round}: per container: in-process {direct:?}, through the shim {shimmed:?}");
+    }
+}
