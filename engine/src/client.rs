@@ -273,6 +273,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Check(_) => bail!("kiln check: not available through --host; run it on the daemon's machine without --host"),
+        Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
         Command::Import(_) | Command::Load(_) | Command::Save(_) => {
             bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
         }

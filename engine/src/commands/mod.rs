@@ -18,6 +18,7 @@ pub mod serve;
 pub mod save;
 pub mod du;
 pub mod prune;
+pub mod shim;
 
 use crate::config::Global;
 
@@ -59,6 +60,9 @@ pub enum Command {
     Prune(prune::Args),
     /// Verify the store and optionally remove what is broken.
     Check(check::Args),
+    /// Internal: run one container in this (single-threaded) process.
+    #[command(name = "__container-shim", hide = true)]
+    ContainerShim(shim::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -66,7 +70,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
     // With --host / KILN_HOST, commands are requests to a daemon (`serve`
     // listens there instead; `debug` is always local).
     if let Some(host) = &global.host {
-        if !matches!(command, Command::Serve(_) | Command::Debug(_)) {
+        if !matches!(command, Command::Serve(_) | Command::Debug(_) | Command::ContainerShim(_)) {
             return crate::client::run(global, host, command);
         }
     }
@@ -88,5 +92,6 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Du(a) => du::run(global, a),
         Command::Prune(a) => prune::run(global, a),
         Command::Check(a) => check::run(global, a),
+        Command::ContainerShim(a) => shim::run(global, a),
     }
 }

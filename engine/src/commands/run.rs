@@ -177,8 +177,20 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         },
         output: Output::Inherit,
     };
+    run_forwarding_signals(&runtime, &spec, stdio)
+}
+
+/// Run `spec` to the end with SIGINT/SIGTERM/SIGHUP/SIGQUIT forwarded to
+/// the container; returns its exit code. The calling process must have a
+/// single thread (see [`Runtime::start`]); `kiln run` and the container
+/// shim do.
+pub(crate) fn run_forwarding_signals(
+    runtime: &Runtime,
+    spec: &ContainerSpec,
+    stdio: Stdio,
+) -> anyhow::Result<i32> {
     forward_signals();
-    let running = runtime.start(&spec, stdio)?;
+    let running = runtime.start(spec, stdio)?;
     if let Some(pid) = running.pid() {
         CONTAINER_PID.store(pid, Ordering::SeqCst);
     }

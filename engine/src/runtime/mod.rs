@@ -45,7 +45,7 @@ pub use kiln_solver::worker::LogStream;
 use stubs::{StubKind, Stubs};
 
 /// The rootfs of a container: read-only layers and where changes go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Rootfs {
     /// Layer directories, bottom first (overlay format).
     pub lower: Vec<PathBuf>,
@@ -69,7 +69,7 @@ impl Rootfs {
 }
 
 /// An extra mount.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Mount {
     /// Absolute path in the container.
     pub target: PathBuf,
@@ -80,7 +80,7 @@ pub struct Mount {
 }
 
 /// What a [`Mount`] mounts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum MountSource {
     /// A host file or directory.
     Bind(PathBuf),
@@ -95,7 +95,7 @@ pub enum MountSource {
 }
 
 /// cgroup limits.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Memory limit in bytes.
     pub memory_bytes: Option<i64>,
@@ -104,7 +104,7 @@ pub struct Limits {
 }
 
 /// Everything about one container.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ContainerSpec {
     /// Container name; `None` picks a unique one. Letters, digits, `_.-`.
     pub name: Option<String>,
@@ -276,7 +276,17 @@ impl Runtime {
         Ok(cleaned)
     }
 
+    /// The state directory given to [`Runtime::new`].
+    pub fn state_root(&self) -> &Path {
+        &self.state_root
+    }
+
     /// Start a container; its process is running when this returns.
+    ///
+    /// Only call this from a process with a single thread (see
+    /// [`crate::executor::Shim`]): libcontainer's cloned child exits through
+    /// `std::process::exit`, which takes std-internal locks another thread
+    /// may hold at the moment of the clone, and then hangs forever.
     pub fn start(&self, spec: &ContainerSpec, stdio: Stdio) -> anyhow::Result<Running> {
         let id = match &spec.name {
             Some(name) => {
