@@ -13,8 +13,7 @@ use kiln_frontend::image::ImageConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::executor::Shim;
-use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs, Runtime};
+use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs, Runtime, Stdio};
 
 /// What to run: the fields `kiln run` and `docker run` share.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -101,24 +100,44 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
 
 /// Run `spec` to the end, sending its output to `output`; returns the exit
 /// code. When `cancel` resolves first (the client went away, the daemon is
-/// shutting down) the container is stopped (see [`Shim::run`]) and this
-/// returns an error. The container runs in a single-threaded shim process,
-/// never in the daemon itself (see [`Runtime::start`]).
+/// shutting down) the container is killed and this returns an error.
 pub async fn run_streamed(
     runtime: Runtime,
     spec: ContainerSpec,
     output: mpsc::UnboundedSender<OutputChunk>,
     cancel: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<i32> {
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
     let sink: crate::runtime::LogSink = Arc::new(move |stream, bytes: &[u8]| {
         let _ = output.send((stream, Bytes::copy_from_slice(bytes)));
     });
-    let shim = Shim::find(runtime.state_root())?;
-    tokio::select! {
-        done = shim.run(&spec, sink) => done,
-        _ = cancel => {
-            tracing::info!("cancelled: stopping the container");
-            anyhow::bail!("cancelled")
+    let task = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
+        let running = runtime.start(&spec, Stdio::stream(sink))?;
+        if let Some(pid) = running.pid() {
+            let _ = pid_tx.send(pid);
+        }
+        running.wait()
+    });
+    tokio::pin!(task);
+    tokio::pin!(cancel);
+    let mut pid = None;
+    let mut pid_rx = Some(pid_rx);
+    loop {
+        tokio::select! {
+            done = &mut task => return done.context("container task")?,
+            got = async { pid_rx.as_mut().unwrap().await }, if pid_rx.is_some() => {
+                pid_rx = None;
+                pid = got.ok();
+            }
+            _ = &mut cancel => {
+                if let Some(pid) = pid {
+                    tracing::info!(pid, "cancelled: killing the container");
+                    // SAFETY: plain kill(2) of the container's first process.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                let _ = (&mut task).await;
+                anyhow::bail!("cancelled");
+            }
         }
     }
 }
