@@ -532,33 +532,3 @@ fn concurrent_containers_from_threads() {
     }
     assert_clean(&s);
 }
-
-/// libcontainer `chdir`s the whole process while it creates and starts a
-/// container; starts racing from many threads once left the process in a
-/// deleted state dir, and every later `getcwd` failed ("failed to get cwd").
-#[test]
-fn process_cwd_survives_many_concurrent_starts() {
-    require_containers!();
-    let before = std::env::current_dir().unwrap();
-    let s = Scratch::new();
-    let base = s.busybox_layer("base");
-    let rt = s.runtime();
-    let handles: Vec<_> = (0..8)
-        .map(|t| {
-            let rt = rt.clone();
-            let specs: Vec<_> = (0..4)
-                .map(|i| ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("cwd{t}-{i}")), sh("true")))
-                .collect();
-            std::thread::spawn(move || {
-                for spec in specs {
-                    assert_eq!(rt.run(&spec, Stdio::stream(Capture::default().sink())).unwrap(), 0);
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-    assert_eq!(std::env::current_dir().expect("the process's cwd is gone"), before);
-    assert_clean(&s);
-}
