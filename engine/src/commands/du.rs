@@ -12,17 +12,19 @@ pub struct Args {}
 pub fn run(global: &Global, _args: Args) -> anyhow::Result<i32> {
     let store = kiln_cache::Store::open(&global.root)?;
     print(&kiln_solver::gc::usage(&store)?);
-    let root = kiln_cache::usage::root_usage(store.root())?;
+    print_root(&kiln_cache::usage::root_usage(store.root())?);
+    Ok(0)
+}
+
+/// Print the store root's bytes as `kiln du` does: per top-level entry,
+/// then the total that the disk cap counts (equal to `du -sb <root>`).
+pub fn print_root(root: &kiln_cache::usage::RootUsage) {
     println!();
     println!("{:<28} {:>23}", "STORE ROOT", "BYTES");
     for (name, bytes) in &root.parts {
         println!("{name:<28} {bytes:>23}");
     }
     println!("Root total: {} bytes ({})", root.total, human(root.total));
-    if let Some(cap) = crate::config::keep_storage_default(store.root())? {
-        println!("Cap (keep-storage): {cap} bytes ({})", human(cap));
-    }
-    Ok(0)
 }
 
 /// Print `u` as `kiln du` does.
