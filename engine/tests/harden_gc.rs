@@ -196,3 +196,90 @@ fn a_changed_snapshot_is_found_repaired_and_rebuilt() {
     assert_eq!(kiln_ok(&root, &["run", "deep:1", "cat", "/f"]).trim(), "original");
     assert!(kiln_ok(&root, &["check", "--deep"]).contains("store is consistent"));
 }
+
+/// Wait until a live lease for `purpose` shows up under `root`.
+fn wait_for_lease(root: &Path, purpose: &str, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = std::fs::read_dir(root.join("leases")).into_iter().flatten().flatten().any(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains(&format!("\"purpose\":\"{purpose}\"")))
+        });
+        if found {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "kiln ended before taking its {purpose} lease");
+        assert!(Instant::now() < deadline, "no {purpose} lease appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn snapshot_ids(root: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn prune_all_spares_what_running_builds_and_containers_use() {
+    if !can_run("the lease test") {
+        return;
+    }
+    let reg = TestRegistry::with_busybox();
+    let mirror = format!("docker.io=http://{}", reg.addr);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let first = context(&tmp.path().join("first"), "FROM busybox\nRUN echo a > /a\n");
+    build(&root, &mirror, &first, "first:1", &[]);
+    let cached = snapshot_ids(&root);
+    assert_eq!(cached.len(), 2, "base layer and one RUN: {cached:?}");
+    let kiln_cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--root").arg(&root).arg("--registry-mirror").arg(&mirror).args(args);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c
+    };
+
+    // A running container: its image's layers stay.
+    let mut run = kiln_cmd(&["run", "first:1", "sh", "-c", "sleep 3; cat /a"]).spawn().unwrap();
+    wait_for_lease(&root, "run", &mut run);
+    std::thread::sleep(Duration::from_millis(500));
+    // (`kiln run` unpacks the built layer again under its diff ID.)
+    let in_use = snapshot_ids(&root);
+    kiln_ok(&root, &["prune", "--all"]);
+    assert_eq!(snapshot_ids(&root), in_use, "prune --all removed a running container's layers");
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "a");
+
+    // A running build: the cache hit it reuses and the base stay.
+    let second = context(&tmp.path().join("second"), "FROM busybox\nRUN echo a > /a\nRUN sleep 3 && echo b > /b\n");
+    let mut b = kiln_cmd(&["build", "--progress", "plain", "-t", "second:1", second.to_str().unwrap()]).spawn().unwrap();
+    wait_for_lease(&root, "solve", &mut b);
+    // Until the sleeping RUN runs (its upper dir is being written).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(root.join("tmp/snapshots")).unwrap().count() == 0 {
+        assert!(Instant::now() < deadline && b.try_wait().unwrap().is_none(), "the sleeping RUN never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = snapshot_ids(&root);
+    kiln_ok(&root, &["prune", "--all"]);
+    let after = snapshot_ids(&root);
+    for id in &cached {
+        assert!(after.contains(id), "prune --all removed {id}, which a running build uses ({before:?} -> {after:?})");
+    }
+    let out = b.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.lines().any(|l| l.ends_with("CACHED")), "the first RUN was reused:\n{stderr}");
+
+    // Nothing runs: prune --all takes all snapshots; the images still run
+    // (layers unpacked again from their blobs) and the store is consistent.
+    kiln_ok(&root, &["prune", "--all"]);
+    assert!(snapshot_ids(&root).is_empty(), "{:?}", snapshot_ids(&root));
+    assert!(std::fs::read_dir(root.join("leases")).unwrap().next().is_none(), "leases outlived their owners");
+    assert_eq!(kiln_ok(&root, &["run", "second:1", "cat", "/a", "/b"]).split_whitespace().collect::<Vec<_>>(), ["a", "b"]);
+    assert!(kiln_ok(&root, &["check", "--deep"]).contains("store is consistent"));
+}
