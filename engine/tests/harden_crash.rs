@@ -46,15 +46,19 @@ fn mounts_under(root: &Path) -> Vec<String> {
 /// Returns how many there were.
 fn kill_orphans(root: &Path) -> usize {
     let needle = root.to_string_lossy().into_owned();
+    kill_where(|proc_dir| {
+        std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+    })
+}
+
+/// SIGKILL every other process whose `/proc/<pid>` dir satisfies `matches`;
+/// returns how many.
+fn kill_where(matches: impl Fn(&Path) -> bool) -> usize {
     let me = std::process::id();
     let mut killed = 0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if pid as u32 == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+        if pid as u32 != me && matches(&entry.path()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             killed += 1;
         }
@@ -110,13 +114,19 @@ fn check_is_consistent(root: &Path, what: &str) {
     assert!(stdout.contains("store is consistent"), "{stdout}");
 }
 
+/// Whether this machine can run `test` (root, a registry, skopeo); prints
+/// the skip line when not.
+fn can_run(test: &str) -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("skipped: {test} because containers need root");
+        return false;
+    }
+    have("docker-registry", test) && have("skopeo", test)
+}
+
 #[test]
 fn sigkill_at_random_moments_leaves_a_consistent_store() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: crash consistency because containers need root");
-        return;
-    }
-    if !have("docker-registry", "crash consistency") || !have("skopeo", "crash consistency") {
+    if !can_run("crash consistency") {
         return;
     }
     let seed: u64 = std::env::var("KILN_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6b69_6c6e);
@@ -236,11 +246,7 @@ fn secret_dirs() -> Vec<std::path::PathBuf> {
 
 #[test]
 fn sigkill_mid_run_leaves_no_secret_after_the_next_start() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: secret crash test because containers need root");
-        return;
-    }
-    if !have("docker-registry", "secret crash test") || !have("skopeo", "secret crash test") {
+    if !can_run("the secret crash test") {
         return;
     }
     let reg = TestRegistry::with_busybox();
@@ -310,18 +316,8 @@ fn sigkill_mid_run_leaves_no_secret_after_the_next_start() {
 /// SIGKILL processes whose mounts (their container rootfs) name `root`.
 fn kill_processes_using(root: &Path) -> usize {
     let needle = root.to_string_lossy().into_owned();
-    let me = std::process::id();
-    let mut killed = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if pid as u32 == me {
-            continue;
-        }
-        let Ok(mounts) = std::fs::read_to_string(entry.path().join("mountinfo")) else { continue };
-        if mounts.lines().next().is_some_and(|first| first.contains(&needle)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            killed += 1;
-        }
-    }
-    killed
+    kill_where(|proc_dir| {
+        std::fs::read_to_string(proc_dir.join("mountinfo"))
+            .is_ok_and(|m| m.lines().next().is_some_and(|first| first.contains(&needle)))
+    })
 }
