@@ -311,7 +311,7 @@ impl Collector<'_> {
                 units.push((used, Unit::CacheMount(path, bytes)));
             }
         }
-        units.sort_by(|a, b| a.0.cmp(&b.0));
+        units.sort_by_key(|u| u.0);
         let mut freed = 0;
         for (_, unit) in units {
             if !over(freed) {
