@@ -94,17 +94,6 @@ pub fn resolve_image(global: &Global, image: &str) -> anyhow::Result<ImageRootfs
     Ok(ImageRootfs { layers, config })
 }
 
-/// Check that every layer directory (`snapshots/<id>/fs`) still exists and
-/// mark its snapshot used, under the GC lock.
-fn layers_in_use(store: &kiln_cache::Store, layers: &[PathBuf]) -> anyhow::Result<bool> {
-    let ids: Vec<String> = layers
-        .iter()
-        .filter_map(|l| l.parent()?.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect();
-    anyhow::ensure!(ids.len() == layers.len(), "kiln run: unexpected layer paths {layers:?}");
-    kiln_cache::lease::use_snapshots(store, &ids)
-}
-
 /// Run the container; returns its exit code.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     if args.tty {
@@ -129,14 +118,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             let name = rest.remove(0);
             let store = kiln_cache::Store::open(&global.root)?;
             _lease = Some(kiln_cache::lease::Lease::new(&store, "run")?);
-            let mut image = resolve_image(global, &name)?;
-            // A collection may have removed a layer since it was unpacked:
-            // then unpack again (once).
-            if !layers_in_use(&store, &image.layers)? {
-                image = resolve_image(global, &name)?;
-                anyhow::ensure!(layers_in_use(&store, &image.layers)?, "kiln run {name}: layers removed while starting");
-            }
-            image
+            resolve_image(global, &name)?
         }
     };
     let argv = command_line(&image.config, args.entrypoint.as_deref(), &rest)?;

@@ -285,10 +285,16 @@ async fn push(state: Arc<State>, name: &str) -> ApiResult {
 /// the exit code. A client that goes away kills its container.
 async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
     let store = state.store.clone();
-    let spec = blocking(move || container_spec(&store, &body)).await?;
+    // Held until the container exits: GC keeps its layers.
+    let (spec, lease) = blocking(move || {
+        let lease = kiln_cache::lease::Lease::new(&store, "run")?;
+        Ok((container_spec(&store, &body)?, lease))
+    })
+    .await?;
     let (response, mut lines) = streaming("application/x-ndjson");
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let _lease = lease;
         let gone = lines.clone();
         let cancel = {
             let state = state.clone();
