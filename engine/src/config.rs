@@ -104,3 +104,31 @@ pub fn keep_storage_default(root: &std::path::Path) -> anyhow::Result<Option<u64
         Some(other) => anyhow::bail!("{}: gc.keep_storage: expected a size like \"10GB\", got {other}", path.display()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_storage_from_the_root_config() {
+        if std::env::var_os(KEEP_STORAGE_ENV).is_some() {
+            println!("skipped: config file test because {KEEP_STORAGE_ENV} is set and wins");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(keep_storage_default(root.path()).unwrap(), None);
+        let config = root.path().join("config.json");
+        std::fs::write(&config, r#"{"gc": {"keep_storage": "2GB"}}"#).unwrap();
+        assert_eq!(keep_storage_default(root.path()).unwrap(), Some(2 << 30));
+        std::fs::write(&config, r#"{"gc": {"keep_storage": 1000}}"#).unwrap();
+        assert_eq!(keep_storage_default(root.path()).unwrap(), Some(1000));
+        std::fs::write(&config, r#"{"registry": {}}"#).unwrap();
+        assert_eq!(keep_storage_default(root.path()).unwrap(), None);
+        std::fs::write(&config, r#"{"gc": {"keep_storage": "lots"}}"#).unwrap();
+        let err = format!("{:#}", keep_storage_default(root.path()).unwrap_err());
+        assert!(err.contains("config.json: gc.keep_storage") && err.contains("lots"), "{err}");
+        std::fs::write(&config, "{\n  \"gc\": {\"keep_storage\": }\n}").unwrap();
+        let err = format!("{:#}", keep_storage_default(root.path()).unwrap_err());
+        assert!(err.contains("config.json:2:"), "names the place: {err}");
+    }
+}
