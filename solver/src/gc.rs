@@ -26,6 +26,11 @@ use kiln_cache::lock::FileLock;
 use kiln_cache::usage::{apparent_size, root_usage};
 use serde::Deserialize;
 
+/// Blobs younger than this are never collected: `kiln pull`, `load` and
+/// `import` take no lease, and a blob they just wrote looks unreferenced
+/// until they name the image.
+pub const BLOB_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Name of the GC lock file under `<root>/locks/`.
 pub const BUILD_LOCK: &str = lease::GC_LOCK_FILE;
 
@@ -232,10 +237,13 @@ impl Collector<'_> {
         Ok(freed)
     }
 
-    /// Remove blob `digest` unless an image names it or a lease may use it.
+    /// Remove blob `digest` unless an image names it, a lease may use it,
+    /// or it is younger than [`BLOB_GRACE`].
     fn drop_blob_if_free(&mut self, digest: &str) -> anyhow::Result<u64> {
         let path = self.store.content.blob_path(digest);
-        if self.census.pinned.contains(digest) || self.census.held(last_used(&path)) || !path.exists() {
+        let used = last_used(&path);
+        let fresh = used.and_then(|t| t.elapsed().ok()).is_none_or(|age| age < BLOB_GRACE);
+        if self.census.pinned.contains(digest) || self.census.held(used) || fresh || !path.exists() {
             return Ok(0);
         }
         let bytes = apparent_size(&path);
@@ -432,6 +440,9 @@ mod tests {
         snapshot(&store, "mid", 100_000, 2 * hour);
         snapshot(&store, "new", 100_000, hour);
         let orphan = store.content.put_bytes(&vec![b'o'; 50_000], None).unwrap();
+        let fresh = store.content.put_bytes(b"just pulled, not named yet", None).unwrap();
+        let old = SystemTime::now() - 2 * BLOB_GRACE;
+        std::fs::File::open(store.content.blob_path(&orphan)).unwrap().set_modified(old).unwrap();
         let config = format!(r#"{{"architecture":"amd64","os":"linux","pad":"{}"}}"#, "c".repeat(50_000));
         let config = store.content.put_bytes(config.as_bytes(), None).unwrap();
         let manifest = format!(
@@ -449,6 +460,7 @@ mod tests {
         assert_eq!((report.removed.snapshots, report.removed.records, report.blobs), (2, 2, 1), "{report:?}");
         assert!(store.snapshots.exists("new") && !store.snapshots.exists("mid") && !store.snapshots.exists("old"));
         assert!(!store.content.exists(&orphan) && store.content.exists(&config));
+        assert!(store.content.exists(&fresh), "a blob younger than the grace period stays");
 
         // Under the cap: nothing to do.
         assert_eq!(enforce_cap(&store, report.after).unwrap().removed, PruneReport::default());
