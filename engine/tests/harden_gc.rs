@@ -71,13 +71,14 @@ fn fifty_images_under_a_small_cap() {
     // Half the builds get the cap from the root's config, half from the flag.
     std::fs::write(root.join("config.json"), format!(r#"{{"gc": {{"keep_storage": "{CAP}"}}}}"#)).unwrap();
 
-    // Pull the base and measure one build's working set: the unpacked base
-    // plus one new layer (and its temporary copies), doubled for safety.
+    // Pull the base and bound the working set: per builder, the unpacked
+    // base (re-unpacked if collected) plus its new layer with room for one
+    // more copy; two builders run at once.
     let warm = context(&tmp.path().join("warm"), "FROM busybox\nRUN true\n");
     build(&root, &mirror, &warm, "warm:1", &[]);
-    let base = kiln_cache_snapshot_bytes(&root);
+    let base = snapshots_bytes(&root);
     let working_set = 2 * (base + 2 * LAYER_BYTES);
-    println!("base snapshot {base} bytes; working set per build {working_set} bytes; cap {CAP}");
+    println!("base snapshot {base} bytes; working set of two builders {working_set} bytes; cap {CAP}");
 
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
@@ -152,7 +153,7 @@ fn fifty_images_under_a_small_cap() {
 }
 
 /// Bytes of the snapshots under `root` (after one build: the base image's).
-fn kiln_cache_snapshot_bytes(root: &Path) -> u64 {
+fn snapshots_bytes(root: &Path) -> u64 {
     du_bytes(&root.join("snapshots"), true)
 }
 
