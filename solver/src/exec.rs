@@ -250,19 +250,7 @@ fn bind_source(inner: &Inner, computed: &Computed, source: &str, scratch: &mut S
             let copy_root = temp_dir(inner, scratch)?;
             let upper = copy_root.join("fs");
             std::fs::create_dir(&upper)?;
-            let copy = CopyAction {
-                src_input: 0,
-                sources: vec![source.to_string()],
-                dest: "/".into(),
-                owner: None,
-                mode: None,
-                parents: false,
-                exclude: vec![],
-                extract_archives: false,
-                follow_symlinks: true,
-                create_dest_path: true,
-                allow_empty_wildcard: false,
-            };
+            let copy = CopyAction::new(0, vec![source.to_string()], "/");
             crate::fileop::apply(&[], &upper, std::slice::from_ref(&tree), &[FileAction::Copy(copy)])?;
             Ok(HostMountSource::Bind(upper))
         }
