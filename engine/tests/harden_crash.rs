@@ -290,6 +290,8 @@ fn sigkill_mid_run_leaves_no_secret_after_the_next_start() {
         std::thread::sleep(Duration::from_millis(20));
     };
     std::thread::sleep(Duration::from_millis(300)); // well inside the RUN
+    let leases = || std::fs::read_dir(root.join("leases")).map(|d| d.count()).unwrap_or(0);
+    assert!(leases() >= 1, "a running build holds a lease");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(dir.join("secret").is_file(), "the kill must leave the secret behind for this test to mean anything");
@@ -302,6 +304,7 @@ fn sigkill_mid_run_leaves_no_secret_after_the_next_start() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("store is consistent"), "{stdout}");
     assert!(!dir.exists(), "{} is still there after the next start:\n{stdout}", dir.display());
+    assert_eq!(leases(), 0, "the killed build's leases died with it (and check removed their files)");
     let mut leaks = files_holding(Path::new("/dev/shm"), secret.as_bytes());
     leaks.extend(files_holding(&root, secret.as_bytes()));
     for d in secret_dirs() {
