@@ -27,18 +27,10 @@ use crate::worker::{ExecRequest, HostMount, HostMountSource, LogSink, LogStream}
 const LOG_TAIL_LINES: usize = 20;
 
 /// Temporary host directories removed when the op ends (also on cancel):
-/// paths outside the store (secrets) and store scratch dirs (which the next
-/// store open also removes if the process dies).
+/// store scratch dirs and secret dirs, which the next store open also
+/// removes if the process dies (see `kiln_cache::check`).
 #[derive(Default)]
-struct Scratch(Vec<PathBuf>, Vec<kiln_cache::check::ScratchDir>);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+struct Scratch(Vec<kiln_cache::check::ScratchDir>);
 
 /// Collects output: forwards each line as an event and keeps the last few.
 struct LogCollector {
@@ -289,7 +281,7 @@ fn cache_mount_dir(inner: &Inner, id: &str, uid: u32, gid: u32, mode: u32) -> an
 fn temp_dir(inner: &Inner, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
     let dir = inner.store.scratch_dir()?;
     let path = dir.path().to_path_buf();
-    scratch.1.push(dir);
+    scratch.0.push(dir);
     Ok(path)
 }
 
@@ -301,7 +293,7 @@ fn write_secret(value: &[u8], uid: u32, gid: u32, mode: u32, scratch: &mut Scrat
     use std::io::Write;
     let dir = kiln_cache::check::ScratchDir::for_secret()?;
     let file = dir.path().join("secret");
-    scratch.1.push(dir);
+    scratch.0.push(dir);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file)?;
     f.write_all(value)?;
     drop(f);
