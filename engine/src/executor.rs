@@ -247,6 +247,11 @@ impl ShimProcess {
         self.container_pid
     }
 
+    /// Pid of the shim process (signals sent to it reach the container).
+    pub fn shim_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The container's stdin (with [`ShimOptions::stdin`], once); drop it
     /// to close the container's stdin.
     pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
