@@ -150,7 +150,7 @@ impl Shim {
         unsafe {
             cmd.pre_exec(move || {
                 for (target, fd) in [3, 4].into_iter().zip(fds) {
-                    let high = libc::fcntl(fd, libc::F_DUPFD, 10);
+                    let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
                     if high < 0 || libc::dup2(high, target) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
