@@ -10,6 +10,12 @@
 //! is gone (e.g. cancelled after another op failed), the computation is
 //! dropped with them.
 //!
+//! Across processes on one store, an op about to compute takes a lock
+//! named by its key (`<root>/locks/keys/`, a `flock`, so a dead process
+//! never leaves it held) and looks in the cache index again once it has
+//! it: a second `kiln build` asking for the same step waits for the first
+//! and then reports it cached.
+//!
 //! Results: an op's result is a chain of committed snapshot ids, bottom
 //! first — except a build context, which stays a handle on the host dir.
 
@@ -22,6 +28,7 @@ use dashmap::DashMap;
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use kiln_cache::Store;
 use kiln_cache::layered::LayeredView;
+use kiln_cache::lock::TransientLock;
 use kiln_cache::snapshots::SnapshotMeta;
 use kiln_frontend::graph::{FileAction, MountKind, Op, OpNode, SourceOp};
 use kiln_frontend::Definition;
@@ -79,6 +86,10 @@ pub(crate) struct Computed {
 
 type NodeResult = Result<Arc<Computed>, SolveError>;
 type NodeFuture = Shared<BoxFuture<'static, NodeResult>>;
+
+/// Directory under `<root>/locks/` of the per-key locks that make an op
+/// run once across kiln processes sharing a store.
+pub const KEY_LOCK_DIR: &str = "keys";
 
 /// What the cache index stores per key.
 #[derive(Debug, Serialize, Deserialize)]
@@ -258,6 +269,23 @@ impl Inner {
         self.store.index.put(key, &record)
     }
 
+    /// Wait until no other process computes `key` on this store, then
+    /// hold that right until the returned lock drops (or the process dies).
+    /// Taken only for one op's own computation, never while waiting for
+    /// other ops, so it cannot deadlock; the in-flight map already makes
+    /// this process ask at most once per key.
+    async fn lock_key(&self, key: &str) -> anyhow::Result<TransientLock> {
+        let hex: String = key.trim_start_matches("sha256:").chars().filter(char::is_ascii_hexdigit).collect();
+        anyhow::ensure!(!hex.is_empty(), "cache key {key:?} has no digest");
+        let path = self.store.root().join("locks").join(KEY_LOCK_DIR).join(format!("{hex}.lock"));
+        // flock blocks: wait on a blocking thread. If this solve is
+        // cancelled meanwhile, the lock is released as soon as it is taken.
+        tokio::task::spawn_blocking(move || TransientLock::acquire(&path))
+            .await
+            .map_err(|e| anyhow::anyhow!("cache key lock task: {e}"))?
+            .map_err(|e| anyhow::anyhow!("locking cache key {key}: {e}"))
+    }
+
     fn snapshot_paths(&self, layers: &[String]) -> Vec<PathBuf> {
         layers.iter().map(|id| self.store.snapshots.path(id)).collect()
     }
@@ -424,11 +452,20 @@ async fn compute(
     no_cache: bool,
 ) -> Result<Output, SolveError> {
     let name = display_name(&node);
-    if !no_cache
-        && let Some(layers) = inner.cached(&key) {
+    // Held until the result is recorded, so another kiln process on this
+    // store that wants the same key waits and then finds it cached.
+    let mut _key_lock = None;
+    if !no_cache {
+        if let Some(layers) = inner.cached(&key) {
             ctx.events.send(Event::Cached { vertex, name });
             return Ok(Output::Layers(layers));
         }
+        _key_lock = Some(inner.lock_key(&key).await.map_err(|e| op_error(&node, format!("{e:#}"), vec![]))?);
+        if let Some(layers) = inner.cached(&key) {
+            ctx.events.send(Event::Cached { vertex, name });
+            return Ok(Output::Layers(layers));
+        }
+    }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");
     ctx.events.send(Event::Started { vertex: vertex.clone(), name: name.clone() });
     let start = Instant::now();
