@@ -229,18 +229,20 @@ type InflightMap<T> = DashMap<String, WeakShared<BoxFuture<'static, Result<T, So
 
 /// Run `work` once per `key`: a computation already in flight (in this
 /// solve or another on the same solver) is joined instead of started again.
+/// The flag says whether this call started it (false: joined), so only the
+/// starter's events say the op ran.
 fn dedup<T: Clone + Send + Sync + 'static>(
     inner: &Arc<Inner>,
     map: fn(&Inner) -> &InflightMap<T>,
     key: &str,
     work: impl FnOnce() -> BoxFuture<'static, Result<T, SolveError>>,
-) -> Shared<BoxFuture<'static, Result<T, SolveError>>> {
+) -> (Shared<BoxFuture<'static, Result<T, SolveError>>>, bool) {
     let mut entry = map(inner).entry(key.to_string()).or_insert_with(|| {
         // A placeholder that can never be upgraded: replaced just below.
         futures::future::pending().boxed().shared().downgrade().expect("fresh future")
     });
     if let Some(running) = entry.value().upgrade() {
-        return running;
+        return (running, false);
     }
     let this = inner.clone();
     let key_owned = key.to_string();
@@ -253,7 +255,7 @@ fn dedup<T: Clone + Send + Sync + 'static>(
     .boxed()
     .shared();
     *entry.value_mut() = shared.downgrade().expect("not yet polled");
-    shared
+    (shared, true)
 }
 
 impl Inner {
@@ -345,7 +347,7 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             let node2 = node.clone();
             // Resolving is shared by vertex: two stages FROM the same image
             // pull it once.
-            let work = dedup(&inner, |i| &i.resolving, &vertex, move || {
+            let (work, _) = dedup(&inner, |i| &i.resolving, &vertex, move || {
                 async move {
                     events.send(Event::Started { vertex: v.clone(), name: n.clone() });
                     let start = Instant::now();
@@ -431,11 +433,16 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             let key = cachekey::content_key(&vertex, &checksums);
             let no_cache = ctx.no_cache || node.meta.ignore_cache;
             let dedup_key = if no_cache { format!("{key}-nocache-{}", kiln_cache::fsutil::unique_name("")) } else { key.clone() };
-            let (inner2, ctx2, key2) = (inner.clone(), ctx.clone(), key.clone());
-            let work = dedup(&inner, |i| &i.inflight, &dedup_key, move || {
-                compute(inner2, ctx2, node, vertex, key2, inputs, no_cache).boxed()
+            let (inner2, ctx2, key2, vertex2) = (inner.clone(), ctx.clone(), key.clone(), vertex.clone());
+            let (work, started_here) = dedup(&inner, |i| &i.inflight, &dedup_key, move || {
+                compute(inner2, ctx2, node, vertex2, key2, inputs, no_cache).boxed()
             });
             let output = work.await?;
+            if !started_here {
+                // Another build on this solver computed it: for this build
+                // the step is cached, as it is when another process did.
+                ctx.events.send(Event::Cached { vertex, name });
+            }
             Ok(Arc::new(Computed { key, output }))
         }
     }

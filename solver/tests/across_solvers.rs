@@ -1,6 +1,7 @@
 //! Two solvers on one store root, as two kiln processes would have: they
 //! share no in-process state (in-flight map, mutexes, store handle), only
-//! the store's files and locks.
+//! the store's files and locks. And, for comparison, two solves on one
+//! solver (as in the daemon), which share work in memory.
 
 mod common;
 
@@ -42,15 +43,14 @@ fn cached(e: &Event) -> Option<&str> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_op_in_flight_in_one_solver_is_waited_for_by_another() {
-    let h = harness();
-    let other = h.reopen();
+/// Both solves on `a` and `b` ran each op of a two-op graph once and the
+/// other solve reported it cached.
+async fn each_op_started_once_and_cached_once(h: &Harness, a: &Solver, b: &Solver) {
     let mut g = Graph::default();
     let s = g.scratch();
-    let a = g.run(s, "sleep 400 ; write /x 1", 2);
-    g.run(a, "write /y 2", 3);
-    let ((o1, e1), (o2, e2)) = tokio::join!(solve_collecting(&h.solver, g.def.clone()), solve_collecting(&other, g.def.clone()));
+    let x = g.run(s, "sleep 400 ; write /x 1", 2);
+    g.run(x, "write /y 2", 3);
+    let ((o1, e1), (o2, e2)) = tokio::join!(solve_collecting(a, g.def.clone()), solve_collecting(b, g.def.clone()));
     assert_eq!(o1, o2);
     assert_eq!(h.exec.count(), 2, "each op executes once over both solvers: {:?}", h.exec.args());
     // Each op is started by one solver and reported cached by the other.
@@ -63,6 +63,13 @@ async fn an_op_in_flight_in_one_solver_is_waited_for_by_another() {
     let ops = vec!["RUN sleep 400 ; write /x 1".to_string(), "RUN write /y 2".to_string()];
     assert_eq!(started_all, ops, "{e1:?}\n{e2:?}");
     assert_eq!(cached_all, ops, "{e1:?}\n{e2:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_op_in_flight_in_one_solver_is_waited_for_by_another() {
+    let h = harness();
+    let other = h.reopen();
+    each_op_started_once_and_cached_once(&h, &h.solver, &other).await;
     // The per-key lock files are gone once released.
     let keys = h.store.root().join("locks").join(kiln_solver::solver::KEY_LOCK_DIR);
     assert_eq!(std::fs::read_dir(&keys).map(|d| d.count()).unwrap_or(0), 0, "key locks left behind");
@@ -117,4 +124,10 @@ async fn private_cache_mounts_get_their_own_dir_when_busy_in_another_solver() {
     let shared_dir = h.store.root().join("cache-mounts");
     let in_shared = runs.iter().filter(|r| r.mount_paths[0].starts_with(&shared_dir)).count();
     assert_eq!(in_shared, 1, "exactly one user gets the persistent dir: {runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_solve_joining_another_on_the_same_solver_reports_the_op_cached() {
+    let h = harness();
+    each_op_started_once_and_cached_once(&h, &h.solver, &h.solver).await;
 }
