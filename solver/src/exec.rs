@@ -4,7 +4,9 @@
 //! snapshot the upperdir. Extra mounts are prepared here: binds from the
 //! context or another op's layers (read-only unless `rw`, whose writes go
 //! to a throw-away upper), persistent cache directories under
-//! `<store>/cache-mounts/`, tmpfs, and secrets — written to a private 0600
+//! `<store>/cache-mounts/` (`sharing=locked`: one user at a time, across
+//! kiln processes too, through a `flock` per id; `private`: the persistent
+//! dir when it is free, else a throw-away one), tmpfs, and secrets — written to a private 0600
 //! file outside the store and bind-mounted read-only, or put into the
 //! environment of that one process only. Whatever is prepared is removed
 //! again when the op ends, whichever way it ends.
