@@ -460,7 +460,9 @@ async fn compute(
 ) -> Result<Output, SolveError> {
     let name = display_name(&node);
     // Held until the result is recorded, so another kiln process on this
-    // store that wants the same key waits and then finds it cached.
+    // store that wants the same key waits and then finds it cached. Taken
+    // before a compute slot: waiting for another process while holding a
+    // slot could deadlock two processes whose slots all wait on each other.
     let mut _key_lock = None;
     if !no_cache {
         if let Some(layers) = inner.cached(&key) {
