@@ -76,6 +76,64 @@ impl Drop for FileLock {
     }
 }
 
+/// An exclusive lock whose file exists only while the lock is held: the
+/// holder removes it before unlocking. For locks over an open-ended set of
+/// names (one per cache key), so they leave no files behind.
+///
+/// A waiter may wake up holding a file that was removed (or replaced) in
+/// the meantime; it then tries again on the current file, so two holders
+/// can never each hold a different file under one name.
+#[derive(Debug)]
+pub struct TransientLock {
+    lock: FileLock,
+}
+
+impl TransientLock {
+    /// Block until `path` (created if missing) is locked exclusively.
+    pub fn acquire(path: &Path) -> std::io::Result<TransientLock> {
+        loop {
+            let lock = FileLock::exclusive(path)?;
+            if still_named(&lock)? {
+                return Ok(TransientLock { lock });
+            }
+        }
+    }
+
+    /// Lock `path` exclusively if nobody holds it; `None` if busy.
+    pub fn try_acquire(path: &Path) -> std::io::Result<Option<TransientLock>> {
+        loop {
+            let Some(lock) = FileLock::try_exclusive(path)? else { return Ok(None) };
+            if still_named(&lock)? {
+                return Ok(Some(TransientLock { lock }));
+            }
+        }
+    }
+
+    /// The lock file's path.
+    pub fn path(&self) -> &Path {
+        self.lock.path()
+    }
+}
+
+impl Drop for TransientLock {
+    fn drop(&mut self) {
+        // Removed while still locked: a waiter that then gets this file's
+        // lock sees it is gone and retries on a fresh one.
+        let _ = std::fs::remove_file(self.lock.path());
+    }
+}
+
+/// Whether `lock`'s path still names the file it locked.
+fn still_named(lock: &FileLock) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let held = lock.file.metadata()?;
+    match std::fs::metadata(&lock.path) {
+        Ok(now) => Ok(now.dev() == held.dev() && now.ino() == held.ino()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
     loop {
         // SAFETY: flock on a valid, owned fd has no memory-safety effects.
@@ -102,6 +160,52 @@ mod tests {
         assert!(FileLock::try_exclusive(&path).unwrap().is_none());
         drop(held);
         assert!(FileLock::try_exclusive(&path).unwrap().is_some());
+    }
+
+    #[test]
+    fn transient_lock_removes_its_file_and_excludes_while_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.lock");
+        let held = TransientLock::acquire(&path).unwrap();
+        assert!(TransientLock::try_acquire(&path).unwrap().is_none());
+        drop(held);
+        assert!(!path.exists(), "the lock file goes with the lock");
+        let again = TransientLock::try_acquire(&path).unwrap().expect("free after release");
+        assert!(path.exists());
+        drop(again);
+    }
+
+    #[test]
+    fn transient_lock_waiters_never_overlap() {
+        // Many threads take and release one name; a counter inside the
+        // critical section must never see a second holder, which it would if
+        // a waiter woke up on a removed file and went ahead.
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = Arc::new(dir.path().join("busy.lock"));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (path, inside, overlaps) = (path.clone(), inside.clone(), overlaps.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        let _lock = TransientLock::acquire(&path).unwrap();
+                        if inside.fetch_add(1, Ordering::SeqCst) != 0 {
+                            overlaps.fetch_add(1, Ordering::SeqCst);
+                        }
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(overlaps.load(Ordering::SeqCst), 0);
+        assert!(!path.exists());
     }
 
     #[test]

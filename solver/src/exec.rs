@@ -4,7 +4,9 @@
 //! snapshot the upperdir. Extra mounts are prepared here: binds from the
 //! context or another op's layers (read-only unless `rw`, whose writes go
 //! to a throw-away upper), persistent cache directories under
-//! `<store>/cache-mounts/`, tmpfs, and secrets — written to a private 0600
+//! `<store>/cache-mounts/` (`sharing=locked`: one user at a time, across
+//! kiln processes too, through a `flock` per id; `private`: the persistent
+//! dir when it is free, else a throw-away one), tmpfs, and secrets — written to a private 0600
 //! file outside the store and bind-mounted read-only, or put into the
 //! environment of that one process only. Whatever is prepared is removed
 //! again when the op ends, whichever way it ends.
@@ -95,8 +97,23 @@ pub(crate) async fn run(
     let mut scratch = Scratch::default();
     let mut env = exec.env.clone();
     let mut mounts = Vec::new();
-    // Held until the process exits.
+    // Held until the process exits. `sharing=locked` ids are taken first,
+    // in sorted order, so two ops (or processes) that lock the same ids
+    // cannot each hold one and wait for the other.
     let mut held_locks = Vec::new();
+    let mut locked_ids: Vec<String> = exec
+        .mounts
+        .iter()
+        .filter_map(|m| match &m.kind {
+            MountKind::Cache { id, sharing: CacheSharing::Locked, .. } => Some(cache_mount_id(id, &m.target).to_string()),
+            _ => None,
+        })
+        .collect();
+    locked_ids.sort();
+    locked_ids.dedup();
+    for id in &locked_ids {
+        held_locks.push(CacheMountLock::acquire(inner, id).await.map_err(|e| fail(format!("cache mount {id:?}: {e:#}")))?);
+    }
     for mount in &exec.mounts {
         let target = mount.target.clone();
         match &mount.kind {
@@ -121,26 +138,28 @@ pub(crate) async fn run(
                 if from.is_some() {
                     return Err(fail(format!("cache mount {id:?}: from= is not supported yet")));
                 }
-                let id = if id.is_empty() { &target } else { id };
+                let id = cache_mount_id(id, &target);
                 let dir = cache_mount_dir(inner, id, *uid, *gid, *mode).map_err(|e| fail(format!("cache mount {id:?}: {e:#}")))?;
-                let lock = inner.cache_mount_locks.entry(id.to_string()).or_default().clone();
                 let source = match sharing {
-                    CacheSharing::Shared => dir,
-                    CacheSharing::Locked => {
-                        held_locks.push(lock.lock_owned().await);
-                        dir
+                    // Locked ids are held already (above).
+                    CacheSharing::Shared | CacheSharing::Locked => dir,
+                    // Private, as BuildKit: the shared dir when nobody else
+                    // (in any process) uses it privately or locked, else a
+                    // fresh empty one that is thrown away.
+                    CacheSharing::Private => {
+                        let free = if locked_ids.iter().any(|l| l == id) {
+                            None
+                        } else {
+                            CacheMountLock::try_acquire(inner, id).map_err(|e| fail(format!("cache mount {id:?}: {e:#}")))?
+                        };
+                        match free {
+                            Some(lock) => {
+                                held_locks.push(lock);
+                                dir
+                            }
+                            None => temp_dir(inner, &mut scratch).map_err(|e| fail(format!("{e:#}")))?,
+                        }
                     }
-                    // Private: the shared dir when nobody else uses it,
-                    // else a fresh empty one that is thrown away.
-                    CacheSharing::Private => match lock.try_lock_owned() {
-                        Ok(guard) => {
-                            held_locks.push(guard);
-                            dir
-                        }
-                        Err(_) => {
-                            temp_dir(inner, &mut scratch).map_err(|e| fail(format!("{e:#}")))?
-                        }
-                    },
                 };
                 mounts.push(HostMount { target, source: HostMountSource::Bind(source), readonly: *readonly });
             }
@@ -259,15 +278,59 @@ fn bind_source(inner: &Inner, computed: &Computed, source: &str, scratch: &mut S
     }
 }
 
+/// A cache mount's id: its `id=`, else its target.
+fn cache_mount_id<'a>(id: &'a str, target: &'a str) -> &'a str {
+    if id.is_empty() { target } else { id }
+}
+
+/// The file-system-safe name of cache mount `id` (its directory under
+/// `<store>/cache-mounts/` and its lock under `<store>/locks/cache-mounts/`).
+fn cache_mount_name(id: &str) -> String {
+    use sha2::Digest;
+    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let short = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..6]);
+    format!("{}-{short}", safe.trim_start_matches('.'))
+}
+
+/// Exclusive use of one cache mount id, in this process (an async mutex,
+/// so waiting ops hold no thread) and across processes on the store (a
+/// `flock`, released if the process dies). Released on drop.
+struct CacheMountLock {
+    _flock: kiln_cache::lock::FileLock,
+    _local: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl CacheMountLock {
+    fn lock_path(inner: &Inner, id: &str) -> PathBuf {
+        inner.store.root().join("locks").join("cache-mounts").join(format!("{}.lock", cache_mount_name(id)))
+    }
+
+    /// Wait until nobody else holds `id`.
+    async fn acquire(inner: &Inner, id: &str) -> anyhow::Result<CacheMountLock> {
+        let local = inner.cache_mount_locks.entry(id.to_string()).or_default().clone().lock_owned().await;
+        let path = Self::lock_path(inner, id);
+        let flock = tokio::task::spawn_blocking(move || kiln_cache::lock::FileLock::exclusive(&path))
+            .await
+            .map_err(|e| anyhow::anyhow!("cache mount lock task: {e}"))??;
+        Ok(CacheMountLock { _flock: flock, _local: local })
+    }
+
+    /// `id` if nobody else holds it, else `None`.
+    fn try_acquire(inner: &Inner, id: &str) -> anyhow::Result<Option<CacheMountLock>> {
+        let Ok(local) = inner.cache_mount_locks.entry(id.to_string()).or_default().clone().try_lock_owned() else {
+            return Ok(None);
+        };
+        Ok(kiln_cache::lock::FileLock::try_exclusive(&Self::lock_path(inner, id))?
+            .map(|flock| CacheMountLock { _flock: flock, _local: local }))
+    }
+}
+
 /// `<store>/cache-mounts/<sanitized id>`, created with uid/gid/mode and
 /// marked used (under the GC lock, so a collection cannot remove it in
 /// between; the solve's lease then keeps it).
 fn cache_mount_dir(inner: &Inner, id: &str, uid: u32, gid: u32, mode: u32) -> anyhow::Result<PathBuf> {
     let _gc = kiln_cache::lease::gc_guard(&inner.store)?;
-    use sha2::Digest;
-    let safe: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    let short = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..6]);
-    let dir = inner.store.root().join("cache-mounts").join(format!("{}-{short}", safe.trim_start_matches('.')));
+    let dir = inner.store.root().join("cache-mounts").join(cache_mount_name(id));
     if !dir.is_dir() {
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;

@@ -10,6 +10,12 @@
 //! is gone (e.g. cancelled after another op failed), the computation is
 //! dropped with them.
 //!
+//! Across processes on one store, an op about to compute takes a lock
+//! named by its key (`<root>/locks/keys/`, a `flock`, so a dead process
+//! never leaves it held) and looks in the cache index again once it has
+//! it: a second `kiln build` asking for the same step waits for the first
+//! and then reports it cached.
+//!
 //! Results: an op's result is a chain of committed snapshot ids, bottom
 //! first — except a build context, which stays a handle on the host dir.
 
@@ -22,6 +28,7 @@ use dashmap::DashMap;
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 use kiln_cache::Store;
 use kiln_cache::layered::LayeredView;
+use kiln_cache::lock::TransientLock;
 use kiln_cache::snapshots::SnapshotMeta;
 use kiln_frontend::graph::{FileAction, MountKind, Op, OpNode, SourceOp};
 use kiln_frontend::Definition;
@@ -79,6 +86,10 @@ pub(crate) struct Computed {
 
 type NodeResult = Result<Arc<Computed>, SolveError>;
 type NodeFuture = Shared<BoxFuture<'static, NodeResult>>;
+
+/// Directory under `<root>/locks/` of the per-key locks that make an op
+/// run once across kiln processes sharing a store.
+pub const KEY_LOCK_DIR: &str = "keys";
 
 /// What the cache index stores per key.
 #[derive(Debug, Serialize, Deserialize)]
@@ -219,18 +230,20 @@ type InflightMap<T> = DashMap<String, WeakShared<BoxFuture<'static, Result<T, So
 
 /// Run `work` once per `key`: a computation already in flight (in this
 /// solve or another on the same solver) is joined instead of started again.
+/// The flag says whether this call started it (false: joined), so only the
+/// starter's events say the op ran.
 fn dedup<T: Clone + Send + Sync + 'static>(
     inner: &Arc<Inner>,
     map: fn(&Inner) -> &InflightMap<T>,
     key: &str,
     work: impl FnOnce() -> BoxFuture<'static, Result<T, SolveError>>,
-) -> Shared<BoxFuture<'static, Result<T, SolveError>>> {
+) -> (Shared<BoxFuture<'static, Result<T, SolveError>>>, bool) {
     let mut entry = map(inner).entry(key.to_string()).or_insert_with(|| {
         // A placeholder that can never be upgraded: replaced just below.
         futures::future::pending().boxed().shared().downgrade().expect("fresh future")
     });
     if let Some(running) = entry.value().upgrade() {
-        return running;
+        return (running, false);
     }
     let this = inner.clone();
     let key_owned = key.to_string();
@@ -243,7 +256,7 @@ fn dedup<T: Clone + Send + Sync + 'static>(
     .boxed()
     .shared();
     *entry.value_mut() = shared.downgrade().expect("not yet polled");
-    shared
+    (shared, true)
 }
 
 impl Inner {
@@ -259,6 +272,23 @@ impl Inner {
     fn remember(&self, key: &str, layers: &[String]) -> anyhow::Result<()> {
         let record = serde_json::to_vec(&CacheRecord { layers: layers.to_vec() })?;
         self.store.index.put(key, &record)
+    }
+
+    /// Wait until no other process computes `key` on this store, then
+    /// hold that right until the returned lock drops (or the process dies).
+    /// Taken only for one op's own computation, never while waiting for
+    /// other ops, so it cannot deadlock; the in-flight map already makes
+    /// this process ask at most once per key.
+    async fn lock_key(&self, key: &str) -> anyhow::Result<TransientLock> {
+        let hex: String = key.trim_start_matches("sha256:").chars().filter(char::is_ascii_hexdigit).collect();
+        anyhow::ensure!(!hex.is_empty(), "cache key {key:?} has no digest");
+        let path = self.store.root().join("locks").join(KEY_LOCK_DIR).join(format!("{hex}.lock"));
+        // flock blocks: wait on a blocking thread. If this solve is
+        // cancelled meanwhile, the lock is released as soon as it is taken.
+        tokio::task::spawn_blocking(move || TransientLock::acquire(&path))
+            .await
+            .map_err(|e| anyhow::anyhow!("cache key lock task: {e}"))?
+            .map_err(|e| anyhow::anyhow!("locking cache key {key}: {e}"))
     }
 
     fn snapshot_paths(&self, layers: &[String]) -> Vec<PathBuf> {
@@ -321,7 +351,7 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             let node2 = node.clone();
             // Resolving is shared by vertex: two stages FROM the same image
             // pull it once.
-            let work = dedup(&inner, |i| &i.resolving, &vertex, move || {
+            let (work, _) = dedup(&inner, |i| &i.resolving, &vertex, move || {
                 async move {
                     events.send(Event::Started { vertex: v.clone(), name: n.clone() });
                     let start = Instant::now();
@@ -416,11 +446,16 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             let key = cachekey::content_key(&vertex, &checksums);
             let no_cache = ctx.no_cache || node.meta.ignore_cache;
             let dedup_key = if no_cache { format!("{key}-nocache-{}", kiln_cache::fsutil::unique_name("")) } else { key.clone() };
-            let (inner2, ctx2, key2) = (inner.clone(), ctx.clone(), key.clone());
-            let work = dedup(&inner, |i| &i.inflight, &dedup_key, move || {
-                compute(inner2, ctx2, node, vertex, key2, inputs, no_cache).boxed()
+            let (inner2, ctx2, key2, vertex2) = (inner.clone(), ctx.clone(), key.clone(), vertex.clone());
+            let (work, started_here) = dedup(&inner, |i| &i.inflight, &dedup_key, move || {
+                compute(inner2, ctx2, node, vertex2, key2, inputs, no_cache).boxed()
             });
             let output = work.await?;
+            if !started_here {
+                // Another build on this solver computed it: for this build
+                // the step is cached, as it is when another process did.
+                ctx.events.send(Event::Cached { vertex, name });
+            }
             Ok(Arc::new(Computed { key, output }))
         }
     }
@@ -437,11 +472,22 @@ async fn compute(
     no_cache: bool,
 ) -> Result<Output, SolveError> {
     let name = display_name(&node);
-    if !no_cache
-        && let Some(layers) = inner.cached(&key) {
+    // Held until the result is recorded, so another kiln process on this
+    // store that wants the same key waits and then finds it cached. Taken
+    // before a compute slot: waiting for another process while holding a
+    // slot could deadlock two processes whose slots all wait on each other.
+    let mut _key_lock = None;
+    if !no_cache {
+        if let Some(layers) = inner.cached(&key) {
             ctx.events.send(Event::Cached { vertex, name });
             return Ok(Output::Layers(layers));
         }
+        _key_lock = Some(inner.lock_key(&key).await.map_err(|e| op_error(&node, format!("{e:#}"), vec![]))?);
+        if let Some(layers) = inner.cached(&key) {
+            ctx.events.send(Event::Cached { vertex, name });
+            return Ok(Output::Layers(layers));
+        }
+    }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");
     ctx.events.send(Event::Started { vertex: vertex.clone(), name: name.clone() });
     let start = Instant::now();
