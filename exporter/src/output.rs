@@ -104,7 +104,7 @@ pub struct OutputError {
 }
 
 /// Split buildx's CSV: commas separate fields, double quotes protect them.
-fn split_csv(spec: &str) -> Result<Vec<String>, String> {
+pub(crate) fn split_csv(spec: &str) -> Result<Vec<String>, String> {
     let mut fields = vec![String::new()];
     let mut quoted = false;
     for c in spec.chars() {
@@ -120,7 +120,7 @@ fn split_csv(spec: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
