@@ -145,6 +145,7 @@ pub async fn run_build(
         output: None,
         iidfile: None,
         source_date_epoch: opts.source_date_epoch,
+        cache: Default::default(),
     };
     let result = build(&solver, request, EventSink(Some(events))).await?;
     Ok(result.image_id())
