@@ -5,6 +5,7 @@
 //! `started` = executed, `cached` = taken from a cache.
 
 mod common;
+mod daemon_support;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -68,7 +69,10 @@ fn build(root: &Path, reg: &TestRegistry, args: &[&str], env: &[(&str, &str)]) -
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    parse_run(cmd.output().unwrap())
+}
+
+fn parse_run(out: std::process::Output) -> Run {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let (mut executed, mut cached) = (BTreeSet::new(), BTreeSet::new());
     for line in stderr.lines().filter(|l| l.starts_with('{')) {
@@ -406,4 +410,36 @@ fn bad_cache_flags_and_unreachable_registries() {
         .filter(|n| n.contains("kiln"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// The flags travel through `--host`: a daemon exports, another daemon on
+/// an empty root imports and executes nothing.
+#[test]
+fn cache_flags_work_through_the_daemon() {
+    if let Some(why) = skip_reason() {
+        println!("skipped: remote cache through the daemon because {why}");
+        return;
+    }
+    let s = Setup::new();
+    let mirror = format!("docker.io=http://{}", s.reg.addr);
+    let flags = ["--registry-mirror", mirror.as_str(), "--insecure-registry", "127.0.0.1"];
+    let cache_ref = format!("{}/cache/daemon:1", s.reg.addr);
+    let build = |d: &daemon_support::Daemon, cache_flag: &str, spec: &str| {
+        let run = parse_run(d.client(&["build", "--progress", "json", "-t", "app:1", cache_flag, spec, s.ctx()]));
+        assert!(run.ok, "build through the daemon failed:\n{}", run.stderr);
+        run
+    };
+    let mut first = daemon_support::Daemon::start(false, &flags);
+    let run = build(&first, "--cache-to", &format!("type=registry,ref={cache_ref},mode=max"));
+    assert_eq!(run.executed.len(), ALL_STEPS, "{:?}", run.executed);
+    first.stop();
+
+    let mut second = daemon_support::Daemon::start(false, &flags);
+    let run = build(&second, "--cache-from", &cache_ref);
+    assert!(run.executed.is_empty(), "{:?}\n{}", run.executed, run.stderr);
+    assert_eq!(run.cached.len(), ALL_STEPS);
+    // A bad spec fails in the client, before anything is sent.
+    let out = second.client(&["build", "--cache-to", "type=nope", s.ctx()]);
+    assert!(!out.status.success() && daemon_support::stderr(&out).contains("unknown cache type \"nope\""));
+    second.stop();
 }
