@@ -3,8 +3,8 @@
 //! Every op becomes a shared future that waits for its inputs, computes its
 //! key (see [`crate::cachekey`]), and then either loads its result from the
 //! cache index, or (on a miss) from an imported cache
-//! ([`SolveRequest::cache_import`], `--cache-from`), or computes it. Independent ops therefore run concurrently;
-//! a semaphore bounds how many compute at once (the cores by default).
+//! ([`SolveRequest::cache_import`], `--cache-from`), or computes it.
+//! Independent ops therefore run concurrently; a semaphore bounds how many compute at once (the cores by default).
 //! Futures for the same key are shared through an in-flight map — also
 //! across concurrent solves on one [`Solver`] — so identical work runs once.
 //! The map holds weak handles: when every solve waiting on a computation
