@@ -20,7 +20,7 @@ use crate::compression::{Compression, CompressionKind};
 use crate::dest::StagedDest;
 use crate::image::{BuiltImage, MEDIA_TYPE_OCI_INDEX, annotations, canonical_json, descriptor};
 use crate::layer::{EMPTY_TAR_DIFF_ID, LayerBlob, LayerOptions, LayerWriter};
-use crate::output::{parse_bool, split_csv};
+use crate::output::{parse_bool, split_options};
 
 /// Which steps a cache export holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,24 +100,7 @@ fn fields(spec: &str) -> Result<(String, Vec<(String, String)>), String> {
         }
         return Ok(("registry".into(), vec![("ref".into(), spec.trim().to_string())]));
     }
-    let mut kind = None;
-    let mut opts: Vec<(String, String)> = Vec::new();
-    for field in split_csv(spec)? {
-        let field = field.trim();
-        if field.is_empty() {
-            continue;
-        }
-        let (k, v) = field.split_once('=').ok_or_else(|| format!("option {field:?} has no value (expected key=value)"))?;
-        if k == "type" {
-            if kind.replace(v.to_string()).is_some() {
-                return Err("type given twice".into());
-            }
-        } else if opts.iter().any(|(seen, _)| seen == k) {
-            return Err(format!("option {k} given twice"));
-        } else {
-            opts.push((k.to_string(), v.to_string()));
-        }
-    }
+    let (kind, opts) = split_options(spec)?;
     let kind = kind.ok_or("missing type= (one of registry, local, inline)")?;
     Ok((kind, opts))
 }
