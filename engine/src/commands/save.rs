@@ -1,4 +1,4 @@
-//! `kiln save -o FILE [--format docker|oci] IMAGE...`: images from the
+//! `kiln save [-o FILE] [--format docker|oci] IMAGE...`: images from the
 //! local store as a docker-archive (the default, for `docker load`) or an
 //! OCI image layout (a tar if FILE ends in `.tar`, else a directory),
 //! written by the same code as `-o type=docker` / `-o type=oci`.
@@ -24,8 +24,9 @@ pub enum Format {
 /// `kiln save` flags.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to write (must not exist; written beside and renamed).
-    #[arg(short, long, value_name = "FILE")]
+    /// Where to write (must not exist; written beside and renamed); `-`,
+    /// the default, is standard output as with `docker save`.
+    #[arg(short, long, value_name = "FILE", default_value = "-")]
     pub output: PathBuf,
     /// Archive format.
     #[arg(long, value_enum, default_value = "docker")]
@@ -53,7 +54,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     match args.format {
         Format::Docker => save_docker(&store, &images, &args.output, mtime)?,
         Format::Oci => {
-            let dest = if args.output.extension().is_some_and(|e| e == "tar") {
+            let dest = if args.output.extension().is_some_and(|e| e == "tar") || args.output == std::path::Path::new("-") {
                 OciDest::Tar(args.output.clone())
             } else {
                 OciDest::Dir(args.output.clone())
@@ -61,7 +62,13 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             save_oci(&store, &images, &dest, mtime)?
         }
     }
-    println!("saved {} image(s) to {}", images.len(), args.output.display());
+    let summary = format!("saved {} image(s) to {}", images.len(), args.output.display());
+    // The archive itself may be on stdout: then the summary goes to stderr.
+    if args.output == std::path::Path::new("-") {
+        eprintln!("{summary}");
+    } else {
+        println!("{summary}");
+    }
     Ok(0)
 }
 
