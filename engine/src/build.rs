@@ -84,9 +84,12 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
             secrets: std::mem::take(&mut req.secrets),
             no_cache: req.no_cache,
             events: events.clone(),
-            cache_import: imported.map(|i| i as Arc<dyn kiln_solver::CacheImport>),
+            cache_import: imported.clone().map(|i| i as Arc<dyn kiln_solver::CacheImport>),
         })
         .await?;
+    if let Some(imported) = &imported {
+        remote_cache::report_import(imported, &events);
+    }
     let steps: Vec<CacheStep> =
         solved.steps.iter().map(|s| CacheStep { key: s.key.clone(), layers: s.layers.clone() }).collect();
     let image = &req.definition.image;

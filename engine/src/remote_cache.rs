@@ -297,6 +297,14 @@ pub async fn import(
     Ok(Some(Arc::new(cache)))
 }
 
+/// After the solve: how many layer blobs the cache hits fetched, as a
+/// progress line (a step whose layers were all local fetched nothing).
+pub fn report_import(cache: &ImportedCache, events: &EventSink) {
+    let step = Step::start(events, "cache import".into());
+    step.log(format!("{} layer blobs fetched from the imported cache", cache.blobs_fetched()));
+    step.done();
+}
+
 async fn import_registry(
     store: &Store,
     registry: &Registry,

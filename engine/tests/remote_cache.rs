@@ -96,6 +96,13 @@ fn build_ok(root: &Path, reg: &TestRegistry, args: &[&str], env: &[(&str, &str)]
     run
 }
 
+/// The "N layer blobs fetched from the imported cache" count.
+fn blobs_fetched(run: &Run) -> usize {
+    let line = run.stderr.lines().find(|l| l.contains("layer blobs fetched")).unwrap_or_else(|| panic!("no fetch count:\n{}", run.stderr));
+    let event: serde_json::Value = serde_json::from_str(line).unwrap();
+    event["line"].as_str().unwrap().split_whitespace().next().unwrap().parse().unwrap()
+}
+
 /// Names of executed steps containing `part`.
 fn names(set: &BTreeSet<String>, part: &str) -> usize {
     set.iter().filter(|n| n.contains(part)).count()
@@ -178,6 +185,10 @@ fn registry_cache_is_used_by_an_empty_root() {
     let second = build_ok(&b, &s.reg, &["-t", "app:1", "--cache-from", &format!("type=registry,ref={cache_ref}"), s.ctx()], &epoch);
     assert!(second.executed.is_empty(), "executed on an empty root with --cache-from: {:?}\n{}", second.executed, second.stderr);
     assert_eq!(second.cached.len(), ALL_STEPS, "{:?}", second.cached);
+    // At most one blob per step's own layer (busybox's came with FROM; the
+    // COPY --from layer has the builder RUN's diff ID, so one snapshot).
+    let fetched = blobs_fetched(&second);
+    assert!((1..=ALL_STEPS).contains(&fetched), "{fetched} blobs fetched");
     let (digest_a, manifest_a, config_a) = image(&a, "app:1");
     let (digest_b, manifest_b, config_b) = image(&b, "app:1");
     assert_eq!(layer_digests(&manifest_a), layer_digests(&manifest_b));
@@ -195,6 +206,7 @@ fn registry_cache_is_used_by_an_empty_root() {
     assert_eq!(names(&third.executed, "COPY app.txt"), 1, "{:?}", third.executed);
     assert_eq!(names(&third.executed, "RUN cat"), 1, "{:?}", third.executed);
     assert_eq!(third.cached.len(), ALL_STEPS - 2, "{:?}", third.cached);
+    assert_eq!(blobs_fetched(&third), 0, "every layer of the hits is local by now");
     let out = run_image(&b, "app:2");
     assert!(out.starts_with("app v2\nartifact\n"), "{out}");
     // The artifact line (with its stamp) is still A's.
