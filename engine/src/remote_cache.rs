@@ -211,9 +211,9 @@ fn read_layout_cache(dir: &Path, tag: &str) -> anyhow::Result<CacheConfig> {
         .iter()
         .find(tagged)
         .with_context(|| format!("{}: no cache tagged {tag:?}", index_path.display()))?;
-    let cache_index = read_layout_blob(dir, &top.digest().to_string())?;
+    let cache_index = read_layout_blob(dir, top.digest().as_ref())?;
     let (_, config) = cache_export::parse_index(&cache_index).with_context(|| format!("cache {}", dir.display()))?;
-    let config_bytes = read_layout_blob(dir, &config.digest().to_string())?;
+    let config_bytes = read_layout_blob(dir, config.digest().as_ref())?;
     CacheConfig::parse(&config_bytes).with_context(|| format!("cache {}", dir.display()))
 }
 

@@ -20,7 +20,7 @@ use crate::compression::{Compression, CompressionKind};
 use crate::dest::StagedDest;
 use crate::image::{BuiltImage, MEDIA_TYPE_OCI_INDEX, annotations, canonical_json, descriptor};
 use crate::layer::{EMPTY_TAR_DIFF_ID, LayerBlob, LayerOptions, LayerWriter};
-use crate::output::{parse_bool, split_options};
+use crate::output::{Options, parse_bool, split_options};
 
 /// Which steps a cache export holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -93,7 +93,7 @@ pub struct CacheSpecError {
 
 /// `type=...` and the other options of one value; a bare value (no `=`)
 /// is `type=registry,ref=VALUE`, as in buildx.
-fn fields(spec: &str) -> Result<(String, Vec<(String, String)>), String> {
+fn fields(spec: &str) -> Result<(String, Options), String> {
     if !spec.contains('=') {
         if spec.trim().is_empty() {
             return Err("expected type=registry|local|inline,...".into());
@@ -381,7 +381,7 @@ pub fn embed_inline(store: &Store, image: &BuiltImage, steps: &[&CacheStep]) -> 
         builder.add(&step.key, &chain);
     }
     let config = builder.finish();
-    let old = read_blob(&store.content, &image.config.digest().to_string())?;
+    let old = read_blob(&store.content, image.config.digest().as_ref())?;
     let trimmed = old.trim_ascii_end();
     anyhow::ensure!(trimmed.ends_with(b"}") && trimmed.len() > 2, "image config is not a JSON object");
     // Append one member to the object: every other byte stays as it was.
@@ -390,14 +390,14 @@ pub fn embed_inline(store: &Store, image: &BuiltImage, steps: &[&CacheStep]) -> 
     bytes.extend_from_slice(&canonical_json(&config)?);
     bytes.push(b'}');
     let config_digest = put_blob(&store.content, &bytes)?;
-    let config_desc = descriptor(&image.config.media_type().to_string(), &config_digest, bytes.len() as u64)?;
-    let manifest_bytes = read_blob(&store.content, &image.manifest.digest().to_string())?;
+    let config_desc = descriptor(image.config.media_type().as_ref(), &config_digest, bytes.len() as u64)?;
+    let manifest_bytes = read_blob(&store.content, image.manifest.digest().as_ref())?;
     let mut manifest = ImageManifest::from_reader(&manifest_bytes[..]).context("reading the image manifest")?;
     manifest.set_config(config_desc.clone());
     let manifest_bytes = serde_json::to_vec(&manifest)?;
     let manifest_digest = put_blob(&store.content, &manifest_bytes)?;
     Ok(BuiltImage {
-        manifest: descriptor(&image.manifest.media_type().to_string(), &manifest_digest, manifest_bytes.len() as u64)?,
+        manifest: descriptor(image.manifest.media_type().as_ref(), &manifest_digest, manifest_bytes.len() as u64)?,
         config: config_desc,
         layers: image.layers.clone(),
     })

@@ -120,9 +120,12 @@ fn split_csv(spec: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
+/// `key=value` options in the order given.
+pub(crate) type Options = Vec<(String, String)>;
+
 /// `type=X,k=v,...` → (the type if given, the other options in order);
 /// an option without `=` or given twice is an error.
-pub(crate) fn split_options(spec: &str) -> Result<(Option<String>, Vec<(String, String)>), String> {
+pub(crate) fn split_options(spec: &str) -> Result<(Option<String>, Options), String> {
     let mut kind = None;
     let mut opts: Vec<(String, String)> = Vec::new();
     for field in split_csv(spec)? {

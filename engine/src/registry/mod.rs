@@ -599,7 +599,7 @@ impl Registry {
             .try_collect()
             .await?;
 
-        let content_type = http::HeaderValue::from_str(&media_type)
+        let content_type = http::HeaderValue::from_str(media_type)
             .map_err(|_| bad(format!("media type {media_type:?} is not a valid header value")))?;
         self.client(host).push_manifest_raw(&target, bytes, content_type).await.map_err(classify)?;
         let count = |kind| outcomes.iter().filter(|o| **o == kind).count();
