@@ -49,6 +49,12 @@ pub struct CacheLayer {
     pub diff_id: String,
     /// Index of the layer below this one; `None` for a bottom layer.
     pub parent: Option<usize>,
+    /// When the exporting store first committed this layer (Unix seconds).
+    /// An importer keeps the earlier of this and its own time, so a fully
+    /// cached build on another root gets the same image `created`, hence
+    /// the same image ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<i64>,
 }
 
 /// One cached step.
@@ -133,6 +139,8 @@ pub struct LayerRef {
     pub size: u64,
     /// `sha256:` of the uncompressed tar.
     pub diff_id: String,
+    /// The snapshot's commit time, if known.
+    pub created: Option<i64>,
 }
 
 impl CacheConfigBuilder {
@@ -150,6 +158,7 @@ impl CacheConfigBuilder {
                         size: layer.size,
                         diff_id: layer.diff_id.clone(),
                         parent,
+                        created: layer.created,
                     });
                     let i = self.config.layers.len() - 1;
                     self.seen.insert(id, i);
@@ -182,6 +191,7 @@ mod tests {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             size: n as u64,
             diff_id: format!("sha256:{}", hex::encode([n + 100; 32])),
+            created: Some(1_700_000_000 + n as i64),
         }
     }
 

@@ -118,8 +118,29 @@ impl ImportedCache {
     }
 
     /// The snapshot of one imported layer, fetching and unpacking its blob
-    /// if the store has no snapshot with its diff ID.
+    /// if the store has no snapshot with its diff ID. It takes the layer's
+    /// creation time when that is earlier than its own.
     async fn materialize(&self, imported: &ImportedLayer) -> anyhow::Result<String> {
+        let id = self.snapshot(imported).await?;
+        if let Some(theirs) = imported.layer.created {
+            let (store, id, diff_id) = (self.store.clone(), id.clone(), imported.layer.diff_id.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                // The lock unpacking takes: no other writer of this meta.
+                let _lock = store.lock(&format!("layer-{}", kiln_cache::content::digest_hex(&diff_id)?))?;
+                let mut meta = store.snapshots.meta(&id)?;
+                if meta.created.is_none_or(|ours| theirs < ours) {
+                    meta.created = Some(theirs);
+                    store.snapshots.set_meta(&id, &meta)?;
+                }
+                Ok(())
+            })
+            .await??;
+        }
+        Ok(id)
+    }
+
+    /// The snapshot of one imported layer (see [`ImportedCache::materialize`]).
+    async fn snapshot(&self, imported: &ImportedLayer) -> anyhow::Result<String> {
         let layer = &imported.layer;
         let id = snapshot_id_for_diff_id(&layer.diff_id)?;
         if self.store.snapshots.exists(&id) {

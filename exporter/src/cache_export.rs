@@ -231,17 +231,18 @@ pub fn prepare(store: &Store, steps: &[&CacheStep], compression: Compression) ->
     let mut builder = CacheConfigBuilder::default();
     for step in steps {
         let blobs = writer.write_chain(&step.layers).with_context(|| format!("layers of cache key {}", step.key))?;
-        builder.add(&step.key, &blobs.iter().map(layer_ref).collect::<Vec<_>>());
+        builder.add(&step.key, &blobs.iter().map(|b| layer_ref(store, b)).collect::<Vec<_>>());
     }
     write_index(store, builder.finish())
 }
 
-fn layer_ref(blob: &LayerBlob) -> LayerRef {
+fn layer_ref(store: &Store, blob: &LayerBlob) -> LayerRef {
     LayerRef {
         blob: blob.digest.clone(),
         media_type: blob.compression.oci_media_type().to_string(),
         size: blob.size,
         diff_id: blob.diff_id.clone(),
+        created: store.snapshots.meta(&blob.snapshot).ok().and_then(|m| m.created),
     }
 }
 
@@ -366,7 +367,7 @@ pub fn embed_inline(store: &Store, image: &BuiltImage, steps: &[&CacheStep]) -> 
         let mut chain = Vec::new();
         for id in &step.layers {
             match image.layers.iter().find(|l| &l.snapshot == id) {
-                Some(blob) => chain.push(layer_ref(blob)),
+                Some(blob) => chain.push(layer_ref(store, blob)),
                 // An empty layer is not in the image; an importer makes it
                 // without a blob (see CACHE.md).
                 None if is_empty_snapshot(store, id) => chain.push(LayerRef {
@@ -374,6 +375,7 @@ pub fn embed_inline(store: &Store, image: &BuiltImage, steps: &[&CacheStep]) -> 
                     media_type: CompressionKind::Gzip.oci_media_type().into(),
                     size: 32,
                     diff_id: EMPTY_TAR_DIFF_ID.into(),
+                    created: store.snapshots.meta(id).ok().and_then(|m| m.created),
                 }),
                 None => continue 'steps,
             }
