@@ -196,6 +196,9 @@ fn registry_cache_is_used_by_an_empty_root() {
     assert_eq!(layer_digests(&manifest_a), layer_digests(&manifest_b));
     assert_eq!(config_a, config_b);
     assert_eq!(digest_a, digest_b, "same manifest digest");
+    // What the import wrote is a consistent store (blobs, snapshots, records).
+    let check = kiln(&b, &["check"]);
+    assert!(check.status.success(), "kiln check: {}", String::from_utf8_lossy(&check.stdout));
     let out_a = run_image(&a, "app:1");
     assert_eq!(run_image(&b, "app:1"), out_a, "B's image must hold A's RUN output (stamp), not a new one");
     assert!(out_a.starts_with("app v1\nartifact\n"), "{out_a}");
