@@ -460,3 +460,37 @@ fn cache_flags_work_through_the_daemon() {
     assert!(!out.status.success() && daemon_support::stderr(&out).contains("unknown cache type \"nope\""));
     second.stop();
 }
+
+/// A step whose layer is empty (dropped from the image, so its blob is not
+/// pushed) still hits from an inline cache: the importer makes the empty
+/// layer itself.
+#[test]
+fn empty_layers_travel_without_blobs() {
+    if let Some(why) = skip_reason() {
+        println!("skipped: empty layers in an inline cache because {why}");
+        return;
+    }
+    let s = Setup::new();
+    let ctx = s.root("ctx-empty");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nRUN true\nRUN echo hi > /x\n").unwrap();
+    let name = format!("{}/app/empty:1", s.reg.addr);
+    let a = s.root("a");
+    build_ok(&a, &s.reg, &["-t", &name, "--cache-to", "type=inline", ctx.to_str().unwrap()], &[]);
+    let (_, manifest, config) = image(&a, &name);
+    let cache = &config["kiln.cache.v1"];
+    assert_eq!(cache["records"].as_array().unwrap().len(), 2, "{cache}");
+    let empty = "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+    assert!(cache["layers"].as_array().unwrap().iter().any(|l| l["diff_id"] == empty), "RUN true should be an empty layer: {cache}");
+    assert!(!config["rootfs"]["diff_ids"].as_array().unwrap().iter().any(|d| d == empty), "empty layers are dropped from images");
+    assert_eq!(layer_digests(&manifest).len(), 2);
+    let pushed = kiln(&a, &["--insecure-registry", "127.0.0.1", "push", &name]);
+    assert!(pushed.status.success(), "push: {}", String::from_utf8_lossy(&pushed.stderr));
+
+    let b = s.root("b");
+    let run = build_ok(&b, &s.reg, &["-t", "e:1", "--cache-from", &name, ctx.to_str().unwrap()], &[]);
+    assert!(run.executed.is_empty(), "{:?}\n{}", run.executed, run.stderr);
+    assert_eq!(run.cached.len(), 2, "{:?}", run.cached);
+    let out = kiln(&b, &["run", "--rm", "e:1", "cat", "/x"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+}
