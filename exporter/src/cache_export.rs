@@ -351,10 +351,22 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
     let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
     // SAFETY: two valid NUL-terminated paths; no memory is shared.
     let rc = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+    if rc == 0 {
+        return Ok(());
     }
-    Ok(())
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) && err.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(err);
+    }
+    // A filesystem without RENAME_EXCHANGE: two renames, with a short
+    // moment in which `b` does not exist (never a half-written one).
+    let aside = b.with_file_name(format!(".{}.kiln-swap", b.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::rename(b, &aside)?;
+    if let Err(e) = std::fs::rename(a, b) {
+        let _ = std::fs::rename(&aside, b);
+        return Err(e);
+    }
+    std::fs::rename(&aside, a)
 }
 
 /// `type=inline`: the cache config of `steps` (those within the image)
