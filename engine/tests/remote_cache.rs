@@ -494,3 +494,39 @@ fn empty_layers_travel_without_blobs() {
     let out = kiln(&b, &["run", "--rm", "e:1", "cat", "/x"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 }
+
+/// Builds importing the same cache at once on one empty root (separate
+/// processes) share its layers safely: all succeed, nothing executes, and
+/// the store checks out.
+#[test]
+fn concurrent_imports_on_one_root() {
+    if let Some(why) = skip_reason() {
+        println!("skipped: concurrent cache imports because {why}");
+        return;
+    }
+    let s = Setup::new();
+    let cache = s.root("cache");
+    let a = s.root("a");
+    build_ok(&a, &s.reg, &["-t", "app:1", "--cache-to", &format!("type=local,dest={},mode=max", cache.display()), s.ctx()], &[]);
+    // Pull busybox first, so the builds race on the cache's layers only.
+    let b = s.root("b");
+    let pulled = kiln(&b, &["--registry-mirror", &format!("docker.io=http://{}", s.reg.addr), "pull", "busybox"]);
+    assert!(pulled.status.success(), "{}", String::from_utf8_lossy(&pulled.stderr));
+    let from = format!("type=local,src={}", cache.display());
+    let runs: Vec<Run> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let (b, from, reg, ctx) = (&b, &from, &s.reg, s.ctx());
+                scope.spawn(move || build(b, reg, &["-t", &format!("app:{i}"), "--cache-from", from, ctx], &[]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for run in &runs {
+        assert!(run.ok, "{}", run.stderr);
+        assert!(run.executed.is_empty(), "{:?}", run.executed);
+    }
+    let check = kiln(&b, &["check"]);
+    assert!(check.status.success(), "kiln check: {}", String::from_utf8_lossy(&check.stdout));
+    assert_eq!(run_image(&b, "app:3"), run_image(&a, "app:1"));
+}
