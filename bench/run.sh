@@ -20,6 +20,7 @@ for p in buildah docker.io; do
 done
 cargo build --release -p kiln-engine --quiet
 KILN=$REPO/target/release/kiln
+KILN_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo "+changes")
 # Scenario 7 (export of a 1 GB image) is measured by bench/export.sh (see bench/EXPORT.md).
 
 WORK=$(mktemp -d /tmp/kiln-bench.XXXXXX)
@@ -176,7 +177,7 @@ cat "$OUT"
   echo "Produced by \`BIG_MB=$BIG_MB bash bench/run.sh $RUNS\` on $(date -u +%Y-%m-%d): medians of $RUNS interleaved runs each."
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)."
   echo "Load average (1/5/15 min) before the runs: $LOAD_BEFORE; after: $LOAD_AFTER (other work shared the machine when these differ from 0)."
-  echo "buildah $(buildah --version | awk '{print $3}'), docker $(/usr/bin/docker version --format '{{.Server.Version}}' 2>/dev/null) (built-in BuildKit), kiln $(git rev-parse --short HEAD)."
+  echo "buildah $(buildah --version | awk '{print $3}'), docker $(/usr/bin/docker version --format '{{.Server.Version}}' 2>/dev/null) (built-in BuildKit), kiln $KILN_COMMIT."
   echo
   cat "$OUT"
   echo

@@ -262,6 +262,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
                 unreferenced_snapshots: u.unreferenced_snapshots,
                 cache_mount_bytes: u.cache_mount_bytes,
             });
+            commands::du::print_root(&kiln_cache::usage::RootUsage { total: u.root_total, parts: u.root_parts });
             Ok(0)
         }
         Command::Prune(args) => {

@@ -121,7 +121,13 @@ impl ImportedCache {
     /// if the store has no snapshot with its diff ID. It takes the layer's
     /// creation time when that is earlier than its own.
     async fn materialize(&self, imported: &ImportedLayer) -> anyhow::Result<String> {
-        let id = self.snapshot(imported).await?;
+        let mut id = self.snapshot(imported).await?;
+        // A reused snapshot is marked used under the GC lock, as the
+        // solver does for its own hits; one collected meanwhile is made again.
+        let (store, ids) = (self.store.clone(), vec![id.clone()]);
+        if !tokio::task::spawn_blocking(move || kiln_cache::lease::use_snapshots(&store, &ids)).await?? {
+            id = self.snapshot(imported).await?;
+        }
         if let Some(theirs) = imported.layer.created {
             let (store, id, diff_id) = (self.store.clone(), id.clone(), imported.layer.diff_id.clone());
             tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

@@ -76,6 +76,13 @@ pub struct DiskUsage {
     pub unreferenced_snapshots: usize,
     /// Bytes of cache mounts.
     pub cache_mount_bytes: u64,
+    /// Every byte under the store root by top-level entry, and in total
+    /// (as `du -sb`).
+    #[serde(default)]
+    pub root_parts: Vec<(String, u64)>,
+    /// See `root_parts`.
+    #[serde(default)]
+    pub root_total: u64,
 }
 
 /// `POST /v1/system/prune` body (see `kiln prune`).
@@ -154,8 +161,13 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
         }
         (&Method::GET, "system/df") => {
             let store = state.store.clone();
-            let u = blocking(move || kiln_solver::gc::usage(&store)).await?;
+            let (u, root) = blocking(move || {
+                anyhow::Ok((kiln_solver::gc::usage(&store)?, kiln_cache::usage::root_usage(store.root())?))
+            })
+            .await?;
             ok_json(&DiskUsage {
+                root_parts: root.parts,
+                root_total: root.total,
                 records: u.records,
                 snapshots: u.snapshots,
                 snapshot_bytes: u.snapshot_bytes,
@@ -273,10 +285,16 @@ async fn push(state: Arc<State>, name: &str) -> ApiResult {
 /// the exit code. A client that goes away kills its container.
 async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
     let store = state.store.clone();
-    let spec = blocking(move || container_spec(&store, &body)).await?;
+    // Held until the container exits: GC keeps its layers.
+    let (spec, lease) = blocking(move || {
+        let lease = kiln_cache::lease::Lease::new(&store, "run")?;
+        Ok((container_spec(&store, &body)?, lease))
+    })
+    .await?;
     let (response, mut lines) = streaming("application/x-ndjson");
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let _lease = lease;
         let gone = lines.clone();
         let cancel = {
             let state = state.clone();

@@ -152,6 +152,7 @@ pub async fn run_build(
         iidfile: None,
         source_date_epoch: opts.source_date_epoch,
         cache: crate::remote_cache::CacheOptions::parse(&opts.cache_to, &opts.cache_from, Some(state.registry.clone()))?,
+        keep_storage: None,
     };
     let result = build(&solver, request, EventSink(Some(events))).await?;
     Ok(result.image_id())

@@ -448,18 +448,26 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
         *started = true;
     }
     let (store, request) = (state.store.clone(), container.request.clone());
-    let spec = match blocking(move || container_spec(&store, &request)).await {
-        Ok(spec) => spec,
+    // The lease is held until the container exits: GC keeps its layers.
+    let spec = match blocking(move || {
+        let lease = kiln_cache::lease::Lease::new(&store, "run")?;
+        Ok((container_spec(&store, &request)?, lease))
+    })
+    .await
+    {
+        Ok(spec_and_lease) => spec_and_lease,
         Err(e) => {
             *container.started.lock().unwrap() = false;
             return Err(e);
         }
     };
+    let (spec, lease) = spec;
     // Output goes to the attached client, or nowhere.
     let output = container.attach.lock().unwrap().take().unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().0);
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     *container.kill.lock().unwrap() = Some(kill_tx);
     tokio::spawn(async move {
+        let _lease = lease;
         let cancel = {
             let state = state.clone();
             async move {
