@@ -4,7 +4,8 @@
 //! key (see [`crate::cachekey`]), and then either loads its result from the
 //! cache index, or (on a miss) from an imported cache
 //! ([`SolveRequest::cache_import`], `--cache-from`), or computes it.
-//! Independent ops therefore run concurrently; a semaphore bounds how many compute at once (the cores by default).
+//! Independent ops therefore run concurrently; a semaphore bounds how many
+//! compute at once (the cores by default).
 //! Futures for the same key are shared through an in-flight map — also
 //! across concurrent solves on one [`Solver`] — so identical work runs once.
 //! The map holds weak handles: when every solve waiting on a computation
