@@ -4,7 +4,8 @@
 //! Lowering (Dockerfile → [`Definition`]) happens before this; this module
 //! takes the definition, solves it to a chain of snapshots, turns the chain
 //! plus the definition's image config into an image (or another output),
-//! names it under every `-t`, and writes `--iidfile`.
+//! names it under every `-t`, and writes `--iidfile`. `--cache-from` is
+//! read before solving and `--cache-to` written after ([`remote_cache`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -13,11 +14,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_cache::Store;
 use kiln_cache::images::Descriptor;
+use kiln_exporter::cache_export::{CacheMode, CacheStep, select_steps};
 use kiln_exporter::{BuiltImage, ImageSpec, Output};
 use kiln_frontend::Definition;
 use kiln_solver::{EventSink, ImageSource, SolveRequest, Solver};
 
 use crate::executor::ContainerExecutor;
+use crate::remote_cache::{self, CacheOptions};
 
 /// A solver for `store` that runs RUN steps in real containers (state under
 /// `<root>/run`) and pulls base images through `images`.
@@ -47,6 +50,8 @@ pub struct BuildRequest {
     pub iidfile: Option<PathBuf>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<i64>,
+    /// `--cache-to` / `--cache-from`.
+    pub cache: CacheOptions,
     /// `--keep-storage`: cap on the store root's bytes, applied after the
     /// build (and before it when already over). `None`: the configured
     /// default ([`crate::config::keep_storage_default`]), else [`crate::config::default_cap`] after the build.
@@ -120,15 +125,25 @@ async fn collect_garbage(store: &Arc<Store>, cap: u64) -> anyhow::Result<()> {
 
 async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
     req.definition.image.config.labels.extend(req.labels.clone());
+    if req.cache.inline() && !matches!(req.output, None | Some(Output::Image { .. })) {
+        anyhow::bail!("--cache-to type=inline needs an image output (type=image or type=registry)");
+    }
+    let imported = remote_cache::import(solver.store(), &req.cache, &req.definition.image.platform, &events).await?;
     let solved = solver
         .solve(SolveRequest {
             definition: req.definition.clone(),
             locals: req.locals.clone(),
             secrets: std::mem::take(&mut req.secrets),
             no_cache: req.no_cache,
-            events,
+            events: events.clone(),
+            cache_import: imported.clone().map(|i| i as Arc<dyn kiln_solver::CacheImport>),
         })
         .await?;
+    if let Some(imported) = &imported {
+        remote_cache::report_import(imported, &events);
+    }
+    let steps: Vec<CacheStep> =
+        solved.steps.iter().map(|s| CacheStep { key: s.key.clone(), layers: s.layers.clone() }).collect();
     let image = &req.definition.image;
     let spec = ImageSpec {
         layers: solved.layers.clone(),
@@ -155,6 +170,21 @@ async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink)
     .await
     .context("export task panicked")?
     .context("exporting the image")?;
+    let built = match built {
+        Some(image) if req.cache.inline() => {
+            let (store, steps, layers) = (solver.store().clone(), steps.clone(), solved.layers.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    let within = select_steps(&steps, &layers, CacheMode::Min);
+                    kiln_exporter::cache_export::embed_inline(&store, &image, &within)
+                })
+                .await
+                .context("inline cache task panicked")?
+                .context("--cache-to type=inline")?,
+            )
+        }
+        other => other,
+    };
     if let Some(image) = &built {
         let mut names = req.tags.clone();
         if let Some(Output::Image { names: more, .. }) = &req.output {
@@ -171,6 +201,11 @@ async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink)
         if let Some(path) = &req.iidfile {
             std::fs::write(path, image.config.digest().to_string()).with_context(|| format!("writing {}", path.display()))?;
         }
+    }
+    // Still under the GC guard taken for the image export: the cache's
+    // config, index and any new layer blobs are not pinned by a name.
+    for to in &req.cache.to {
+        remote_cache::export(solver.store(), &req.cache, to, &steps, &solved.layers, &events).await?;
     }
     Ok(BuildResult { layers: solved.layers, image: built })
 }

@@ -347,6 +347,8 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     anyhow::ensure!(args.output.is_none(), "kiln build -o: outputs other than the daemon's image store are not available through --host yet");
     let build_args = commands::build::key_values("--build-arg", &args.build_args, true)?;
     let labels = commands::build::key_values("--label", &args.labels, false)?;
+    // Checked here too, so a typo fails before the context is sent.
+    crate::remote_cache::CacheOptions::parse(&args.cache_to, &args.cache_from, None)?;
     let secrets = commands::build::read_secrets(&args.secret)?
         .into_iter()
         .map(|(id, v)| (id, base64::engine::general_purpose::STANDARD.encode(v)))
@@ -391,6 +393,8 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         platform: args.platform.clone(),
         secrets,
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+        cache_to: args.cache_to.clone(),
+        cache_from: args.cache_from.clone(),
     };
     let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
     let mut body = check(response).await?.into_body();

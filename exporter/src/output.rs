@@ -120,7 +120,36 @@ fn split_csv(spec: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+/// `key=value` options in the order given.
+pub(crate) type Options = Vec<(String, String)>;
+
+/// `type=X,k=v,...` → (the type if given, the other options in order);
+/// an option without `=` or given twice is an error.
+pub(crate) fn split_options(spec: &str) -> Result<(Option<String>, Options), String> {
+    let mut kind = None;
+    let mut opts: Vec<(String, String)> = Vec::new();
+    for field in split_csv(spec)? {
+        let field = field.trim();
+        if field.is_empty() {
+            continue;
+        }
+        let Some((k, v)) = field.split_once('=') else {
+            return Err(format!("option {field:?} has no value (expected key=value)"));
+        };
+        if k == "type" {
+            if kind.replace(v.to_string()).is_some() {
+                return Err("type given twice".into());
+            }
+        } else if opts.iter().any(|(seen, _)| seen == k) {
+            return Err(format!("option {k} given twice"));
+        } else {
+            opts.push((k.to_string(), v.to_string()));
+        }
+    }
+    Ok((kind, opts))
+}
+
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -147,26 +176,7 @@ impl Output {
             }
             return Ok(Output::Local { dest: PathBuf::from(spec) });
         }
-        let mut kind = None;
-        let mut opts: Vec<(String, String)> = Vec::new();
-        for field in split_csv(spec)? {
-            let field = field.trim();
-            if field.is_empty() {
-                continue;
-            }
-            let Some((k, v)) = field.split_once('=') else {
-                return Err(format!("option {field:?} has no value (expected key=value)"));
-            };
-            if k == "type" {
-                if kind.replace(v.to_string()).is_some() {
-                    return Err("type given twice".into());
-                }
-            } else if opts.iter().any(|(seen, _)| seen == k) {
-                return Err(format!("option {k} given twice"));
-            } else {
-                opts.push((k.to_string(), v.to_string()));
-            }
-        }
+        let (kind, opts) = split_options(spec)?;
         let kind = kind.ok_or_else(|| format!("missing type= (one of {TYPES})"))?;
         let allowed: &[&str] = match kind.as_str() {
             "image" | "registry" => &["name", "push", "compression", "compression-level", "force-compression", "oci-mediatypes", "rewrite-timestamp"],

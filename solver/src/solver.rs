@@ -2,8 +2,10 @@
 //!
 //! Every op becomes a shared future that waits for its inputs, computes its
 //! key (see [`crate::cachekey`]), and then either loads its result from the
-//! cache index or computes it. Independent ops therefore run concurrently;
-//! a semaphore bounds how many compute at once (the cores by default).
+//! cache index, or (on a miss) from an imported cache
+//! ([`SolveRequest::cache_import`], `--cache-from`), or computes it.
+//! Independent ops therefore run concurrently; a semaphore bounds how many
+//! compute at once (the cores by default).
 //! Futures for the same key are shared through an in-flight map — also
 //! across concurrent solves on one [`Solver`] — so identical work runs once.
 //! The map holds weak handles: when every solve waiting on a computation
@@ -40,7 +42,7 @@ use crate::cachekey;
 use crate::error::SolveError;
 use crate::events::{Event, EventSink};
 use crate::tree::{LocalContext, SourceTree};
-use crate::worker::{Executor, ImageSource, ResolvedImage};
+use crate::worker::{CacheImport, Executor, ImageSource, ResolvedImage};
 
 /// What one build asks for.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +59,8 @@ pub struct SolveRequest {
     pub no_cache: bool,
     /// Where progress events go.
     pub events: EventSink,
+    /// `--cache-from`: asked on a local cache miss before executing.
+    pub cache_import: Option<Arc<dyn CacheImport>>,
 }
 
 /// What a successful solve produced.
@@ -66,6 +70,18 @@ pub struct SolveOutput {
     pub layers: Vec<String>,
     /// The target op's cache key.
     pub key: String,
+    /// Every RUN/COPY-like step the solve needed (executed or cached), in
+    /// graph order: what `--cache-to` exports.
+    pub steps: Vec<SolvedStep>,
+}
+
+/// One step's cache key and result, for exporting the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SolvedStep {
+    /// The step's cache key.
+    pub key: String,
+    /// Snapshot ids of its result, bottom first.
+    pub layers: Vec<String>,
 }
 
 /// The result of one op.
@@ -124,6 +140,7 @@ struct SolveCtx {
     no_cache: bool,
     events: EventSink,
     contexts: Mutex<Vec<Arc<LocalContext>>>,
+    cache_import: Option<Arc<dyn CacheImport>>,
 }
 
 impl Solver {
@@ -177,6 +194,7 @@ impl Solver {
             no_cache: req.no_cache,
             events: req.events,
             contexts: Mutex::new(Vec::new()),
+            cache_import: req.cache_import,
         });
         let n = ctx.def.ops.len();
         let graph_error = |message: String| SolveError { op: "build graph".into(), line: None, message, log_tail: vec![] };
@@ -217,9 +235,23 @@ impl Solver {
             }
         }
         result?;
+        let mut steps: Vec<SolvedStep> = Vec::new();
+        for (i, fut) in futures.iter().enumerate() {
+            let Some(fut) = fut else { continue };
+            if !matches!(ctx.def.ops[i].op, Op::Exec(_) | Op::File(_)) {
+                continue;
+            }
+            // Already finished: this only reads the shared result.
+            let computed = fut.clone().await?;
+            if let Output::Layers(layers) = &computed.output
+                && !steps.iter().any(|s| s.key == computed.key)
+            {
+                steps.push(SolvedStep { key: computed.key.clone(), layers: layers.clone() });
+            }
+        }
         let target = futures[ctx.def.target].clone().expect("target is needed").await?;
         match &target.output {
-            Output::Layers(layers) => Ok(SolveOutput { layers: layers.clone(), key: target.key.clone() }),
+            Output::Layers(layers) => Ok(SolveOutput { layers: layers.clone(), key: target.key.clone(), steps }),
             Output::Context(_) => Err(graph_error("the target is a build context, not a filesystem".into())),
         }
     }
@@ -486,6 +518,25 @@ async fn compute(
         if let Some(layers) = inner.cached(&key) {
             ctx.events.send(Event::Cached { vertex, name });
             return Ok(Output::Layers(layers));
+        }
+        // Still under the key lock: concurrent imports fetch a layer once.
+        if let Some(import) = &ctx.cache_import {
+            match import.load(&key).await {
+                Ok(Some(layers)) => {
+                    if let Err(e) = inner.remember(&key, &layers) {
+                        tracing::warn!("recording imported cache key {key}: {e:#}");
+                    }
+                    ctx.events.send(Event::Cached { vertex, name });
+                    return Ok(Output::Layers(layers));
+                }
+                Ok(None) => {}
+                // A broken import costs time, not the build: the step runs.
+                Err(e) => ctx.events.send(Event::Log {
+                    vertex: vertex.clone(),
+                    stream: "stderr".into(),
+                    line: format!("warning: cannot use the imported cache for this step, running it: {e:#}"),
+                }),
+            }
         }
     }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");

@@ -1,7 +1,8 @@
 //! `kiln build [-f FILE] [-t NAME:TAG]... [--build-arg K=V]... [--target S]
 //! [--no-cache] [--pull] [--progress auto|tty|plain|json] [--platform P]
 //! [--secret id=ID,src=PATH|env=VAR] [--network default|none|host]
-//! [--label K=V] [--iidfile F] [-o OUTPUT] CONTEXT`
+//! [--label K=V] [--iidfile F] [-o OUTPUT] [--cache-to SPEC]...
+//! [--cache-from SPEC]... CONTEXT`
 //!
 //! CONTEXT is a directory, a tarball, or `-` (a Dockerfile or a tar on
 //! stdin). Flags are parsed here; lowering, solving and exporting are
@@ -78,6 +79,14 @@ pub struct Args {
     /// `outline`, `targets` or `check` (append `,format=json` for JSON).
     #[arg(long, value_name = "METHOD[,format=json]", default_value = "build")]
     pub call: String,
+    /// Export the build cache: `type=registry,ref=REF[,mode=min|max]`,
+    /// `type=local,dest=DIR[,mode=..]` or `type=inline` (repeatable).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+    /// Import a build cache: `type=registry,ref=REF`, `type=local,src=DIR`
+    /// or a bare `REF` (a cache or an image with an inline cache; repeatable).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
     /// Directory, tarball, or `-` for stdin.
     pub context: String,
 }
@@ -160,6 +169,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let labels = key_values("--label", &args.labels, false)?;
     let secrets = read_secrets(&args.secret)?;
     let output = args.output.as_deref().map(kiln_exporter::Output::parse).transpose()?;
+    let mut cache = crate::remote_cache::CacheOptions::parse(&args.cache_to, &args.cache_from, None)?;
 
     let call = parse_call(&args.call)?;
     let (context, dockerfile_bytes, dockerfile_name, _tmp) = prepare_context(&args.context, args.file.as_deref())?;
@@ -170,6 +180,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 
     let store = Arc::new(Store::open(&global.root)?);
     let registry = Arc::new(Registry::from_global(global)?);
+    cache.registry = Some(registry.clone());
     let images: Arc<dyn ImageSource> = if args.pull {
         Arc::new(PullAlways { store: store.clone(), registry })
     } else {
@@ -214,6 +225,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         output,
         iidfile: args.iidfile.clone(),
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+        cache,
         keep_storage: args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
     };
     let result = rt.block_on(async {

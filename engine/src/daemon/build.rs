@@ -54,6 +54,12 @@ pub struct BuildOptions {
     pub secrets: BTreeMap<String, String>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<i64>,
+    /// `--cache-to` values (a `type=local` path is on the daemon's host).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache_to: Vec<String>,
+    /// `--cache-from` values (a `type=local` path is on the daemon's host).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache_from: Vec<String>,
 }
 
 /// One line of the `/v1/build` stream.
@@ -145,6 +151,7 @@ pub async fn run_build(
         output: None,
         iidfile: None,
         source_date_epoch: opts.source_date_epoch,
+        cache: crate::remote_cache::CacheOptions::parse(&opts.cache_to, &opts.cache_from, Some(state.registry.clone()))?,
         keep_storage: None,
     };
     let result = build(&solver, request, EventSink(Some(events))).await?;

@@ -565,6 +565,12 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         platform: query.get("platform").filter(|p| !p.is_empty()).map(str::to_string),
         secrets: Default::default(),
         source_date_epoch: None,
+        cache_to: Vec::new(),
+        // docker build --cache-from: a JSON list of image references.
+        cache_from: match query.get("cachefrom").filter(|v| !v.is_empty()) {
+            Some(v) => serde_json::from_str(v).map_err(|e| ApiError::bad_request(format!("build: cachefrom: {e}")))?,
+            None => Vec::new(),
+        },
     };
     let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
     let path = dir.path().to_path_buf();
