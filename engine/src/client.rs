@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::commands::{self, Command};
 use crate::config::Global;
-use crate::daemon::api::{PullRequest, PullResult, PushResult, RunEvent, TagRequest};
+use crate::daemon::api::{LoginRequest, LoginResult, PullRequest, PullResult, PushResult, RunEvent, SaveRequest, TagRequest};
 use crate::daemon::containers::RunRequest;
 use crate::daemon::tls::{TlsFiles, client_config};
 use crate::daemon::web::{Body, full};
@@ -167,6 +167,25 @@ pub fn encode_path(s: &str) -> String {
     out
 }
 
+/// Percent-encode a query parameter value.
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parse the JSON answer of a request sent with [`Client::send`].
+async fn read_json_answer<T: DeserializeOwned>(response: Response<Incoming>) -> anyhow::Result<T> {
+    let bytes = check(response).await?.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("the daemon's answer is not the expected JSON: {e}"))
+}
+
 /// Run `command` against the daemon at `host`; returns the exit code.
 pub fn run(global: &Global, host: &str, command: Command) -> anyhow::Result<i32> {
     // `build --call outline|targets|check` only reads the Dockerfile, before
@@ -252,7 +271,13 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::Run(args) => run_remote(client, args).await,
         Command::Build(args) => build_remote(client, args).await,
         Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
-        Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
+        Command::Login(args) => {
+            let password = commands::login::password(&args)?;
+            let request = LoginRequest { server: commands::login::server(&args.server).to_string(), username: args.username, password };
+            let done: LoginResult = client.json(Method::POST, "/v1/auth", Some(&request)).await?;
+            println!("Login succeeded ({})", done.auth_file);
+            Ok(0)
+        }
         Command::Du(_) => {
             let u: crate::daemon::api::DiskUsage = client.json(Method::GET, "/v1/system/df", None::<&()>).await?;
             commands::du::print(&kiln_solver::gc::Usage {
@@ -274,15 +299,56 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         }
         Command::Check(_) => bail!("kiln check: not available through --host; run it on the daemon's machine without --host"),
         Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
-        Command::Import(_) | Command::Load(_) | Command::Save(_) => {
-            bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
+        Command::Import(args) => {
+            std::fs::metadata(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            let path = format!(
+                "/v1/images/import?reference={}&source={}",
+                encode_query(&args.reference),
+                encode_query(&args.file.to_string_lossy())
+            );
+            let response = client.send(Method::POST, &path, file_body(args.file.clone()), Some("application/x-tar")).await?;
+            let record: ImageRecord = read_json_answer(response).await?;
+            println!("{}: imported {}", kiln_cache::images::familiar_name(&record.name), record.config_digest);
+            Ok(0)
+        }
+        Command::Load(args) => {
+            let meta = std::fs::metadata(&args.input).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+            let mut path = format!("/v1/images/load?source={}", encode_query(&args.input.to_string_lossy()));
+            if let Some(tag) = &args.tag {
+                path.push_str(&format!("&tag={}", encode_query(tag)));
+            }
+            let body = if meta.is_dir() { dir_tar_body(args.input.clone()) } else { file_body(args.input.clone()) };
+            let response = client.send(Method::POST, &path, body, Some("application/x-tar")).await?;
+            let records: Vec<ImageRecord> = read_json_answer(response).await?;
+            for record in records {
+                println!("Loaded image: {} ({})", kiln_cache::images::familiar_name(&record.name), record.config_digest);
+            }
+            Ok(0)
+        }
+        Command::Save(args) => {
+            let dir = commands::save::writes_dir(args.format, &args.output);
+            // Refuse an existing output before the daemon does any work.
+            let mut download = Download::new(&args.output, dir)?;
+            let request = SaveRequest { images: args.images.clone(), format: args.format, dir };
+            let response = client
+                .send(Method::POST, "/v1/images/save", full(serde_json::to_vec(&request)?), Some("application/json"))
+                .await?;
+            let mut body = check(response).await?.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.context("reading the archive from the daemon")?;
+                if let Some(data) = frame.data_ref() {
+                    download.write(data)?;
+                }
+            }
+            download.finish()?;
+            println!("{}", commands::save::summary(args.images.len(), &args.output));
+            Ok(0)
         }
     }
 }
 
 async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Result<i32> {
     anyhow::ensure!(args.rootfs.is_none(), "kiln run --rootfs: not available through --host (the daemon has its own filesystem)");
-    anyhow::ensure!(args.volumes.is_empty(), "kiln run -v: bind mounts are not available through --host");
     anyhow::ensure!(!args.interactive, "kiln run -i: stdin is not forwarded through --host yet");
     anyhow::ensure!(!args.tty, "kiln run -t: pseudo-terminals are not supported yet (run without -t)");
     let mut rest = args.args.clone();
@@ -306,6 +372,7 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         cpus: args.cpus,
         hostname: args.hostname,
         name: args.name,
+        volumes: args.volumes.iter().map(|v| absolute_volume(v)).collect::<anyhow::Result<_>>()?,
     };
     let body = full(serde_json::to_vec(&request)?);
     let response = client.send(Method::POST, "/v1/containers/run", body, Some("application/json")).await?;
@@ -337,13 +404,150 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
     bail!("the daemon closed the connection before the container exited")
 }
 
+/// Where a client-side `-o` output goes on this machine, and whether it
+/// is a directory; `None` for outputs the daemon keeps (`image`, `registry`).
+fn client_destination(output: &kiln_exporter::Output) -> Option<(PathBuf, bool)> {
+    use kiln_exporter::{OciDest, Output};
+    match output {
+        Output::Image { .. } => None,
+        Output::Oci { dest: OciDest::Tar(p), .. } | Output::Docker { dest: p, .. } | Output::Tar { dest: p } => Some((p.clone(), false)),
+        Output::Oci { dest: OciDest::Dir(p), .. } | Output::Local { dest: p } => Some((p.clone(), true)),
+    }
+}
+
+/// A file or directory arriving from the daemon for `dest` on this
+/// machine, staged beside it like the embedded outputs (an existing `dest`
+/// is refused before anything is sent; a failure leaves nothing behind).
+/// A directory comes as a tar, unpacked once complete.
+struct Download {
+    staged: kiln_exporter::dest::StagedDest,
+    sink: DownloadSink,
+}
+
+enum DownloadSink {
+    File(std::io::BufWriter<std::fs::File>),
+    Tar(std::io::BufWriter<std::fs::File>),
+}
+
+impl Download {
+    fn new(dest: &std::path::Path, is_dir: bool) -> anyhow::Result<Download> {
+        use kiln_exporter::dest::StagedDest;
+        if is_dir {
+            let staged = StagedDest::dir(dest)?;
+            let tar = tempfile::tempfile().context("creating a temp file")?;
+            Ok(Download { staged, sink: DownloadSink::Tar(std::io::BufWriter::new(tar)) })
+        } else {
+            let (staged, file) = StagedDest::file(dest)?;
+            Ok(Download { staged, sink: DownloadSink::File(file) })
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        match &mut self.sink {
+            DownloadSink::File(f) | DownloadSink::Tar(f) => f.write_all(bytes).context("writing what the daemon sent"),
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self.sink {
+            DownloadSink::File(f) => self.staged.commit(Some(f)),
+            DownloadSink::Tar(f) => {
+                use std::io::Seek;
+                let mut file = f.into_inner().map_err(|e| e.into_error())?;
+                file.rewind()?;
+                let mut tar = tar::Archive::new(std::io::BufReader::new(file));
+                tar.set_preserve_permissions(true);
+                tar.set_preserve_ownerships(nix::unistd::geteuid().is_root());
+                tar.unpack(self.staged.path()).context("unpacking what the daemon sent")?;
+                self.staged.commit(None)
+            }
+        }
+    }
+}
+
+/// A request body that `produce` writes from a blocking thread, sent as it
+/// is written (uploads of files and directories without holding them in
+/// memory). An error of `produce` aborts the request.
+fn streamed_body(produce: impl FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static) -> Body {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    struct ChannelWriter(tokio::sync::mpsc::Sender<Item>, Vec<u8>);
+    impl ChannelWriter {
+        fn send(&mut self) -> std::io::Result<()> {
+            if self.1.is_empty() {
+                return Ok(());
+            }
+            let chunk = Bytes::from(std::mem::take(&mut self.1));
+            self.0.blocking_send(Ok(Frame::data(chunk))).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the daemon stopped reading"))
+        }
+    }
+    impl Write for ChannelWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.1.extend_from_slice(buf);
+            if self.1.len() >= UPLOAD_CHUNK {
+                self.send()?;
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.send()
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Item>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChannelWriter(tx.clone(), Vec::with_capacity(UPLOAD_CHUNK));
+        if let Err(e) = produce(&mut writer).and_then(|()| writer.flush()) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    StreamBody::new(stream).boxed()
+}
+
+/// Bytes per uploaded chunk.
+const UPLOAD_CHUNK: usize = 256 << 10;
+
+/// A body streaming the file at `path`.
+fn file_body(path: PathBuf) -> Body {
+    streamed_body(move |out| {
+        let mut file = std::fs::File::open(&path)?;
+        std::io::copy(&mut file, out)?;
+        Ok(())
+    })
+}
+
+/// A body streaming a tar of the directory `dir`.
+fn dir_tar_body(dir: PathBuf) -> Body {
+    streamed_body(move |out| {
+        let mut tar = tar::Builder::new(out);
+        tar.follow_symlinks(false);
+        tar.mode(tar::HeaderMode::Complete);
+        tar.append_dir_all(".", &dir)?;
+        tar.finish()
+    })
+}
+
+/// `-v HOST:CTR[:ro]` with a relative HOST made absolute against the
+/// client's directory (as the docker CLI does); the daemon checks the rest.
+fn absolute_volume(v: &str) -> anyhow::Result<String> {
+    match v.split_once(':') {
+        Some((host, rest)) if !host.starts_with('/') && !host.is_empty() => {
+            let abs = std::path::absolute(host).with_context(|| format!("-v {v:?}: host path {host}"))?;
+            Ok(format!("{}:{rest}", abs.display()))
+        }
+        _ => Ok(v.to_string()),
+    }
+}
+
 /// `kiln build` through the daemon: send the context's file list, upload
 /// only the contents the daemon lacks, then stream the build's progress
 /// into the same renderer the embedded build uses.
 async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::Result<i32> {
     use crate::daemon::build::{BuildLine, BuildOptions};
     use crate::daemon::context;
-    anyhow::ensure!(args.output.is_none(), "kiln build -o: outputs other than the daemon's image store are not available through --host yet");
+    let output = args.output.as_deref().map(kiln_exporter::Output::parse).transpose()?;
+    let destination = output.as_ref().and_then(client_destination);
     let build_args = commands::build::key_values("--build-arg", &args.build_args, true)?;
     let labels = commands::build::key_values("--label", &args.labels, false)?;
     let secrets = commands::build::read_secrets(&args.secret)?
@@ -390,6 +594,7 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         platform: args.platform.clone(),
         secrets,
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+        output: args.output.clone(),
     };
     let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
     let mut body = check(response).await?.into_body();
@@ -397,6 +602,11 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
     let mut pending = Vec::new();
     let mut outcome: Option<Result<Option<String>, String>> = None;
+    // A client-side output arrives in pieces before the result.
+    let mut received = match &destination {
+        Some((dest, is_dir)) => Some(Download::new(dest, *is_dir)?),
+        None => None,
+    };
     'read: while let Some(frame) = body.frame().await {
         let frame = frame.context("reading the build's progress from the daemon")?;
         let Some(data) = frame.data_ref() else { continue };
@@ -406,6 +616,11 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
             match serde_json::from_slice::<BuildLine>(&line).context("the daemon sent a malformed build line")? {
                 BuildLine::Event(e) => {
                     let _ = tx.send(e);
+                }
+                BuildLine::Output(data) => {
+                    let download = received.as_mut().context("the daemon sent an output nobody asked for")?;
+                    let bytes = base64::engine::general_purpose::STANDARD.decode(data).context("the daemon sent a malformed output piece")?;
+                    download.write(&bytes)?;
                 }
                 BuildLine::Result { image_id } => {
                     outcome = Some(Ok(image_id));
@@ -422,6 +637,9 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     let _ = renderer.await;
     match outcome {
         Some(Ok(image_id)) => {
+            if let Some(download) = received {
+                download.finish()?;
+            }
             if let Some(id) = image_id {
                 if let Some(path) = &args.iidfile {
                     std::fs::write(path, &id).with_context(|| format!("writing {}", path.display()))?;

@@ -16,7 +16,7 @@
 
 mod blobs;
 pub mod compression;
-mod dest;
+pub mod dest;
 pub mod export;
 pub mod image;
 pub mod layer;

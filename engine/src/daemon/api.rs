@@ -15,7 +15,7 @@ use super::State;
 use super::containers::{RunRequest, container_spec, run_streamed};
 use super::build::{BuildLine, BuildOptions};
 use super::context;
-use super::web::{ApiError, ApiResult, MAX_UPLOAD_BODY, Query, json_response, ok_json, read_body, read_json, streaming};
+use super::web::{ApiError, ApiResult, MAX_ARCHIVE_UPLOAD, MAX_UPLOAD_BODY, Query, file_chunks, json_response, ok_json, read_body, read_json, receive_to_file, streaming};
 use crate::commands;
 use crate::registry::manifest::parse_platform;
 use crate::runtime::LogStream;
@@ -135,7 +135,7 @@ pub const MAX_BUILD_REQUEST: usize = 64 << 20;
 /// Dispatch `/v1/<rest>`.
 pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> ApiResult {
     let method = req.method().clone();
-    let _query = Query::parse(req.uri().query())?;
+    let query = Query::parse(req.uri().query())?;
     match (&method, rest.as_str()) {
         (&Method::GET | &Method::HEAD, "_ping") => Ok(hyper::Response::builder()
             .header("Kiln-Api-Version", API_VERSION)
@@ -194,6 +194,10 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
             build(state, super::web::parse_json(&bytes)?).await
         }
         (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "images/import") => import(state, &query, req.into_body()).await,
+        (&Method::POST, "images/load") => load(state, &query, req.into_body()).await,
+        (&Method::POST, "images/save") => save(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "auth") => login(state, read_json(req.into_body()).await?).await,
         (_, path) if path.starts_with("images/") => {
             let name = &path["images/".len()..];
             if let (&Method::GET, Some(name)) = (&method, name.strip_suffix("/json")) {
@@ -339,11 +343,140 @@ async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
             lines.send(&BuildLine::Event(event)).await;
         }
         let last = match result {
-            Ok(image_id) => BuildLine::Result { image_id },
+            Ok(done) => match done.artifact {
+                Some(artifact) => match send_artifact(&mut lines, artifact).await {
+                    Ok(()) => BuildLine::Result { image_id: done.image_id },
+                    Err(e) => BuildLine::Error(format!("sending the output: {e:#}")),
+                },
+                None => BuildLine::Result { image_id: done.image_id },
+            },
             Err(e) => BuildLine::Error(format!("{e:#}")),
         };
         lines.send(&last).await;
         drop(dir);
     });
     Ok(response)
+}
+
+/// Stream a staged output to the client as [`BuildLine::Output`] lines.
+async fn send_artifact(lines: &mut super::web::LineSender, artifact: super::build::Artifact) -> anyhow::Result<()> {
+    let mut chunks = file_chunks(artifact.file.clone(), OUTPUT_CHUNK, artifact);
+    while let Some(chunk) = chunks.recv().await {
+        let data = base64::engine::general_purpose::STANDARD.encode(chunk?);
+        anyhow::ensure!(lines.send(&BuildLine::Output(data)).await, "the client went away");
+    }
+    Ok(())
+}
+
+/// Bytes of output per [`BuildLine::Output`] line (before base64).
+const OUTPUT_CHUNK: usize = 512 << 10;
+
+/// `POST /v1/images/import?reference=NAME&source=FILE`: the body is the
+/// rootfs tarball; `source` is the client's file name (for the history).
+async fn import(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
+    let reference = query.get("reference").filter(|r| !r.is_empty()).ok_or_else(|| ApiError::bad_request("import: reference is required"))?.to_string();
+    let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
+    let scratch = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let file = scratch.path().join("upload");
+    receive_to_file(body, &file, MAX_ARCHIVE_UPLOAD).await?;
+    let store = state.store.clone();
+    let record = blocking(move || {
+        let _scratch = scratch;
+        commands::import::import_rootfs_as(&store, &file, &reference, &source)
+    })
+    .await?;
+    ok_json(&record)
+}
+
+/// `POST /v1/images/load?tag=NAME&source=FILE`: the body is an OCI layout
+/// or docker-archive tar (a directory input is tarred by the client).
+async fn load(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
+    let tag = query.get("tag").filter(|t| !t.is_empty()).map(str::to_string);
+    let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
+    let scratch = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let file = scratch.path().join("upload");
+    receive_to_file(body, &file, MAX_ARCHIVE_UPLOAD).await?;
+    let store = state.store.clone();
+    let records = blocking(move || {
+        let _scratch = scratch;
+        commands::load::load_as(&store, &file, tag.as_deref(), &source)
+    })
+    .await?;
+    ok_json(&records)
+}
+
+/// `POST /v1/images/save` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveRequest {
+    /// Names, IDs or digests.
+    pub images: Vec<String>,
+    /// Archive format.
+    pub format: commands::save::Format,
+    /// Write an OCI layout directory (sent back as a tar) instead of a tar.
+    #[serde(default)]
+    pub dir: bool,
+}
+
+/// Save into a scratch place, then stream it: the archive itself, or a tar
+/// of the OCI layout directory.
+async fn save(state: Arc<State>, body: SaveRequest) -> ApiResult {
+    if body.images.is_empty() {
+        return Err(ApiError::bad_request("save: images is empty"));
+    }
+    let scratch = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let store = state.store.clone();
+    let (file, scratch) = blocking(move || {
+        let out = scratch.path().join(if body.dir { "layout" } else { "archive.tar" });
+        commands::save::save(&store, &body.images, body.format, &out)?;
+        let file = if body.dir {
+            let tarred = scratch.path().join("layout.tar");
+            super::build::tar_dir(&out, &tarred)?;
+            tarred
+        } else {
+            out
+        };
+        Ok((file, scratch))
+    })
+    .await?;
+    let (response, mut sink) = streaming("application/x-tar");
+    let mut chunks = file_chunks(file, OUTPUT_CHUNK, scratch);
+    tokio::spawn(async move {
+        while let Some(chunk) = chunks.recv().await {
+            match chunk {
+                Ok(bytes) => {
+                    if !sink.send_raw(bytes).await {
+                        return tracing::info!("save: client went away");
+                    }
+                }
+                // The client sees a short archive and fails.
+                Err(e) => return tracing::warn!("save: reading the archive: {e}"),
+            }
+        }
+    });
+    Ok(response)
+}
+
+/// `POST /v1/auth` body (`kiln login`). The password is never logged.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Registry host.
+    pub server: String,
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+/// `POST /v1/auth` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginResult {
+    /// The daemon's credentials file, where the login was stored.
+    pub auth_file: String,
+}
+
+async fn login(state: Arc<State>, body: LoginRequest) -> ApiResult {
+    state.registry.login(&body.server, &body.username, &body.password).await?;
+    ok_json(&LoginResult { auth_file: state.registry.config().auth_file.display().to_string() })
 }

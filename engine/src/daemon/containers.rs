@@ -41,6 +41,9 @@ pub struct RunRequest {
     pub hostname: Option<String>,
     /// Container name.
     pub name: Option<String>,
+    /// Bind mounts `HOST:CONTAINER[:ro|rw]`; host paths are the daemon
+    /// machine's (as with docker) and must be absolute.
+    pub volumes: Vec<String>,
 }
 
 /// A chunk of container output.
@@ -84,6 +87,14 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
         "default" | "bridge" => NetworkMode::Default,
         other => anyhow::bail!("network {other:?}: expected none, host or default"),
     };
+    let mounts = req
+        .volumes
+        .iter()
+        .map(|v| {
+            anyhow::ensure!(v.starts_with('/'), "-v {v:?}: the host path must be absolute (it is a path on the daemon's machine)");
+            crate::commands::run::parse_volume(v)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(ContainerSpec {
         name: req.name.clone(),
         rootfs: Rootfs::throwaway(layers),
@@ -91,7 +102,7 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
         env,
         cwd: req.workdir.clone().unwrap_or_else(|| config.working_dir.clone()),
         user: req.user.clone().unwrap_or_else(|| config.user.clone()),
-        mounts: Vec::new(),
+        mounts,
         network,
         hostname: req.hostname.clone().unwrap_or_default(),
         limits: Limits { memory_bytes: req.memory_bytes, cpus: req.cpus },

@@ -342,10 +342,8 @@ async fn containers_create(state: &State, query: &Query, body: Value) -> ApiResu
         cpus: (nano_cpus > 0).then(|| nano_cpus as f64 / 1e9),
         hostname: nonempty("Hostname"),
         name: None,
+        volumes: string_list(host.get("Binds"))?.unwrap_or_default(),
     };
-    if host.get("Binds").and_then(Value::as_array).is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::bad_request("create: bind mounts (-v) are not supported by kiln's Docker API"));
-    }
     if body.get("Tty").and_then(Value::as_bool) == Some(true) {
         return Err(ApiError::bad_request("create: Tty (-t) is not supported by kiln yet"));
     }
@@ -557,6 +555,7 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         platform: query.get("platform").filter(|p| !p.is_empty()).map(str::to_string),
         secrets: Default::default(),
         source_date_epoch: None,
+        output: None,
     };
     let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
     let path = dir.path().to_path_buf();
@@ -579,7 +578,8 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let mut plain = crate::progress::Plain::new();
         let gone = lines.clone();
-        let work = super::build::run_build(&state, opts, dir.path().to_path_buf(), tx);
+        let context = dir.path().to_path_buf();
+        let work = async { super::build::run_build(&state, opts, context, tx).await.map(|done| done.image_id) };
         tokio::pin!(work);
         let result = loop {
             tokio::select! {
