@@ -20,6 +20,8 @@ pub struct Daemon {
     pub root: PathBuf,
     /// The socket.
     pub socket: PathBuf,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -36,8 +38,14 @@ impl Daemon {
 
     /// Start a daemon in `dir` serving `root`.
     pub fn start_on(dir: tempfile::TempDir, root: PathBuf, extra: &[&str]) -> Daemon {
+        Self::start_env(dir, root, extra, &[])
+    }
+
+    /// [`Daemon::start_on`] with extra environment variables for the daemon.
+    pub fn start_env(dir: tempfile::TempDir, root: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.path().join("kiln.sock");
-        let mut daemon = Daemon { dir, root, socket, child: None };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut daemon = Daemon { dir, root, socket, env, child: None };
         daemon.spawn(extra);
         daemon
     }
@@ -52,6 +60,7 @@ impl Daemon {
             .arg(format!("unix://{}", self.socket.display()))
             .args(extra)
             .env("KILN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -122,6 +131,11 @@ impl Daemon {
     /// `kiln --host THIS ARGS...` (no --root: the client must not need one).
     pub fn client(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_kiln")).arg("--host").arg(self.host()).args(args).output().unwrap()
+    }
+
+    /// [`Daemon::client`] run in the directory `cwd`.
+    pub fn client_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln")).current_dir(cwd).arg("--host").arg(self.host()).args(args).output().unwrap()
     }
 
     /// [`Daemon::client`] with `SOURCE_DATE_EPOCH=0`, for comparable image IDs.
