@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use kiln_engine::executor::ContainerExecutor;
 use kiln_engine::runtime::NetworkMode;
 use kiln_solver::{ExecRequest, Executor, HostMount, HostMountSource};
-use runtime_common::{Capture, Scratch, mounts_below, tree};
+use runtime_common::{
+    Capture, Scratch, assert_nothing_left, is_dead, mounts_below, tree, wait_for,
+};
 
 fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -187,14 +189,6 @@ fn kiln_run_image_from_the_store() {
     assert!(mounts_below(s.path()).is_empty());
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigterm_to_kiln_is_forwarded_to_the_container() {
     require_containers!();
@@ -229,7 +223,7 @@ fn sigterm_to_kiln_is_forwarded_to_the_container() {
 }
 
 #[test]
-fn kill_9_of_kiln_is_swept_by_the_next_start() {
+fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
     require_containers!();
     let s = Scratch::new();
     let base = s.busybox_layer("base");
@@ -248,42 +242,51 @@ fn kill_9_of_kiln_is_swept_by_the_next_start() {
     wait_for("container start", || marker.join("ready").exists());
     let state = root.join("run/containers/victim");
     assert!(state.exists());
-    // Host pid of the container's init: the one whose cgroup names the container.
+    let init = container_pids("victim");
+    assert!(!init.is_empty(), "the container runs in its own cgroup");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
         root.join("run/libcontainer/victim").exists(),
         "expected kill -9 to leave state behind"
     );
-    let sleepers = container_pids("victim");
-    assert!(
-        !sleepers.is_empty(),
-        "container should outlive a kill -9 of kiln"
-    );
-    // The next kiln start sweeps it.
-    let rt = kiln_engine::runtime::Runtime::new(root.join("run")).unwrap();
-    drop(rt);
-    assert!(
-        mounts_below(s.path()).is_empty(),
-        "mounts left: {:?}",
-        mounts_below(s.path())
-    );
-    assert!(!state.exists());
-    assert!(!root.join("run/libcontainer/victim").exists());
-    // Dead: gone, or a zombie waiting for its new parent (the host's init,
-    // not kiln) to reap it.
-    wait_for("container processes to die", || {
-        container_pids("victim").iter().all(|p| is_dead(*p))
+    // PR_SET_PDEATHSIG: the container dies with kiln (its pid namespace too).
+    wait_for("the container to die with kiln", || {
+        init.iter().all(|p| is_dead(*p))
     });
+    // The next kiln start sweeps the rest.
+    assert_nothing_left(s.path(), &root.join("run"));
+    assert!(!state.exists());
 }
 
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+/// SIGKILL of `kiln run` at every moment of a container's start (before the
+/// clone, between libcontainer's create and start, while it runs): each
+/// later kiln start cleans up after the dead one, and in the end nothing is
+/// left: no state, mounts, processes (libcontainer's intermediate children
+/// included) or cgroups.
+#[test]
+fn kill_9_of_kiln_mid_start_leaves_nothing() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let root = s.path().join("root");
+    for i in 0..16u64 {
+        let mut child = kiln()
+            .arg("--root")
+            .arg(&root)
+            .args(["run", "--rootfs"])
+            .arg(&base)
+            .args(["sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // 0..150 ms in steps: covers start-up, create, start and running.
+        std::thread::sleep(Duration::from_millis(i * 10));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
+    assert_nothing_left(s.path(), &root.join("run"));
 }
 
 /// Host pids whose cgroup path names container `id`.
@@ -294,7 +297,10 @@ fn container_pids(id: &str) -> Vec<i32> {
             continue;
         };
         if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            if cg.lines().any(|l| l.ends_with(&format!("/kiln/{id}"))) {
+            if cg
+                .lines()
+                .any(|l| l.ends_with(&format!("-{id}")) && l.contains("/kiln/"))
+            {
                 out.push(pid);
             }
         }

@@ -6,15 +6,18 @@
 //! container's changes go to a throw-away upper directory: every container
 //! is removed when it exits (`--rm` is accepted for compatibility).
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_frontend::image::ImageConfig;
 
 use crate::config::Global;
 use crate::runtime::{
-    ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Runtime, Stdin, Stdio,
+    ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Running, Runtime,
+    Stdin, Stdio,
 };
 
 /// `kiln run` flags.
@@ -177,26 +180,113 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         },
         output: Output::Inherit,
     };
-    run_forwarding_signals(&runtime, &spec, stdio)
+    let sup = Supervision {
+        grace: STOP_GRACE,
+        parent: None,
+    };
+    run_supervised(&runtime, &spec, stdio, sup, |_| Ok(()))
+}
+
+/// How long a container gets between a forwarded SIGTERM (or SIGINT,
+/// SIGHUP, SIGQUIT) and SIGKILL, as `docker stop`.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How [`run_supervised`] stops its container.
+pub(crate) struct Supervision {
+    /// After the first forwarded terminating signal, the container gets
+    /// this long to exit before it is killed.
+    pub grace: Duration,
+    /// A pidfd of the process that asked for this container: when it dies,
+    /// the container is stopped as if SIGTERM had arrived.
+    pub parent: Option<OwnedFd>,
 }
 
 /// Run `spec` to the end with SIGINT/SIGTERM/SIGHUP/SIGQUIT forwarded to
-/// the container; returns its exit code. The calling process must have a
-/// single thread (see [`Runtime::start`]); `kiln run` and the container
-/// shim do.
-pub(crate) fn run_forwarding_signals(
+/// the container, which is SIGKILLed if it is still there `sup.grace`
+/// after the first of them; returns its exit code. `started` runs once the
+/// container's process runs. The calling process must have a single
+/// thread (see [`Runtime::start`]); `kiln run` and the container shim do.
+pub(crate) fn run_supervised(
     runtime: &Runtime,
     spec: &ContainerSpec,
     stdio: Stdio,
+    mut sup: Supervision,
+    started: impl FnOnce(&mut Running) -> anyhow::Result<()>,
 ) -> anyhow::Result<i32> {
     forward_signals();
-    let running = runtime.start(spec, stdio)?;
-    if let Some(pid) = running.pid() {
-        CONTAINER_PID.store(pid, Ordering::SeqCst);
-    }
-    let code = running.wait();
+    let mut running = runtime.start(spec, stdio)?;
+    let pid = running.pid().context("the container has no process")?;
+    CONTAINER_PID.store(pid, Ordering::SeqCst);
+    let result = started(&mut running).and_then(|()| supervise(pid, &mut sup));
     CONTAINER_PID.store(0, Ordering::SeqCst);
-    code
+    // On error `running` drops, which kills the container and cleans up.
+    result?;
+    running.wait()
+}
+
+/// Wait until process `pid` (our child) exits, stopping it as `sup` says.
+fn supervise(pid: i32, sup: &mut Supervision) -> anyhow::Result<()> {
+    let child = pidfd_open(pid).context("pidfd_open of the container")?;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let stop = STOP_SIGNAL.load(Ordering::SeqCst);
+        if stop != 0 && deadline.is_none() {
+            // The handler may have run before the pid was known.
+            if !FORWARDED.swap(true, Ordering::SeqCst) {
+                // SAFETY: kill(2) of our own unreaped child.
+                unsafe { libc::kill(pid, stop) };
+            }
+            deadline = Some(Instant::now() + sup.grace);
+        }
+        let timeout = match deadline {
+            None => -1,
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32,
+        };
+        let mut fds = vec![libc::pollfd {
+            fd: child.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(parent) = &sup.parent {
+            fds.push(libc::pollfd {
+                fd: parent.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: poll(2) on valid pollfds; a signal interrupts it (EINTR).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n > 0 && fds[0].revents != 0 {
+            return Ok(());
+        }
+        if n > 0 && fds.get(1).is_some_and(|p| p.revents != 0) {
+            tracing::info!("the process that started the container died: stopping it");
+            sup.parent = None;
+            let _ =
+                STOP_SIGNAL.compare_exchange(0, libc::SIGTERM, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::info!("the container outlived its stop grace period: killing it");
+            // SAFETY: kill(2) of our own unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Now just wait for it to go.
+            deadline = Some(Instant::now() + Duration::from_secs(3600 * 24 * 365));
+        }
+    }
+}
+
+/// `pidfd_open(2)`: an fd that becomes readable when process `pid` exits.
+pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with no flags; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The argv: entrypoint (flag or image) + CMD (given or image's).
@@ -264,11 +354,19 @@ pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
 /// Host pid of the running container (0 = none), for the signal handler.
 static CONTAINER_PID: AtomicI32 = AtomicI32::new(0);
 
+/// The first terminating signal received (0 = none yet).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Whether a terminating signal already reached the container.
+static FORWARDED: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn forward(sig: libc::c_int) {
+    let _ = STOP_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
     let pid = CONTAINER_PID.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe.
         unsafe { libc::kill(pid, sig) };
+        FORWARDED.store(true, Ordering::SeqCst);
     }
 }
 

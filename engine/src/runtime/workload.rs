@@ -6,7 +6,8 @@
 //! global environment lock. The container is cloned from a multi-threaded
 //! process; if another thread held that lock at clone time, the child
 //! waits on it forever. This executor never touches the process
-//! environment: it builds `envp` from the spec and calls `execve`.
+//! environment: it builds `envp` from the spec and calls `execve`. It also
+//! ties the container's life to its starter's with `PR_SET_PDEATHSIG`.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -59,6 +60,14 @@ impl Executor for ExecveExecutor {
             .map(|a| to_c(a))
             .collect::<Result<Vec<_>, _>>()?;
         let envp = env.iter().map(|e| to_c(e)).collect::<Result<Vec<_>, _>>()?;
+        // Die with the process that started the container (our parent:
+        // libcontainer clones the init as a sibling of its intermediate
+        // child, so the parent is kiln or its shim). Set here, after the
+        // user switch that would clear it; it survives execve (except of a
+        // set-user-ID binary). Started but orphaned containers are caught by
+        // the sweep.
+        // SAFETY: prctl(2) with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
         let err = nix::unistd::execve(&path_c, &argv, &envp).unwrap_err();
         Err(ExecutorError::Other(format!(
             "exec {}: {err}",

@@ -182,3 +182,102 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
         .filter(|p| p.starts_with(&me))
         .collect()
 }
+
+/// Processes (pid, name) that have a file open, their cwd or their root
+/// at or below `dir`: leftovers of containers run from there.
+pub fn processes_using(dir: &Path) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me || is_dead(pid) {
+            continue;
+        }
+        let proc_dir = e.path();
+        let mut links: Vec<PathBuf> = ["cwd", "root"].iter().map(|l| proc_dir.join(l)).collect();
+        if let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        if links
+            .iter()
+            .any(|l| std::fs::read_link(l).is_ok_and(|t| t.starts_with(dir)))
+        {
+            let name = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+            out.push((pid, name.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Gone, or a zombie waiting to be reaped by someone else.
+pub fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// Cgroup directories (in any hierarchy) whose path relative to the
+/// hierarchy's root starts with `prefix` (e.g. `kiln/<tag>-`).
+pub fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
+    let (parent, start) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut out = Vec::new();
+    for line in info.lines().filter(|l| l.contains(" - cgroup")) {
+        let Some(mount) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(Path::new(mount).join(parent)) else {
+            continue;
+        };
+        out.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(start))
+                .map(|e| e.path()),
+        );
+    }
+    out
+}
+
+/// Poll `f` until it holds; panics after 15 s.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Assert that nothing of the containers run with state under `state_root`
+/// (inside scratch dir `scratch`) is left: no state, mounts, processes or
+/// cgroups.
+pub fn assert_nothing_left(scratch: &Path, state_root: &Path) {
+    let rt = Runtime::new(state_root).unwrap();
+    let prefix = rt.cgroup_name("");
+    for sub in ["containers", "libcontainer"] {
+        let left: Vec<_> = std::fs::read_dir(state_root.join(sub))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{sub} state left: {left:?}");
+    }
+    assert!(
+        mounts_below(scratch).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(scratch)
+    );
+    wait_for("leftover processes to die", || {
+        processes_using(scratch).is_empty()
+    });
+    let cgroups = cgroups_with_prefix(&prefix);
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+}
