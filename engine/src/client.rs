@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::commands::{self, Command};
 use crate::config::Global;
-use crate::daemon::api::{LoginRequest, LoginResult, PullRequest, PullResult, PushResult, RunEvent, SaveRequest, TagRequest};
+use crate::daemon::api::{AttachInput, LoginRequest, LoginResult, PullRequest, PullResult, PushResult, RunEvent, SaveRequest, TagRequest};
 use crate::daemon::containers::RunRequest;
 use crate::daemon::tls::{TlsFiles, client_config};
 use crate::daemon::web::{Body, full};
@@ -62,9 +62,24 @@ impl Client {
 
     /// Send one request; the response body is left to the caller.
     pub async fn send(&self, method: Method, path: &str, body: Body, content_type: Option<&str>) -> anyhow::Result<Response<Incoming>> {
+        self.send_with(method, path, body, content_type, &[]).await
+    }
+
+    /// [`Client::send`] with more headers (e.g. an `Upgrade`).
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        content_type: Option<&str>,
+        headers: &[(header::HeaderName, &str)],
+    ) -> anyhow::Result<Response<Incoming>> {
         let mut builder = Request::builder().method(method.clone()).uri(path).header(header::HOST, "kiln");
         if let Some(ct) = content_type {
             builder = builder.header(header::CONTENT_TYPE, ct);
+        }
+        for (name, value) in headers {
+            builder = builder.header(name, *value);
         }
         let request = builder.body(body)?;
         let what = || format!("{method} {path} on {}", self.host);
@@ -104,7 +119,7 @@ impl Client {
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, request: Request<Body>) -> anyhow::Result<Response<Incoming>> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Err(e) = connection.with_upgrades().await {
             tracing::debug!("daemon connection: {e}");
         }
     });
@@ -348,9 +363,9 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
 }
 
 async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Result<i32> {
+    use crate::runtime::tty::{RawMode, WindowSize};
+    use std::os::fd::AsFd;
     anyhow::ensure!(args.rootfs.is_none(), "kiln run --rootfs: not available through --host (the daemon has its own filesystem)");
-    anyhow::ensure!(!args.interactive, "kiln run -i: stdin is not forwarded through --host yet");
-    anyhow::ensure!(!args.tty, "kiln run -t: pseudo-terminals are not supported yet (run without -t)");
     let mut rest = args.args.clone();
     anyhow::ensure!(!rest.is_empty(), "kiln run: give an IMAGE (or --rootfs DIR)");
     let image = rest.remove(0);
@@ -360,6 +375,12 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         .iter()
         .filter_map(|e| if e.contains('=') { Some(e.clone()) } else { std::env::var(e).ok().map(|v| format!("{e}={v}")) })
         .collect();
+    // The terminal's size: the one the output goes to, as docker does.
+    let console_size = args
+        .tty
+        .then(|| WindowSize::of(std::io::stdout().as_fd()).or_else(|| WindowSize::of(std::io::stdin().as_fd())))
+        .flatten()
+        .map(|w| [w.rows, w.cols]);
     let request = RunRequest {
         image,
         cmd: rest,
@@ -373,35 +394,130 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         hostname: args.hostname,
         name: args.name,
         volumes: args.volumes.iter().map(|v| absolute_volume(v)).collect::<anyhow::Result<_>>()?,
+        interactive: args.interactive,
+        tty: args.tty,
+        console_size,
     };
     let body = full(serde_json::to_vec(&request)?);
-    let response = client.send(Method::POST, "/v1/containers/run", body, Some("application/json")).await?;
-    let mut body = check(response).await?.into_body();
-    let mut pending = Vec::new();
-    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    while let Some(frame) = body.frame().await {
-        let frame = frame.context("reading the container's output from the daemon")?;
-        let Some(data) = frame.data_ref() else { continue };
-        pending.extend_from_slice(data);
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
+    if !(args.interactive || args.tty) {
+        let response = client.send(Method::POST, "/v1/containers/run", body, Some("application/json")).await?;
+        let mut body = check(response).await?.into_body();
+        let mut output = RunOutput::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading the container's output from the daemon")?;
+            if let Some(data) = frame.data_ref() {
+                if let Some(code) = output.feed(data)? {
+                    return Ok(code);
+                }
+            }
+        }
+        bail!("the daemon closed the connection before the container exited")
+    }
+
+    // -i / -t: an upgraded connection carrying output one way, input and
+    // terminal sizes the other.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upgrade = [(header::CONNECTION, "Upgrade"), (header::UPGRADE, crate::daemon::api::ATTACH_PROTOCOL)];
+    let response = client.send_with(Method::POST, "/v1/containers/run", body, Some("application/json"), &upgrade).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        check(response).await?;
+        bail!("the daemon did not switch the connection to {}", crate::daemon::api::ATTACH_PROTOCOL);
+    }
+    let upgraded = hyper::upgrade::on(response).await.context("upgrading the connection")?;
+    let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+    let (input_tx, mut input_rx) = tokio::sync::mpsc::unbounded_channel::<AttachInput>();
+    tokio::spawn(async move {
+        while let Some(input) = input_rx.recv().await {
+            let mut line = serde_json::to_vec(&input).unwrap_or_default();
+            line.push(b'\n');
+            if write.write_all(&line).await.is_err() || write.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    // The terminal goes raw while attached (keys such as ^C reach the
+    // container), and its size follows ours.
+    let _raw = if args.tty && args.interactive { RawMode::enable(std::io::stdin().as_fd()).ok() } else { None };
+    if args.tty {
+        let sizes = input_tx.clone();
+        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                if let Some(w) = WindowSize::of(std::io::stdout().as_fd()).or_else(|| WindowSize::of(std::io::stdin().as_fd())) {
+                    if sizes.send(AttachInput::Resize([w.rows, w.cols])).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    if args.interactive {
+        // A plain thread: it may stay blocked in read(2) after the
+        // container ended, which must not hold up kiln's exit.
+        let stdin_tx = input_tx.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                        if stdin_tx.send(AttachInput::Stdin(data)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = stdin_tx.send(AttachInput::StdinEof);
+        });
+    }
+    drop(input_tx);
+    let mut output = RunOutput::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = read.read(&mut buf).await.context("reading the container's output from the daemon")?;
+        if n == 0 {
+            bail!("the daemon closed the connection before the container exited");
+        }
+        if let Some(code) = output.feed(&buf[..n])? {
+            return Ok(code);
+        }
+    }
+}
+
+/// Turns the daemon's [`RunEvent`] lines into kiln's own stdout/stderr.
+#[derive(Default)]
+struct RunOutput {
+    pending: Vec<u8>,
+}
+
+impl RunOutput {
+    /// Take more of the stream; `Some(code)` once the container exited.
+    fn feed(&mut self, data: &[u8]) -> anyhow::Result<Option<i32>> {
+        self.pending.extend_from_slice(data);
+        while let Some(nl) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=nl).collect();
             let event: RunEvent = serde_json::from_slice(&line).context("the daemon sent a malformed run event")?;
             let b64 = base64::engine::general_purpose::STANDARD;
             match event {
                 RunEvent::Stdout(d) => {
+                    let mut stdout = std::io::stdout();
                     stdout.write_all(&b64.decode(d)?)?;
                     stdout.flush()?;
                 }
                 RunEvent::Stderr(d) => {
+                    let mut stderr = std::io::stderr();
                     stderr.write_all(&b64.decode(d)?)?;
                     stderr.flush()?;
                 }
-                RunEvent::Exit(code) => return Ok(code),
+                RunEvent::Exit(code) => return Ok(Some(code)),
                 RunEvent::Error(message) => bail!("{message}"),
             }
         }
+        Ok(None)
     }
-    bail!("the daemon closed the connection before the container exited")
 }
 
 /// Where a client-side `-o` output goes on this machine, and whether it

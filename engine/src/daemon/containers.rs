@@ -13,7 +13,11 @@ use kiln_frontend::image::ImageConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs, Runtime, Stdio};
+use std::os::fd::AsFd;
+
+use crate::executor::{Shim, ShimOptions, ShimStopper};
+use crate::runtime::tty::WindowSize;
+use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs};
 
 /// What to run: the fields `kiln run` and `docker run` share.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -44,6 +48,13 @@ pub struct RunRequest {
     /// Bind mounts `HOST:CONTAINER[:ro|rw]`; host paths are the daemon
     /// machine's (as with docker) and must be absolute.
     pub volumes: Vec<String>,
+    /// Stream the client's stdin to the container (`-i`; needs an
+    /// upgraded connection, see `docs/API.md`).
+    pub interactive: bool,
+    /// Run on a pseudo-terminal (`-t`; needs an upgraded connection).
+    pub tty: bool,
+    /// The terminal's initial size, `[rows, cols]`.
+    pub console_size: Option<[u16; 2]>,
 }
 
 /// A chunk of container output.
@@ -109,48 +120,103 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
     })
 }
 
-/// Run `spec` to the end, sending its output to `output`; returns the exit
-/// code. When `cancel` resolves first (the client went away, the daemon is
-/// shutting down) the container is killed and this returns an error.
+/// How a container's standard streams are attached beyond its output.
+#[derive(Default)]
+pub struct ContainerIo {
+    /// Bytes for the container's stdin; when the sender goes, stdin is
+    /// closed. `None`: stdin is `/dev/null`.
+    pub stdin: Option<mpsc::Receiver<Bytes>>,
+    /// Run on a pseudo-terminal of this size; all output then arrives as
+    /// stdout.
+    pub tty: Option<WindowSize>,
+    /// New sizes for the terminal.
+    pub resize: Option<mpsc::UnboundedReceiver<WindowSize>>,
+}
+
+/// Run `spec` to the end in a container shim (`kiln __container-shim`, a
+/// single-threaded process: see [`crate::executor`]), sending its output to
+/// `output`; returns the exit code. When `cancel` resolves first (the
+/// client went away, the daemon is shutting down) the container is stopped
+/// (SIGTERM, SIGKILL after a grace period) and this returns an error.
 pub async fn run_streamed(
-    runtime: Runtime,
+    shim: Shim,
     spec: ContainerSpec,
+    io: ContainerIo,
     output: mpsc::UnboundedSender<OutputChunk>,
     cancel: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<i32> {
-    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let stopper = ShimStopper::default();
+    let opts = ShimOptions { stdin: io.stdin.is_some(), tty: io.tty, stopper: stopper.clone(), ..Default::default() };
+    let log_output = output.clone();
     let sink: crate::runtime::LogSink = Arc::new(move |stream, bytes: &[u8]| {
-        let _ = output.send((stream, Bytes::copy_from_slice(bytes)));
+        let _ = log_output.send((stream, Bytes::copy_from_slice(bytes)));
     });
     let task = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-        let running = runtime.start(&spec, Stdio::stream(sink))?;
-        if let Some(pid) = running.pid() {
-            let _ = pid_tx.send(pid);
+        let mut process = shim.start(&spec, opts, sink)?;
+        let mut terminal_reader = None;
+        if let Some(terminal) = process.take_terminal() {
+            if let Some(input) = io.stdin {
+                spawn_input(input, std::fs::File::from(terminal.try_clone()?));
+            }
+            if let Some(mut sizes) = io.resize {
+                let terminal = terminal.try_clone()?;
+                std::thread::spawn(move || {
+                    while let Some(size) = sizes.blocking_recv() {
+                        let _ = size.apply(terminal.as_fd());
+                    }
+                });
+            }
+            terminal_reader = Some(spawn_terminal_reader(terminal, output));
+        } else if let (Some(stdin), Some(input)) = (process.take_stdin(), io.stdin) {
+            spawn_input(input, stdin);
         }
-        running.wait()
+        let code = process.wait();
+        if let Some(reader) = terminal_reader {
+            let _ = reader.join();
+        }
+        code
     });
     tokio::pin!(task);
-    tokio::pin!(cancel);
-    let mut pid = None;
-    let mut pid_rx = Some(pid_rx);
-    loop {
-        tokio::select! {
-            done = &mut task => return done.context("container task")?,
-            got = async { pid_rx.as_mut().unwrap().await }, if pid_rx.is_some() => {
-                pid_rx = None;
-                pid = got.ok();
-            }
-            _ = &mut cancel => {
-                if let Some(pid) = pid {
-                    tracing::info!(pid, "cancelled: killing the container");
-                    // SAFETY: plain kill(2) of the container's first process.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                let _ = (&mut task).await;
-                anyhow::bail!("cancelled");
-            }
+    tokio::select! {
+        done = &mut task => done.context("container task")?,
+        _ = cancel => {
+            tracing::info!("cancelled: stopping the container");
+            stopper.stop();
+            let _ = task.await;
+            anyhow::bail!("cancelled")
         }
     }
+}
+
+/// Copy what arrives on `input` into `to` until the sender goes (then
+/// `to` is closed: the container sees the end of its stdin).
+fn spawn_input(mut input: mpsc::Receiver<Bytes>, mut to: impl std::io::Write + Send + 'static) {
+    std::thread::spawn(move || {
+        while let Some(bytes) = input.blocking_recv() {
+            if to.write_all(&bytes).and_then(|()| to.flush()).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Read a pty master until the container is gone (EIO), as stdout.
+fn spawn_terminal_reader(terminal: std::os::fd::OwnedFd, output: mpsc::UnboundedSender<OutputChunk>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::from(terminal);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let _ = output.send((LogStream::Stdout, Bytes::copy_from_slice(&buf[..n])));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    })
 }
 
 /// One container created through the Docker API.

@@ -343,6 +343,7 @@ async fn containers_create(state: &State, query: &Query, body: Value) -> ApiResu
         hostname: nonempty("Hostname"),
         name: None,
         volumes: string_list(host.get("Binds"))?.unwrap_or_default(),
+        ..Default::default()
     };
     if body.get("Tty").and_then(Value::as_bool) == Some(true) {
         return Err(ApiError::bad_request("create: Tty (-t) is not supported by kiln yet"));
@@ -467,7 +468,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
                 }
             }
         };
-        let code = match run_streamed(state.runtime.clone(), spec, output, cancel).await {
+        let code = match run_streamed(state.shim.clone(), spec, Default::default(), output, cancel).await {
             Ok(code) => code,
             Err(e) => {
                 tracing::warn!(id = %container.id, "container failed: {e:#}");
