@@ -285,3 +285,94 @@ fn run_bind_mounts_are_the_daemon_hosts_paths() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("/no/such/dir"), "{}", stderr(&out));
 }
+
+/// `kiln --host ARGS` with `input` on its stdin.
+fn client_with_stdin(d: &Daemon, args: &[&str], input: &[u8]) -> Output {
+    kiln_with_stdin(&["--host", &d.host()], args, input)
+}
+
+fn kiln_with_stdin(global: &[&str], args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(global)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // Written from a thread: the container's output must be read meanwhile.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+#[test]
+fn run_interactive_streams_stdin_as_embedded_mode_does() {
+    let d = Daemon::start(true, &[]);
+    let root = d.root.to_str().unwrap().to_string();
+    for (args, input) in [
+        (vec!["run", "-i", "busybox", "sh", "-c", "cat; echo done"], b"hello\nworld\n".to_vec()),
+        (vec!["run", "-i", "busybox", "sh", "-c", "read x; echo got $x; exit 3"], b"one\ntwo\n".to_vec()),
+        (vec!["run", "-i", "busybox", "wc", "-c"], vec![b'x'; 3 << 20]),
+        (vec!["run", "-i", "busybox", "sh", "-c", "cat >&2"], b"to stderr\n".to_vec()),
+    ] {
+        let remote = client_with_stdin(&d, &args, &input);
+        let embedded = kiln_with_stdin(&["--root", &root], &args, &input);
+        assert_eq!(stdout(&remote), stdout(&embedded), "stdout of {args:?}: {}", stderr(&remote));
+        assert_eq!(stderr(&remote), stderr(&embedded), "stderr of {args:?}");
+        assert_eq!(remote.status.code(), embedded.status.code(), "exit code of {args:?}");
+    }
+    let out = client_with_stdin(&d, &["run", "-i", "busybox", "wc", "-c"], &vec![b'x'; 3 << 20]);
+    assert_eq!(stdout(&out).trim(), (3 << 20).to_string());
+    let out = client_with_stdin(&d, &["run", "-i", "busybox", "sh", "-c", "read x; echo got $x; exit 3"], b"one\n");
+    assert_eq!((stdout(&out), out.status.code()), ("got one\n".to_string(), Some(3)));
+    // Without -i the container reads nothing.
+    let out = client_with_stdin(&d, &["run", "busybox", "sh", "-c", "cat; echo end"], b"ignored\n");
+    assert_eq!(stdout(&out), "end\n");
+    // A plain request asking for stdin without the upgrade is refused clearly.
+    let (status, _, body) = d.http("POST", "/v1/containers/run", br#"{"image":"busybox","cmd":["true"],"interactive":true}"#);
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("Upgrade: kiln-attach"));
+}
+
+#[test]
+fn run_tty_gives_the_container_a_terminal_of_the_clients_size() {
+    if !common::have("script", "run_tty_gives_the_container_a_terminal_of_the_clients_size") {
+        return;
+    }
+    let d = Daemon::start(true, &[]);
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    // `script` gives kiln a terminal of a known size.
+    let inner = format!("stty rows 31 cols 97; {kiln} --host {} run -t busybox sh -c 'tty; stty size; exit 4'", d.host());
+    let out = Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("/dev/pts/"), "tty inside: {text:?}");
+    assert!(text.contains("31 97"), "stty size inside: {text:?}");
+    assert_eq!(out.status.code(), Some(4), "{text:?} {}", stderr(&out));
+    // -it: keys typed on the client reach the shell on the terminal.
+    let inner = format!("{kiln} --host {} run -it busybox sh", d.host());
+    let mut child = Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo typed-$((40+2)); exit 6\n").unwrap();
+        // Keep our end open until the container has exited.
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        let text = stdout(&out);
+        assert!(text.contains("typed-42"), "{text:?}");
+        assert_eq!(out.status.code(), Some(6), "{text:?}");
+    }
+}
