@@ -239,6 +239,59 @@ pub struct Container {
     pub removed: watch::Sender<bool>,
     /// Kills the running container (set by start).
     pub kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Its output so far (`docker logs`).
+    pub log: ContainerLog,
+}
+
+/// What a container wrote, in order, for `docker logs`; beyond
+/// [`ContainerLog::LIMIT`] bytes the oldest output is dropped.
+#[derive(Default)]
+pub struct ContainerLog {
+    chunks: Mutex<LogChunks>,
+    /// The sequence number the next chunk gets (followers wait on it).
+    next: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct LogChunks {
+    /// Sequence number of the first chunk kept.
+    first: u64,
+    chunks: std::collections::VecDeque<OutputChunk>,
+    bytes: usize,
+}
+
+impl ContainerLog {
+    /// Bytes of output kept per container.
+    pub const LIMIT: usize = 16 << 20;
+
+    /// Append a chunk.
+    pub fn push(&self, chunk: &OutputChunk) {
+        let mut log = self.chunks.lock().unwrap();
+        log.bytes += chunk.1.len();
+        log.chunks.push_back(chunk.clone());
+        while log.bytes > Self::LIMIT {
+            let Some(old) = log.chunks.pop_front() else { break };
+            log.bytes -= old.1.len();
+            log.first += 1;
+        }
+        let next = log.first + log.chunks.len() as u64;
+        drop(log);
+        self.next.send_replace(next);
+    }
+
+    /// The chunks from sequence number `from` on (or the oldest kept), and
+    /// the sequence number after them.
+    pub fn since(&self, from: u64) -> (Vec<OutputChunk>, u64) {
+        let log = self.chunks.lock().unwrap();
+        let skip = from.saturating_sub(log.first) as usize;
+        let chunks: Vec<OutputChunk> = log.chunks.iter().skip(skip).cloned().collect();
+        (chunks, log.first + log.chunks.len() as u64)
+    }
+
+    /// Changes whenever a chunk is appended.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.next.subscribe()
+    }
 }
 
 /// The daemon's containers, by ID.
@@ -260,6 +313,7 @@ impl ContainerTable {
             started: Mutex::new(false),
             removed: watch::channel(false).0,
             kill: Mutex::new(None),
+            log: ContainerLog::default(),
         });
         self.0.lock().unwrap().insert(id, container.clone());
         container

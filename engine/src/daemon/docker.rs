@@ -416,6 +416,7 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
             Ok(response)
         }
         (&Method::GET, "json") => ok_json(&inspect_container(&container)),
+        (&Method::GET, "logs") => logs(container, query),
         (&Method::DELETE, "") => {
             let running = *container.started.lock().unwrap() && container.exit.borrow().is_none();
             if running && !query.flag("force") {
@@ -429,6 +430,89 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
         }
         _ => Err(ApiError::not_found(format!("page not found: {method} /containers/{rest}"))),
     }
+}
+
+/// `GET /containers/{id}/logs?stdout=1&stderr=1&follow=1&tail=N`: the
+/// output so far as a multiplexed stream; with `follow`, then what comes
+/// until the container exits.
+fn logs(container: Arc<Container>, query: &Query) -> ApiResult {
+    let (want_stdout, want_stderr, follow) = (query.flag("stdout"), query.flag("stderr"), query.flag("follow"));
+    if !want_stdout && !want_stderr {
+        return Err(ApiError::bad_request("logs: you must choose at least one stream (stdout=1 or stderr=1)"));
+    }
+    if query.flag("timestamps") {
+        return Err(ApiError::bad_request("logs: timestamps are not supported by kiln"));
+    }
+    let tail = match query.get("tail").filter(|t| !t.is_empty() && *t != "all") {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| ApiError::bad_request(format!("logs: tail={n:?}: expected a number or all")))?),
+        None => None,
+    };
+    let wanted = move |stream: &LogStream| match stream {
+        LogStream::Stdout => want_stdout,
+        LogStream::Stderr => want_stderr,
+    };
+    let (response, mut sink) = streaming("application/vnd.docker.multiplexed-stream");
+    tokio::spawn(async move {
+        let mut changed = container.log.subscribe();
+        let mut exit = container.exit.subscribe();
+        let (chunks, mut next) = container.log.since(0);
+        let mut chunks: Vec<_> = chunks.into_iter().filter(|(s, _)| wanted(s)).collect();
+        if let Some(n) = tail {
+            chunks = last_lines(chunks, n);
+        }
+        for chunk in chunks {
+            if !send_frame(&mut sink, &chunk).await {
+                return;
+            }
+        }
+        while follow {
+            let exited = exit.borrow_and_update().is_some();
+            let (more, after) = container.log.since(next);
+            next = after;
+            for chunk in more.iter().filter(|(s, _)| wanted(s)) {
+                if !send_frame(&mut sink, chunk).await {
+                    return;
+                }
+            }
+            if exited {
+                break;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = exit.changed() => {}
+                _ = sink.closed() => return,
+            }
+        }
+    });
+    Ok(response)
+}
+
+/// The chunks holding the last `n` lines (per docker's `--tail`).
+fn last_lines(chunks: Vec<super::containers::OutputChunk>, n: usize) -> Vec<super::containers::OutputChunk> {
+    let mut lines: Vec<super::containers::OutputChunk> = Vec::new();
+    for (stream, bytes) in chunks {
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            match lines.last_mut() {
+                // Continue a line this stream left unfinished.
+                Some((s, last)) if *s == stream && last.last() != Some(&b'\n') => {
+                    *last = [&last[..], piece].concat().into();
+                }
+                _ => lines.push((stream, bytes::Bytes::copy_from_slice(piece))),
+            }
+        }
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+async fn send_frame(sink: &mut super::web::LineSender, (stream, bytes): &super::containers::OutputChunk) -> bool {
+    let kind = match stream {
+        LogStream::Stdout => 1u8,
+        LogStream::Stderr => 2u8,
+    };
+    let mut frame = frame_header(kind, bytes.len()).to_vec();
+    frame.extend_from_slice(bytes);
+    sink.send_raw(frame.into()).await
 }
 
 /// Docker's 8-byte frame header: stream (1 stdout, 2 stderr), three zero
@@ -454,8 +538,20 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
             return Err(e);
         }
     };
-    // Output goes to the attached client, or nowhere.
-    let output = container.attach.lock().unwrap().take().unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().0);
+    // Output goes to the container's log and to the attached client, if any.
+    let attached = container.attach.lock().unwrap().take();
+    let (output, mut output_rx) = tokio::sync::mpsc::unbounded_channel::<super::containers::OutputChunk>();
+    let logger = {
+        let container = container.clone();
+        tokio::spawn(async move {
+            while let Some(chunk) = output_rx.recv().await {
+                container.log.push(&chunk);
+                if let Some(attached) = &attached {
+                    let _ = attached.send(chunk);
+                }
+            }
+        })
+    };
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     *container.kill.lock().unwrap() = Some(kill_tx);
     tokio::spawn(async move {
@@ -475,6 +571,8 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
                 125
             }
         };
+        // All output is logged before the exit shows.
+        let _ = logger.await;
         tracing::info!(id = %container.id, code, "container exited");
         container.exit.send_replace(Some(code));
         if container.auto_remove {
