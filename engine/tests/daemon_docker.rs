@@ -110,3 +110,48 @@ fn docker_logs_of_detached_containers() {
     let (status, _, body) = d.http("GET", "/v1.41/containers/follow/logs?stdout=1&tail=x", b"");
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
 }
+
+#[test]
+fn docker_run_interactive_and_tty() {
+    if !std::path::Path::new(DOCKER).is_file() {
+        println!("skipped: docker_run_interactive_and_tty because {DOCKER} is not installed (apt-get install docker.io)");
+        return;
+    }
+    let d = Daemon::start(true, &[]);
+    let config = d.dir.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    // -i: the CLI's stdin reaches the container; its end closes the container's.
+    let mut child = Command::new(DOCKER)
+        .args(["run", "-i", "--rm", "busybox", "sh", "-c", "wc -l; echo after-eof"])
+        .env("DOCKER_HOST", d.host())
+        .env("DOCKER_CONFIG", &config)
+        .env_remove("DOCKER_CONTEXT")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"a\nb\nc\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "3\nafter-eof\n", "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0));
+    if !common::have("script", "docker_run_interactive_and_tty") {
+        return;
+    }
+    // -it under a real terminal: a pty inside, the CLI's size (sent with
+    // POST /containers/{id}/resize after start), the exit code.
+    let inner = format!(
+        "stty rows 33 cols 88; DOCKER_HOST={} DOCKER_CONFIG={} {DOCKER} run -it --rm busybox sh -c 'sleep 1; tty; stty size; exit 9'",
+        d.host(),
+        config.display()
+    );
+    let out = Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("/dev/pts/"), "{text:?} {}", stderr(&out));
+    assert!(text.contains("33 88"), "{text:?}");
+    assert_eq!(out.status.code(), Some(9), "{text:?}");
+}

@@ -241,6 +241,11 @@ pub struct Container {
     pub kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     /// Its output so far (`docker logs`).
     pub log: ContainerLog,
+    /// Its stdin (`docker run -i`): the sending end, taken by an attach
+    /// with `stdin=1`, and the receiving end, taken by start.
+    pub stdin: Mutex<(Option<mpsc::Sender<Bytes>>, Option<mpsc::Receiver<Bytes>>)>,
+    /// Terminal sizes (`POST /containers/{id}/resize`); start takes the receiver.
+    pub resize: (mpsc::UnboundedSender<WindowSize>, Mutex<Option<mpsc::UnboundedReceiver<WindowSize>>>),
 }
 
 /// What a container wrote, in order, for `docker logs`; beyond
@@ -303,6 +308,14 @@ impl ContainerTable {
     pub fn create(&self, name: Option<String>, request: RunRequest, auto_remove: bool) -> Arc<Container> {
         let id = random_hex(32);
         let name = format!("/{}", name.unwrap_or_else(|| format!("kiln_{}", &id[..12])));
+        let stdin = match request.interactive {
+            true => {
+                let (tx, rx) = mpsc::channel(16);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let (resize_tx, resize_rx) = mpsc::unbounded_channel();
         let container = Arc::new(Container {
             id: id.clone(),
             name,
@@ -314,6 +327,8 @@ impl ContainerTable {
             removed: watch::channel(false).0,
             kill: Mutex::new(None),
             log: ContainerLog::default(),
+            stdin: Mutex::new(stdin),
+            resize: (resize_tx, Mutex::new(Some(resize_rx))),
         });
         self.0.lock().unwrap().insert(id, container.clone());
         container

@@ -343,11 +343,10 @@ async fn containers_create(state: &State, query: &Query, body: Value) -> ApiResu
         hostname: nonempty("Hostname"),
         name: None,
         volumes: string_list(host.get("Binds"))?.unwrap_or_default(),
-        ..Default::default()
+        interactive: body.get("OpenStdin").and_then(Value::as_bool).unwrap_or(false),
+        tty: body.get("Tty").and_then(Value::as_bool).unwrap_or(false),
+        console_size: host.get("ConsoleSize").and_then(|c| serde_json::from_value::<[u16; 2]>(c.clone()).ok()).filter(|[r, c]| *r > 0 && *c > 0),
     };
-    if body.get("Tty").and_then(Value::as_bool) == Some(true) {
-        return Err(ApiError::bad_request("create: Tty (-t) is not supported by kiln yet"));
-    }
     let (store, owned) = (state.store.clone(), image.to_string());
     blocking(move || store.images.resolve(&owned)).await.map_err(|e| {
         if e.status == StatusCode::NOT_FOUND { ApiError::not_found(format!("No such image: {image}")) } else { e }
@@ -369,12 +368,27 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
             *container.attach.lock().unwrap() = Some(tx);
             let want_stdout = query.flag("stdout");
             let want_stderr = query.flag("stderr");
+            // With a tty, output is the terminal's raw bytes, not frames.
+            let tty = container.request.tty;
+            let stdin = if query.flag("stdin") { container.stdin.lock().unwrap().0.take() } else { None };
             tokio::spawn(async move {
                 let upgraded = match upgrade.await {
                     Ok(u) => u,
                     Err(e) => return tracing::warn!("attach: the connection was not upgraded: {e}"),
                 };
-                let mut io = TokioIo::new(upgraded);
+                let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+                // The client's stdin until it half-closes (docker's CloseWrite).
+                let input = stdin.map(|stdin| {
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = vec![0u8; 32 << 10];
+                        while let Ok(n) = read.read(&mut buf).await {
+                            if n == 0 || stdin.send(bytes::Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                });
                 while let Some((stream, bytes)) = rx.recv().await {
                     let (kind, wanted) = match stream {
                         LogStream::Stdout => (1u8, want_stdout),
@@ -383,19 +397,32 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
                     if !wanted {
                         continue;
                     }
-                    if io.write_all(&frame_header(kind, bytes.len())).await.is_err() || io.write_all(&bytes).await.is_err() {
+                    let header_ok = tty || write.write_all(&frame_header(kind, bytes.len())).await.is_ok();
+                    if !header_ok || write.write_all(&bytes).await.is_err() {
                         break;
                     }
                 }
-                let _ = io.shutdown().await;
+                let _ = write.shutdown().await;
+                if let Some(input) = input {
+                    input.abort();
+                }
             });
+            let content_type = if tty { "application/vnd.docker.raw-stream" } else { "application/vnd.docker.multiplexed-stream" };
             Ok(hyper::Response::builder()
                 .status(StatusCode::SWITCHING_PROTOCOLS)
                 .header(header::CONNECTION, "Upgrade")
                 .header(header::UPGRADE, "tcp")
-                .header(header::CONTENT_TYPE, "application/vnd.docker.multiplexed-stream")
+                .header(header::CONTENT_TYPE, content_type)
                 .body(full(""))
                 .expect("static response"))
+        }
+        (&Method::POST, "resize") => {
+            let size = |key: &str| query.get(key).and_then(|v| v.parse::<u16>().ok());
+            let (Some(rows), Some(cols)) = (size("h"), size("w")) else {
+                return Err(ApiError::bad_request("resize: h and w must be numbers of rows and columns"));
+            };
+            let _ = container.resize.0.send(crate::runtime::tty::WindowSize { rows, cols });
+            Ok(empty(StatusCode::OK))
         }
         (&Method::POST, "start") => start(state, container).await,
         (&Method::POST, "wait") => {
@@ -552,6 +579,14 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
             }
         })
     };
+    let io = super::containers::ContainerIo {
+        stdin: container.stdin.lock().unwrap().1.take(),
+        tty: container.request.tty.then(|| {
+            let [rows, cols] = container.request.console_size.unwrap_or_default();
+            crate::runtime::tty::WindowSize { rows, cols }
+        }),
+        resize: container.resize.1.lock().unwrap().take(),
+    };
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     *container.kill.lock().unwrap() = Some(kill_tx);
     tokio::spawn(async move {
@@ -564,7 +599,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
                 }
             }
         };
-        let code = match run_streamed(state.shim.clone(), spec, Default::default(), output, cancel).await {
+        let code = match run_streamed(state.shim.clone(), spec, io, output, cancel).await {
             Ok(code) => code,
             Err(e) => {
                 tracing::warn!(id = %container.id, "container failed: {e:#}");
@@ -610,8 +645,8 @@ fn inspect_container(c: &Container) -> Value {
             "Cmd": c.request.cmd,
             "Entrypoint": c.request.entrypoint,
             "Env": c.request.env,
-            "Tty": false,
-            "OpenStdin": false,
+            "Tty": c.request.tty,
+            "OpenStdin": c.request.interactive,
         },
         "HostConfig": { "AutoRemove": c.auto_remove },
     })
