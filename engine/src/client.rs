@@ -369,6 +369,13 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
     let mut rest = args.args.clone();
     anyhow::ensure!(!rest.is_empty(), "kiln run: give an IMAGE (or --rootfs DIR)");
     let image = rest.remove(0);
+    // Flags are checked here first, worded as in embedded mode.
+    if !matches!(args.network.as_str(), "none" | "host" | "default" | "bridge") {
+        bail!("--network {:?}: expected none, host or default", args.network);
+    }
+    if let Some(c) = args.cpus.filter(|c| !(*c > 0.0)) {
+        bail!("--cpus {c}: must be greater than 0");
+    }
     // `-e KEY` copies the client's value, as in embedded mode.
     let env = args
         .env

@@ -376,3 +376,43 @@ fn run_tty_gives_the_container_a_terminal_of_the_clients_size() {
         assert_eq!(out.status.code(), Some(6), "{text:?}");
     }
 }
+
+#[test]
+fn run_flags_behave_as_in_embedded_mode() {
+    let d = Daemon::start(true, &[]);
+    let root = d.root.to_str().unwrap().to_string();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["run", "-u", "1234:5678", "busybox", "id"],
+        vec!["run", "--entrypoint", "/bin/echo", "busybox", "from", "entrypoint"],
+        vec!["run", "--entrypoint", "", "busybox", "echo", "cleared"],
+        vec!["run", "--hostname", "box1", "busybox", "hostname"],
+        vec!["run", "--network", "none", "busybox", "sh", "-c", "ls /sys/class/net"],
+        vec!["run", "--network", "host", "busybox", "sh", "-c", "test -e /sys/class/net/lo && echo host-net"],
+        // 50 MB in a shell variable under a 16 MiB limit: killed (137) in both modes.
+        vec!["run", "--memory", "16m", "busybox", "sh", "-c", "x=$(head -c 50000000 /dev/zero | tr '\\0' a); echo ${#x}"],
+        vec!["run", "--memory", "256m", "busybox", "sh", "-c", "x=$(head -c 50000000 /dev/zero | tr '\\0' a); echo ${#x}"],
+        vec!["run", "--cpus", "0.5", "busybox", "echo", "half a cpu"],
+        vec!["run", "--cpus", "0", "busybox", "true"],
+        vec!["run", "-e", "A=1", "-e", "HOME", "-w", "/etc", "busybox", "sh", "-c", "echo $A $HOME; pwd"],
+        vec!["run", "--network", "bogus", "busybox", "true"],
+        vec!["run", "--memory", "lots", "busybox", "true"],
+        vec!["run", "busybox", "/no/such/binary"],
+    ];
+    let hog = |limit: &str| d.client(&["run", "--memory", limit, "busybox", "sh", "-c", "x=$(head -c 50000000 /dev/zero | tr '\\0' a); echo ${#x}"]);
+    let (small, big) = (hog("16m"), hog("256m"));
+    assert_ne!(small.status.code(), Some(0), "the memory limit reached the container: {}", stdout(&small));
+    assert_eq!((stdout(&big), big.status.code()), ("50000000\n".to_string(), Some(0)), "{}", stderr(&big));
+    for args in cases {
+        let remote = d.client(&args);
+        let embedded = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["--root", &root]).args(&args).output().unwrap();
+        assert_eq!(remote.status.code(), embedded.status.code(), "exit code of {args:?}: {} / {}", stderr(&remote), stderr(&embedded));
+        assert_eq!(stdout(&remote), stdout(&embedded), "stdout of {args:?}");
+        if embedded.status.success() {
+            assert!(!stdout(&remote).is_empty(), "{args:?} printed nothing");
+        }
+        // Error messages are the same too (but for the random container ID).
+        if !stderr(&embedded).contains("creating container kiln-") {
+            assert_eq!(stderr(&remote), stderr(&embedded), "stderr of {args:?}");
+        }
+    }
+}

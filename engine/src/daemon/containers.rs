@@ -98,6 +98,9 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
         "default" | "bridge" => NetworkMode::Default,
         other => anyhow::bail!("network {other:?}: expected none, host or default"),
     };
+    if let Some(c) = req.cpus.filter(|c| !(*c > 0.0)) {
+        anyhow::bail!("cpus {c}: must be greater than 0");
+    }
     let mounts = req
         .volumes
         .iter()
