@@ -150,7 +150,7 @@ impl Shim {
         unsafe {
             cmd.pre_exec(move || {
                 for (target, fd) in [3, 4].into_iter().zip(fds) {
-                    let high = libc::fcntl(fd, libc::F_DUPFD, 10);
+                    let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
                     if high < 0 || libc::dup2(high, target) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -245,6 +245,11 @@ impl ShimProcess {
     /// Host pid of the container's first process.
     pub fn container_pid(&self) -> i32 {
         self.container_pid
+    }
+
+    /// Pid of the shim process (signals sent to it reach the container).
+    pub fn shim_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The container's stdin (with [`ShimOptions::stdin`], once); drop it

@@ -5,7 +5,7 @@ mod runtime_common;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_engine::executor::ContainerExecutor;
 use kiln_engine::runtime::NetworkMode;
@@ -107,7 +107,6 @@ fn kiln_run_bad_input_is_a_clear_error() {
         (vec!["--network", "bridge2"], "--network"),
         (vec!["--memory", "lots"], "--memory"),
         (vec!["-v", "relative-nowhere:/x"], "-v"),
-        (vec!["-t"], "-t"),
     ] {
         let out = kiln()
             .args(["--root"])
@@ -287,6 +286,94 @@ fn kill_9_of_kiln_mid_start_leaves_nothing() {
         child.wait().unwrap();
     }
     assert_nothing_left(s.path(), &root.join("run"));
+}
+
+/// `kiln run -it` on a real pty (opened here, made kiln's controlling
+/// terminal): the container gets a pty of its own from its devpts, sized
+/// like ours, resized when ours is (SIGWINCH), our input reaches it, and
+/// its exit code is kiln's.
+#[test]
+fn kiln_run_tty_gets_a_pty_with_our_size_and_resizes() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let size = |rows, cols| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size(33, 101)), None).unwrap();
+    let slave = pty.slave;
+    let mut cmd = kiln();
+    cmd.arg("--root")
+        .arg(s.path().join("root"))
+        .args(["run", "-it", "--rootfs"])
+        .arg(&base)
+        .args([
+            "/bin/sh",
+            "-c",
+            "tty; stty size; read line; stty size; echo \"got $line\"; exit 3",
+        ])
+        .stdin(Stdio::from(OwnedFd::from(slave.try_clone().unwrap())))
+        .stdout(Stdio::from(OwnedFd::from(slave.try_clone().unwrap())))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Our pty becomes kiln's controlling terminal, as in a shell.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let master = std::fs::File::from(pty.master);
+    let screen = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let screen = screen.clone();
+        let mut master = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once kiln (the last holder of the slave) exits.
+            while let Ok(n) = std::io::Read::read(&mut master, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let seen = |text: &str| screen.lock().unwrap().contains(text);
+    wait_for("the container's first stty size", || seen("33 101"));
+    // Resize our terminal: the kernel sends SIGWINCH to kiln.
+    let ws = size(40, 120);
+    // SAFETY: TIOCSWINSZ with a valid winsize on our pty master.
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    std::io::Write::write_all(&mut &master, b"hello\r").unwrap();
+    let status = child.wait().unwrap();
+    drop(master);
+    reader.join().unwrap();
+    let screen = screen.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(3), "{screen}");
+    assert!(screen.contains("/dev/pts/"), "tty inside: {screen}");
+    assert!(screen.contains("40 120"), "resize not passed on: {screen}");
+    assert!(
+        screen.contains("got hello"),
+        "input not passed on: {screen}"
+    );
+    assert_nothing_left(s.path(), &s.path().join("root/run"));
 }
 
 /// Host pids whose cgroup path names container `id`.

@@ -6,7 +6,8 @@
 //! container's changes go to a throw-away upper directory: every container
 //! is removed when it exits (`--rm` is accepted for compatibility).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use anyhow::{Context, bail};
 use kiln_frontend::image::ImageConfig;
 
 use crate::config::Global;
+use crate::runtime::tty::{RawMode, WindowSize};
 use crate::runtime::{
     ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Running, Runtime,
     Stdin, Stdio,
@@ -29,7 +31,8 @@ pub struct Args {
     /// Keep stdin open: the container reads kiln's stdin.
     #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// Allocate a pseudo-terminal (not supported yet).
+    /// Allocate a pseudo-terminal (with `-i`: kiln's terminal goes raw and
+    /// is the container's input).
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Set an environment variable, `KEY=VALUE` (or `KEY` to copy kiln's).
@@ -99,9 +102,6 @@ pub fn resolve_image(global: &Global, image: &str) -> anyhow::Result<ImageRootfs
 
 /// Run the container; returns its exit code.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
-    if args.tty {
-        bail!("kiln run -t: pseudo-terminals are not supported yet (run without -t)");
-    }
     let mut rest = args.args.clone();
     let image = match &args.rootfs {
         Some(dir) => {
@@ -172,6 +172,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         hostname: args.hostname.clone().unwrap_or_default(),
         limits,
     };
+    if args.tty {
+        return run_on_terminal(global, &spec, args.interactive);
+    }
     let stdio = Stdio {
         stdin: if args.interactive {
             Stdin::Inherit
@@ -185,6 +188,160 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         parent: None,
     };
     run_supervised(&runtime, &spec, stdio, sup, |_| Ok(()))
+}
+
+/// `kiln run -t`: the container runs on a pty in a shim (a process of its
+/// own, as for every container kiln's builder and daemon run); this
+/// process copies between the pty and its own stdin/stdout, with its
+/// terminal raw (with `-i`) and window size changes passed on.
+fn run_on_terminal(
+    global: &Global,
+    spec: &ContainerSpec,
+    interactive: bool,
+) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("locating the kiln executable")?;
+    let shim = crate::executor::Shim::new(exe, global.root.join("run"));
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let size = WindowSize::of(stdin.as_fd())
+        .or_else(|| WindowSize::of(stdout.as_fd()))
+        .unwrap_or_default();
+    let opts = crate::executor::ShimOptions {
+        tty: Some(size),
+        grace: STOP_GRACE,
+        ..Default::default()
+    };
+    // The shim's own messages (the container's output is on the pty).
+    let log: crate::runtime::LogSink = std::sync::Arc::new(|_, bytes: &[u8]| {
+        let _ = std::io::stderr().write_all(bytes);
+    });
+    forward_signals();
+    let winch = winch_pipe()?;
+    let mut process = shim.start(spec, opts, log)?;
+    if let Some(pid) = process.shim_pid() {
+        // The shim forwards them to the container (and enforces the grace).
+        CONTAINER_PID.store(pid as i32, Ordering::SeqCst);
+    }
+    let master = process
+        .take_terminal()
+        .context("the shim sent no terminal")?;
+    let raw = if interactive {
+        RawMode::enable(stdin.as_fd()).ok()
+    } else {
+        RawMode::output_only(stdout.as_fd()).ok()
+    };
+    let copied = copy_terminal(&master, interactive, &winch);
+    drop(raw);
+    drop(master);
+    let code = process.wait();
+    CONTAINER_PID.store(0, Ordering::SeqCst);
+    copied?;
+    code
+}
+
+/// Copy the pty `master` to stdout (and stdin to it, if `input`) until the
+/// container closes it; on SIGWINCH (a byte on `winch`), pass the size of
+/// our terminal on.
+fn copy_terminal(master: &OwnedFd, mut input: bool, winch: &OwnedFd) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut fds = vec![
+            libc::pollfd {
+                fd: master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: winch.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if input {
+            fds.push(libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: poll(2) on valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("poll");
+        }
+        if fds[1].revents != 0 {
+            let _ = nix::unistd::read(winch.as_raw_fd(), &mut buf);
+            let stdin = std::io::stdin();
+            if let Some(size) = WindowSize::of(stdin.as_fd()) {
+                let _ = size.apply(master.as_fd());
+            }
+        }
+        if input && fds[2].revents != 0 {
+            match nix::unistd::read(0, &mut buf) {
+                Ok(0) | Err(_) => input = false,
+                Ok(n) => write_all_fd(master, &buf[..n])
+                    .context("writing to the container's terminal")?,
+            }
+        }
+        if fds[0].revents != 0 {
+            match nix::unistd::read(master.as_raw_fd(), &mut buf) {
+                // EIO: every process on the slave side is gone.
+                Ok(0) | Err(nix::errno::Errno::EIO) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e).context("reading the container's terminal"),
+                Ok(n) => {
+                    out.write_all(&buf[..n])?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_all_fd(fd: &OwnedFd, mut data: &[u8]) -> anyhow::Result<()> {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Write end of the pipe the SIGWINCH handler pokes (-1 = none).
+static WINCH_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_winch(_: libc::c_int) {
+    let fd = WINCH_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe just drops it.
+        unsafe { libc::write(fd, [0u8].as_ptr().cast(), 1) };
+    }
+}
+
+/// A pipe that receives a byte on every SIGWINCH; returns its read end.
+fn winch_pipe() -> anyhow::Result<OwnedFd> {
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .context("pipe")?;
+    // Lives as long as the process: the handler may run any time.
+    WINCH_FD.store(std::os::fd::IntoRawFd::into_raw_fd(write), Ordering::SeqCst);
+    // SAFETY: installing a handler that only calls async-signal-safe code.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_winch as extern "C" fn(libc::c_int) as usize;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGWINCH, &act, std::ptr::null_mut());
+    }
+    Ok(read)
 }
 
 /// How long a container gets between a forwarded SIGTERM (or SIGINT,

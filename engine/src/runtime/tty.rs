@@ -71,6 +71,21 @@ impl RawMode {
             saved,
         })
     }
+
+    /// Only switch off output processing on the terminal `fd` (the
+    /// container's pty already turned `\n` into `\r\n`); keys still work
+    /// as usual (Ctrl-C sends SIGINT).
+    pub fn output_only(fd: BorrowedFd<'_>) -> anyhow::Result<RawMode> {
+        let saved = termios::tcgetattr(fd).context("reading the terminal mode")?;
+        let mut mode = saved.clone();
+        mode.output_flags.remove(termios::OutputFlags::OPOST);
+        termios::tcsetattr(fd, termios::SetArg::TCSANOW, &mode)
+            .context("setting the terminal mode")?;
+        Ok(RawMode {
+            fd: fd.as_raw_fd(),
+            saved,
+        })
+    }
 }
 
 impl Drop for RawMode {

@@ -60,14 +60,6 @@ impl Executor for ExecveExecutor {
             .map(|a| to_c(a))
             .collect::<Result<Vec<_>, _>>()?;
         let envp = env.iter().map(|e| to_c(e)).collect::<Result<Vec<_>, _>>()?;
-        // Die with the process that started the container (our parent:
-        // libcontainer clones the init as a sibling of its intermediate
-        // child, so the parent is kiln or its shim). Set here, after the
-        // user switch that would clear it; it survives execve (except of a
-        // set-user-ID binary). Started but orphaned containers are caught by
-        // the sweep.
-        // SAFETY: prctl(2) with integer arguments.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
         let err = nix::unistd::execve(&path_c, &argv, &envp).unwrap_err();
         Err(ExecutorError::Other(format!(
             "exec {}: {err}",
@@ -76,6 +68,16 @@ impl Executor for ExecveExecutor {
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        // libcontainer calls this in the container's init, after switching
+        // to the container's user (which would clear it) and before waiting
+        // for "start". From here on the container dies with the process
+        // that started it: its parent, since libcontainer clones the init as
+        // a sibling of its intermediate child (kiln or its shim). It
+        // survives execve (except of a set-user-ID binary). An init whose
+        // starter died before this point waits for a start that never
+        // comes: the sweep kills it.
+        // SAFETY: prctl(2) with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
         let (args, env) = process_parts(spec).ok_or_else(|| {
             ExecutorValidationError::ArgValidationError("no command to run".into())
         })?;

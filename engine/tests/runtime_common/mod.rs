@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use kiln_engine::runtime::{LogSink, LogStream, Rootfs, Runtime};
+use kiln_engine::executor::{Shim, ShimOptions, ShimProcess};
+use kiln_engine::runtime::{ContainerSpec, LogSink, LogStream, Rootfs, Runtime};
 
 /// Why a test cannot run here, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -19,8 +20,7 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Skip the test (with a message) unless containers can run here; else
-/// hold the suite-wide lock for the rest of the test.
+/// Skip the test (with a message) unless containers can run here.
 #[macro_export]
 macro_rules! require_containers {
     () => {
@@ -28,15 +28,15 @@ macro_rules! require_containers {
             println!("skipped: containers unavailable because {why}");
             return;
         }
-        let _serial = runtime_common::serial();
     };
 }
 
-/// Tests run one at a time: libcontainer 0.7's cloned child exits through
-/// `std::process::exit`, which takes a std-internal mutex that threads also
-/// take when they start or exit; a test thread finishing at the moment of
-/// another test's clone can leave that child hung. (Known runtime issue,
-/// see the report; this lowers its odds in the suite, it does not fix it.)
+/// For the few tests that start containers in this (multi-threaded) test
+/// process instead of through the shim: one at a time. libcontainer 0.7's
+/// cloned child exits through `std::process::exit`, which takes a
+/// std-internal mutex that threads also take when they start or exit; a
+/// test thread finishing at the moment of the clone can leave that child
+/// hung (the reason for the shim).
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -64,6 +64,23 @@ impl Scratch {
     /// A runtime whose state lives in this scratch dir.
     pub fn runtime(&self) -> Runtime {
         Runtime::new(self.path().join("run")).unwrap()
+    }
+
+    /// A shim (the `kiln` binary under test) with state in this scratch dir.
+    pub fn shim(&self) -> Shim {
+        Shim::new(env!("CARGO_BIN_EXE_kiln"), self.path().join("run"))
+    }
+
+    /// Run `spec` to the end in a shim; its exit code.
+    pub fn run(&self, spec: &ContainerSpec, sink: LogSink) -> anyhow::Result<i32> {
+        self.shim()
+            .start(spec, ShimOptions::default(), sink)?
+            .wait()
+    }
+
+    /// Start `spec` in a shim.
+    pub fn start(&self, spec: &ContainerSpec, sink: LogSink, opts: ShimOptions) -> ShimProcess {
+        self.shim().start(spec, opts, sink).unwrap()
     }
 
     /// A layer directory `name` with busybox, its applets and a small /etc.
@@ -260,7 +277,12 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// (inside scratch dir `scratch`) is left: no state, mounts, processes or
 /// cgroups.
 pub fn assert_nothing_left(scratch: &Path, state_root: &Path) {
+    // Sweeps what dead owners left (killing their orphans) ...
     let rt = Runtime::new(state_root).unwrap();
+    // ... while live shims finish cleaning up (they hold their lock file).
+    wait_for("leftover processes to exit", || {
+        processes_using(scratch).is_empty()
+    });
     let prefix = rt.cgroup_name("");
     for sub in ["containers", "libcontainer"] {
         let left: Vec<_> = std::fs::read_dir(state_root.join(sub))
@@ -275,9 +297,6 @@ pub fn assert_nothing_left(scratch: &Path, state_root: &Path) {
         "mounts left: {:?}",
         mounts_below(scratch)
     );
-    wait_for("leftover processes to die", || {
-        processes_using(scratch).is_empty()
-    });
     let cgroups = cgroups_with_prefix(&prefix);
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }
