@@ -382,10 +382,11 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         .iter()
         .filter_map(|e| if e.contains('=') { Some(e.clone()) } else { std::env::var(e).ok().map(|v| format!("{e}={v}")) })
         .collect();
-    // The terminal's size: the one the output goes to, as docker does.
+    // The terminal's size, found as embedded `kiln run -t` does.
+    let terminal_size = || WindowSize::of(std::io::stdin().as_fd()).or_else(|| WindowSize::of(std::io::stdout().as_fd()));
     let console_size = args
         .tty
-        .then(|| WindowSize::of(std::io::stdout().as_fd()).or_else(|| WindowSize::of(std::io::stdin().as_fd())))
+        .then(terminal_size)
         .flatten()
         .map(|w| [w.rows, w.cols]);
     let request = RunRequest {
@@ -442,15 +443,21 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
             }
         }
     });
-    // The terminal goes raw while attached (keys such as ^C reach the
-    // container), and its size follows ours.
-    let _raw = if args.tty && args.interactive { RawMode::enable(std::io::stdin().as_fd()).ok() } else { None };
+    // As in embedded mode: with -it the terminal goes raw while attached
+    // (keys such as ^C reach the container); with -t alone only output
+    // processing is off (the container's pty already made `\n` `\r\n`).
+    // The container's terminal size follows ours.
+    let _raw = match (args.tty, args.interactive) {
+        (true, true) => RawMode::enable(std::io::stdin().as_fd()).ok(),
+        (true, false) => RawMode::output_only(std::io::stdout().as_fd()).ok(),
+        _ => None,
+    };
     if args.tty {
         let sizes = input_tx.clone();
         let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         tokio::spawn(async move {
             while winch.recv().await.is_some() {
-                if let Some(w) = WindowSize::of(std::io::stdout().as_fd()).or_else(|| WindowSize::of(std::io::stdin().as_fd())) {
+                if let Some(w) = terminal_size() {
                     if sizes.send(AttachInput::Resize([w.rows, w.cols])).is_err() {
                         break;
                     }

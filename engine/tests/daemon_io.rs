@@ -356,24 +356,31 @@ fn run_tty_gives_the_container_a_terminal_of_the_clients_size() {
     assert!(text.contains("/dev/pts/"), "tty inside: {text:?}");
     assert!(text.contains("31 97"), "stty size inside: {text:?}");
     assert_eq!(out.status.code(), Some(4), "{text:?} {}", stderr(&out));
-    // -it: keys typed on the client reach the shell on the terminal.
-    let inner = format!("{kiln} --host {} run -it busybox sh", d.host());
-    let mut child = Command::new("script")
-        .args(["-qec", &inner, "/dev/null"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(b"echo typed-$((40+2)); exit 6\n").unwrap();
-        // Keep our end open until the container has exited.
-        let out = child.wait_with_output().unwrap();
-        drop(stdin);
-        let text = stdout(&out);
-        assert!(text.contains("typed-42"), "{text:?}");
-        assert_eq!(out.status.code(), Some(6), "{text:?}");
+    // The same as embedded mode prints.
+    let inner = format!("stty rows 31 cols 97; {kiln} --root {} run -t busybox sh -c 'tty; stty size; exit 4'", d.root.display());
+    let embedded = Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    assert_eq!(stdout(&embedded), text, "embedded -t vs remote -t");
+    assert_eq!(embedded.status.code(), Some(4));
+    // -it: keys typed on the client reach the shell on the terminal, in
+    // both modes.
+    for inner in [format!("{kiln} --host {} run -it busybox sh", d.host()), format!("{kiln} --root {} run -it busybox sh", d.root.display())] {
+        let mut child = Command::new("script")
+            .args(["-qec", &inner, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"echo typed-$((40+2)); exit 6\n").unwrap();
+            // Keep our end open until the container has exited.
+            let out = child.wait_with_output().unwrap();
+            drop(stdin);
+            let text = stdout(&out);
+            assert!(text.contains("typed-42"), "{inner}: {text:?}");
+            assert_eq!(out.status.code(), Some(6), "{inner}: {text:?}");
+        }
     }
 }
 
