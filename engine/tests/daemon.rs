@@ -151,7 +151,7 @@ fn two_clients_at_once_and_a_killed_client() {
 
     // A client killed mid-request: its container is killed, the daemon stays up.
     let mut victim = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--host", &d.host(), "run", "busybox", "sh", "-c", "echo started; sleep 300"])
+        .args(["--host", &d.host(), "run", "busybox", "sh", "-c", "echo started; sleep 3917"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -162,6 +162,9 @@ fn two_clients_at_once_and_a_killed_client() {
         std::io::BufReader::new(victim.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line, "started\n");
     }
+    // The container runs in a shim process of the daemon's, not inside it.
+    let shims = Command::new("pgrep").args(["-f", "-P", &d.pid().to_string(), "__container-shim"]).output().unwrap();
+    assert!(shims.status.success(), "no container shim under the daemon (pid {})", d.pid());
     victim.kill().unwrap();
     victim.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -171,10 +174,11 @@ fn two_clients_at_once_and_a_killed_client() {
     }
     let out = d.client(&["run", "busybox", "echo", "still here"]);
     assert_eq!((out.status.code(), stdout(&out)), (Some(0), "still here\n".to_string()), "{}", stderr(&out));
-    // No container of the killed client is left: the sleep is gone.
+    // No container of the killed client is left: its sleep (an unusual
+    // duration, so that no other process on the machine matches) is gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ps = Command::new("pgrep").args(["-f", "sleep 300"]).output().unwrap();
+        let ps = Command::new("pgrep").args(["-f", "sleep 3917"]).output().unwrap();
         if !ps.status.success() {
             break;
         }

@@ -508,14 +508,21 @@ async fn send_artifact(lines: &mut super::web::LineSender, artifact: super::buil
 /// Bytes of output per [`BuildLine::Output`] line (before base64).
 const OUTPUT_CHUNK: usize = 512 << 10;
 
+/// An archive upload written to a file in a new scratch directory
+/// (removed when the returned directory is dropped).
+async fn receive_upload(state: &State, body: Incoming) -> Result<(tempfile::TempDir, std::path::PathBuf), ApiError> {
+    let scratch = super::build::context_dir(state).map_err(ApiError::from)?;
+    let file = scratch.path().join("upload");
+    receive_to_file(body, &file, MAX_ARCHIVE_UPLOAD).await?;
+    Ok((scratch, file))
+}
+
 /// `POST /v1/images/import?reference=NAME&source=FILE`: the body is the
 /// rootfs tarball; `source` is the client's file name (for the history).
 async fn import(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
     let reference = query.get("reference").filter(|r| !r.is_empty()).ok_or_else(|| ApiError::bad_request("import: reference is required"))?.to_string();
     let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
-    let scratch = super::build::context_dir(&state).map_err(ApiError::from)?;
-    let file = scratch.path().join("upload");
-    receive_to_file(body, &file, MAX_ARCHIVE_UPLOAD).await?;
+    let (scratch, file) = receive_upload(&state, body).await?;
     let store = state.store.clone();
     let record = blocking(move || {
         let _scratch = scratch;
@@ -530,9 +537,7 @@ async fn import(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
 async fn load(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
     let tag = query.get("tag").filter(|t| !t.is_empty()).map(str::to_string);
     let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
-    let scratch = super::build::context_dir(&state).map_err(ApiError::from)?;
-    let file = scratch.path().join("upload");
-    receive_to_file(body, &file, MAX_ARCHIVE_UPLOAD).await?;
+    let (scratch, file) = receive_upload(&state, body).await?;
     let store = state.store.clone();
     let records = blocking(move || {
         let _scratch = scratch;

@@ -150,12 +150,11 @@ pub async fn run_streamed(
 ) -> anyhow::Result<i32> {
     let stopper = ShimStopper::default();
     let opts = ShimOptions { stdin: io.stdin.is_some(), tty: io.tty, stopper: stopper.clone(), ..Default::default() };
-    let log_output = output.clone();
     let sink: crate::runtime::LogSink = Arc::new(move |stream, bytes: &[u8]| {
-        let _ = log_output.send((stream, Bytes::copy_from_slice(bytes)));
+        let _ = output.send((stream, Bytes::copy_from_slice(bytes)));
     });
     let task = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-        let mut process = shim.start(&spec, opts, sink)?;
+        let mut process = shim.start(&spec, opts, sink.clone())?;
         let mut terminal_reader = None;
         if let Some(terminal) = process.take_terminal() {
             if let Some(input) = io.stdin {
@@ -169,7 +168,8 @@ pub async fn run_streamed(
                     }
                 });
             }
-            terminal_reader = Some(spawn_terminal_reader(terminal, output));
+            // All of a terminal's output is stdout; it ends with EIO once the container is gone.
+            terminal_reader = Some(crate::executor::spawn_reader(terminal, LogStream::Stdout, sink));
         } else if let (Some(stdin), Some(input)) = (process.take_stdin(), io.stdin) {
             spawn_input(input, stdin);
         }
@@ -201,25 +201,6 @@ fn spawn_input(mut input: mpsc::Receiver<Bytes>, mut to: impl std::io::Write + S
             }
         }
     });
-}
-
-/// Read a pty master until the container is gone (EIO), as stdout.
-fn spawn_terminal_reader(terminal: std::os::fd::OwnedFd, output: mpsc::UnboundedSender<OutputChunk>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        use std::io::Read;
-        let mut f = std::fs::File::from(terminal);
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    let _ = output.send((LogStream::Stdout, Bytes::copy_from_slice(&buf[..n])));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-    })
 }
 
 /// One container created through the Docker API.
