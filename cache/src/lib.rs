@@ -29,8 +29,10 @@ pub mod fsutil;
 pub mod images;
 pub mod index;
 pub mod layered;
+pub mod lease;
 pub mod lock;
 pub mod snapshots;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 

@@ -47,6 +47,10 @@ pub struct BuildRequest {
     pub iidfile: Option<PathBuf>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<i64>,
+    /// `--keep-storage`: cap on the store root's bytes, applied after the
+    /// build (and before it when already over). `None`: the configured
+    /// default ([`crate::config::keep_storage_default`]), if any.
+    pub keep_storage: Option<u64>,
 }
 
 /// What a build produced.
@@ -65,8 +69,56 @@ impl BuildResult {
     }
 }
 
-/// Solve `req.definition` with `solver` and export the result.
-pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
+/// Solve `req.definition` with `solver` and export the result, holding a
+/// lease on what it uses; then keep the store under its cap (see
+/// [`BuildRequest::keep_storage`]), whether the build succeeded or not.
+pub async fn build(solver: &Solver, req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
+    let store = solver.store().clone();
+    let cap = match req.keep_storage {
+        Some(cap) => Some(cap),
+        None => crate::config::keep_storage_default(store.root())?,
+    };
+    if let Some(cap) = cap {
+        collect_garbage(&store, cap).await?;
+    }
+    let lease_store = store.clone();
+    let lease = tokio::task::spawn_blocking(move || kiln_cache::lease::Lease::new(&lease_store, "build"))
+        .await
+        .context("lease task panicked")?
+        .context("taking a build lease")?;
+    let result = build_leased(solver, req, events).await;
+    drop(lease);
+    if let Some(cap) = cap {
+        collect_garbage(&store, cap).await?;
+    }
+    result
+}
+
+/// Apply the cap `cap` to `store` (see [`kiln_solver::gc::enforce_cap`]).
+async fn collect_garbage(store: &Arc<Store>, cap: u64) -> anyhow::Result<()> {
+    let store = store.clone();
+    let report = tokio::task::spawn_blocking(move || kiln_solver::gc::enforce_cap(&store, cap))
+        .await
+        .context("GC task panicked")?
+        .context("collecting garbage")?;
+    if report.before > cap {
+        tracing::info!(
+            "gc: store root {} bytes > cap {cap}: removed {} snapshots, {} records, {} blobs, {} cache mounts; now {} bytes",
+            report.before,
+            report.removed.snapshots,
+            report.removed.records,
+            report.blobs,
+            report.cache_mounts,
+            report.after
+        );
+    }
+    if report.still_over {
+        tracing::warn!("gc: the store root stays over its cap ({} > {cap} bytes): the rest is images or in use", report.after);
+    }
+    Ok(())
+}
+
+async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
     req.definition.image.config.labels.extend(req.labels.clone());
     let solved = solver
         .solve(SolveRequest {
@@ -94,10 +146,15 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
     };
     let store = solver.store().clone();
     let epoch = req.source_date_epoch;
-    let built = tokio::task::spawn_blocking(move || kiln_exporter::export(&store, &spec, &output, epoch))
-        .await
-        .context("export task panicked")?
-        .context("exporting the image")?;
+    // No collection between writing blobs and naming the image (which
+    // pins them): the GC lock is held shared until the names are written.
+    let (built, _gc) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let guard = kiln_cache::lease::gc_guard(&store)?;
+        Ok((kiln_exporter::export(&store, &spec, &output, epoch)?, guard))
+    })
+    .await
+    .context("export task panicked")?
+    .context("exporting the image")?;
     if let Some(image) = &built {
         let mut names = req.tags.clone();
         if let Some(Output::Image { names: more, .. }) = &req.output {

@@ -302,6 +302,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
                 unreferenced_snapshots: u.unreferenced_snapshots,
                 cache_mount_bytes: u.cache_mount_bytes,
             });
+            commands::du::print_root(&kiln_cache::usage::RootUsage { total: u.root_total, parts: u.root_parts });
             Ok(0)
         }
         Command::Prune(args) => {
@@ -342,8 +343,9 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         }
         Command::Save(args) => {
             let dir = commands::save::writes_dir(args.format, &args.output);
+            let to_stdout = commands::save::to_stdout(&args.output);
             // Refuse an existing output before the daemon does any work.
-            let mut download = Download::new(&args.output, dir)?;
+            let mut download = if to_stdout { None } else { Some(Download::new(&args.output, dir)?) };
             let request = SaveRequest { images: args.images.clone(), format: args.format, dir };
             let response = client
                 .send(Method::POST, "/v1/images/save", full(serde_json::to_vec(&request)?), Some("application/json"))
@@ -352,11 +354,23 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
             while let Some(frame) = body.frame().await {
                 let frame = frame.context("reading the archive from the daemon")?;
                 if let Some(data) = frame.data_ref() {
-                    download.write(data)?;
+                    match &mut download {
+                        Some(download) => download.write(data)?,
+                        None => std::io::stdout().write_all(data).context("writing the archive to stdout")?,
+                    }
                 }
             }
-            download.finish()?;
-            println!("{}", commands::save::summary(args.images.len(), &args.output));
+            let summary = commands::save::summary(args.images.len(), &args.output);
+            match download {
+                Some(download) => {
+                    download.finish()?;
+                    println!("{summary}");
+                }
+                None => {
+                    std::io::stdout().flush()?;
+                    eprintln!("{summary}");
+                }
+            }
             Ok(0)
         }
     }

@@ -7,6 +7,17 @@
 //! of a multi-threaded process (tokio's workers, log readers...) may hold
 //! at the moment of the clone, and then hangs forever. The shim has a
 //! single thread around the clone.
+//!
+//! Using a shim from async code: [`Shim::run`] runs a container to the
+//! end (output to a [`LogSink`], dropping the future stops it). For more
+//! control, call [`Shim::start`] in `spawn_blocking` with [`ShimOptions`]
+//! (stdin pipe, pty, stop grace, a [`ShimStopper`] cloned beforehand to
+//! cancel from elsewhere); the [`ShimProcess`] gives the stdin pipe or the
+//! pty master (resize it with [`WindowSize::apply`]), and its blocking
+//! [`ShimProcess::wait`] the exit code. A container never outlives its
+//! shim: stop = SIGTERM, SIGKILL after the grace; a killed shim takes its
+//! container along (`PR_SET_PDEATHSIG`); a shim killed mid-start leaves
+//! state that the next [`Runtime::new`] sweeps.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -178,6 +178,11 @@ fn save_load_and_import_through_the_daemon() {
     let e = ok(local(&d.root, &["save", "--format", "oci", "-o", "embedded-layout", "busybox"]), "embedded save oci");
     same(&r, &e, "save --format oci");
     same_tree(&work.join("remote-layout"), &work.join("embedded-layout"));
+    // To stdout (the default): the same bytes, the summary on stderr.
+    let r = ok(client(&["save", "busybox"]), "remote save to stdout");
+    let e = ok(local(&d.root, &["save", "busybox"]), "embedded save to stdout");
+    assert!(r.stdout.len() > 1024 && r.stdout == e.stdout, "archives on stdout differ ({} vs {} bytes)", r.stdout.len(), e.stdout.len());
+    assert_eq!(stderr(&r), stderr(&e));
     let r = client(&["save", "-o", "remote.tar", "busybox"]);
     assert_eq!(r.status.code(), Some(1));
     assert!(stderr(&r).contains("already exists"), "{}", stderr(&r));

@@ -152,12 +152,13 @@ impl Solver {
     /// Run `req.definition` and return the target's snapshot chain. The
     /// first failing op cancels the others; its error names it.
     pub async fn solve(&self, req: SolveRequest) -> Result<SolveOutput, SolveError> {
-        // Pruning waits until no solve runs (and solves wait for a prune).
+        // Garbage collection keeps what this solve uses until it ends.
         let store = self.inner.store.clone();
-        let _build_lock = tokio::task::spawn_blocking(move || crate::gc::lock_shared(&store))
+        let _lease = tokio::task::spawn_blocking(move || kiln_cache::lease::Lease::new(&store, "solve"))
             .await
-            .ok()
-            .and_then(|r| r.ok());
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| format!("{e:#}")))
+            .map_err(|e| SolveError { op: "build cache".into(), line: None, message: format!("taking a lease: {e}"), log_tail: vec![] })?;
         let ctx = Arc::new(SolveCtx {
             def: req.definition,
             locals: req.locals,
@@ -246,11 +247,13 @@ fn dedup<T: Clone + Send + Sync + 'static>(
 }
 
 impl Inner {
-    /// The cached chain for `key`, if every snapshot of it still exists.
+    /// The cached chain for `key`, if every snapshot of it still exists;
+    /// they are marked used, so garbage collection keeps them while the
+    /// solve's lease lives.
     fn cached(&self, key: &str) -> Option<Vec<String>> {
         let bytes = self.store.index.get(key).ok()??;
         let record: CacheRecord = serde_json::from_slice(&bytes).ok()?;
-        record.layers.iter().all(|id| self.store.snapshots.exists(id)).then_some(record.layers)
+        kiln_cache::lease::use_snapshots(&self.store, &record.layers).ok()?.then_some(record.layers)
     }
 
     fn remember(&self, key: &str, layers: &[String]) -> anyhow::Result<()> {
@@ -310,6 +313,7 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             Ok(Arc::new(Computed { key: vertex, output: Output::Context(context) }))
         }
         Op::Source(SourceOp::Image { reference, platform }) => {
+            let (again_ref, again_platform) = (reference.clone(), platform.clone());
             let (reference, platform) = (reference.clone(), platform.clone());
             let images = inner.images.clone();
             let events = ctx.events.clone();
@@ -335,7 +339,16 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
                 }
                 .boxed()
             });
-            let image = work.await?;
+            let mut image = work.await?;
+            // Mark the layers used (so GC keeps them); if a collection took
+            // one since it was resolved, resolve (unpack) again.
+            if !kiln_cache::lease::use_snapshots(&inner.store, &image.layers).unwrap_or(false) {
+                let again = inner.images.resolve(&again_ref, &again_platform).await;
+                image = Arc::new(again.map_err(|e| fail(format!("resolving image {again_ref}: {e:#}")))?);
+                if !kiln_cache::lease::use_snapshots(&inner.store, &image.layers).map_err(|e| fail(format!("{e:#}")))? {
+                    return Err(fail(format!("image {again_ref}: its layers were removed while in use")));
+                }
+            }
             let key = cachekey::image_key(&node.op.definition_digest(), &image.manifest_digest);
             Ok(Arc::new(Computed { key, output: Output::Layers(image.layers.clone()) }))
         }

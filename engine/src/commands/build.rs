@@ -64,6 +64,12 @@ pub struct Args {
     /// Write the image ID here.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
+    /// Cap on the store root's size (every byte, as `du -sb`), e.g. `10GB`:
+    /// least recently used cache is removed after the build to fit.
+    /// Default: `KILN_GC_KEEP_STORAGE`, else `gc.keep_storage` in
+    /// `<root>/config.json`, else no cap.
+    #[arg(long, value_name = "SIZE")]
+    pub keep_storage: Option<String>,
     /// Output (buildx syntax, e.g. `type=oci,dest=out.tar`); default: the
     /// local image store.
     #[arg(short = 'o', long)]
@@ -208,6 +214,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         output,
         iidfile: args.iidfile.clone(),
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+        keep_storage: args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
     };
     let result = rt.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

@@ -103,6 +103,8 @@ pub fn resolve_image(global: &Global, image: &str) -> anyhow::Result<ImageRootfs
 /// Run the container; returns its exit code.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let mut rest = args.args.clone();
+    // Held until the container exits: GC keeps the image's layers.
+    let mut _lease = None;
     let image = match &args.rootfs {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--rootfs {}: not a directory", dir.display());
@@ -117,6 +119,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 "kiln run: give an IMAGE (or --rootfs DIR)"
             );
             let name = rest.remove(0);
+            let store = kiln_cache::Store::open(&global.root)?;
+            _lease = Some(kiln_cache::lease::Lease::new(&store, "run")?);
             resolve_image(global, &name)?
         }
     };

@@ -1,4 +1,4 @@
-//! `kiln save -o FILE [--format docker|oci] IMAGE...`: images from the
+//! `kiln save [-o FILE] [--format docker|oci] IMAGE...`: images from the
 //! local store as a docker-archive (the default, for `docker load`) or an
 //! OCI image layout (a tar if FILE ends in `.tar`, else a directory),
 //! written by the same code as `-o type=docker` / `-o type=oci`.
@@ -25,8 +25,9 @@ pub enum Format {
 /// `kiln save` flags.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to write (must not exist; written beside and renamed).
-    #[arg(short, long, value_name = "FILE")]
+    /// Where to write (must not exist; written beside and renamed); `-`,
+    /// the default, is standard output as with `docker save`.
+    #[arg(short, long, value_name = "FILE", default_value = "-")]
     pub output: PathBuf,
     /// Archive format.
     #[arg(long, value_enum, default_value = "docker")]
@@ -40,8 +41,18 @@ pub struct Args {
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
     let saved = save(&store, &args.images, args.format, &args.output)?;
-    println!("{}", summary(saved, &args.output));
+    // The archive itself may be on stdout: then the summary goes to stderr.
+    if to_stdout(&args.output) {
+        eprintln!("{}", summary(saved, &args.output));
+    } else {
+        println!("{}", summary(saved, &args.output));
+    }
     Ok(0)
+}
+
+/// Whether `-o` means standard output (`-`, the default).
+pub fn to_stdout(output: &std::path::Path) -> bool {
+    output == std::path::Path::new("-")
 }
 
 /// What `kiln save` prints after writing `count` images to `output`.
@@ -50,9 +61,10 @@ pub fn summary(count: usize, output: &std::path::Path) -> String {
 }
 
 /// Whether `kiln save --format format -o output` writes a directory (an
-/// OCI layout whose name does not end in `.tar`) rather than a file.
+/// OCI layout whose name does not end in `.tar`, and not stdout) rather
+/// than a file.
 pub fn writes_dir(format: Format, output: &std::path::Path) -> bool {
-    format == Format::Oci && !output.extension().is_some_and(|e| e == "tar")
+    format == Format::Oci && !output.extension().is_some_and(|e| e == "tar") && !to_stdout(output)
 }
 
 /// Write `queries` (names, IDs or digests) from `store` to `output`;

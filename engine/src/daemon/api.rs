@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::State;
-use super::containers::{ContainerIo, RunRequest, container_spec, run_streamed};
+use super::containers::{ContainerIo, RunRequest, leased_spec, run_streamed};
 use crate::runtime::tty::WindowSize;
 use super::build::{BuildLine, BuildOptions};
 use super::context;
@@ -77,6 +77,13 @@ pub struct DiskUsage {
     pub unreferenced_snapshots: usize,
     /// Bytes of cache mounts.
     pub cache_mount_bytes: u64,
+    /// Every byte under the store root by top-level entry, and in total
+    /// (as `du -sb`).
+    #[serde(default)]
+    pub root_parts: Vec<(String, u64)>,
+    /// See `root_parts`.
+    #[serde(default)]
+    pub root_total: u64,
 }
 
 /// `POST /v1/system/prune` body (see `kiln prune`).
@@ -155,8 +162,13 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
         }
         (&Method::GET, "system/df") => {
             let store = state.store.clone();
-            let u = blocking(move || kiln_solver::gc::usage(&store)).await?;
+            let (u, root) = blocking(move || {
+                anyhow::Ok((kiln_solver::gc::usage(&store)?, kiln_cache::usage::root_usage(store.root())?))
+            })
+            .await?;
             ok_json(&DiskUsage {
+                root_parts: root.parts,
+                root_total: root.total,
                 records: u.records,
                 snapshots: u.snapshots,
                 snapshot_bytes: u.snapshot_bytes,
@@ -294,10 +306,10 @@ async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
         )));
     }
     let store = state.store.clone();
-    let spec = blocking(move || container_spec(&store, &body)).await?;
+    let (spec, lease) = blocking(move || leased_spec(&store, &body)).await?;
     let (response, mut lines) = streaming("application/x-ndjson");
     let gone = lines.clone();
-    let mut events = run_events(state, spec, ContainerIo::default(), async move {
+    let mut events = run_events(state, spec, lease, ContainerIo::default(), async move {
         gone.closed().await;
         tracing::info!("run: client went away");
     });
@@ -333,7 +345,7 @@ async fn run_attached(state: Arc<State>, mut req: Request<Incoming>) -> ApiResul
     let body: RunRequest = read_json(req.into_body()).await?;
     let request = body.clone();
     let store = state.store.clone();
-    let spec = blocking(move || container_spec(&store, &request)).await?;
+    let (spec, lease) = blocking(move || leased_spec(&store, &request)).await?;
     tokio::spawn(async move {
         let upgraded = match upgrade.await {
             Ok(u) => u,
@@ -385,7 +397,7 @@ async fn run_attached(state: Arc<State>, mut req: Request<Incoming>) -> ApiResul
             let _ = gone_rx.await;
             tracing::info!("run: client went away");
         };
-        let mut events = run_events(state, spec, io, gone);
+        let mut events = run_events(state, spec, lease, io, gone);
         while let Some(event) = events.recv().await {
             let mut line = serde_json::to_vec(&event).unwrap_or_default();
             line.push(b'\n');
@@ -409,16 +421,18 @@ const MAX_ATTACH_LINE: usize = 1 << 20;
 
 /// Run `spec` and turn what happens into [`RunEvent`]s: output, then
 /// `Exit` or `Error` last. The container is stopped when `gone` resolves or
-/// the daemon cancels running work.
+/// the daemon cancels running work; `lease` is held until it exited.
 fn run_events(
     state: Arc<State>,
     spec: crate::runtime::ContainerSpec,
+    lease: kiln_cache::lease::Lease,
     io: ContainerIo,
     gone: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::sync::mpsc::UnboundedReceiver<RunEvent> {
     let (events, rx) = tokio::sync::mpsc::unbounded_channel();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
+        let _lease = lease;
         let cancel = {
             let state = state.clone();
             async move {

@@ -211,6 +211,7 @@ pub async fn run_build(
         output: staged.as_ref().map(|(o, _, _)| o.clone()).or(output),
         iidfile: None,
         source_date_epoch: opts.source_date_epoch,
+        keep_storage: None,
     };
     let result = build(&solver, request, EventSink(Some(events))).await?;
     let artifact = match (staged, scratch) {

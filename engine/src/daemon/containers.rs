@@ -65,12 +65,26 @@ pub type OutputChunk = (LogStream, Bytes);
 pub fn image_rootfs(store: &Store, image: &str) -> anyhow::Result<(Vec<std::path::PathBuf>, ImageConfig)> {
     let record = store.images.resolve(image)?;
     let local = crate::image_source::open_image(store, &record)?;
-    let layers = local.unpack_layers(store)?.iter().map(|id| store.snapshots.path(id)).collect();
+    // Marked used, so a caller's lease keeps them from garbage collection;
+    // unpacked again if a collection took one in between.
+    let mut ids = local.unpack_layers(store)?;
+    if !kiln_cache::lease::use_snapshots(store, &ids)? {
+        ids = local.unpack_layers(store)?;
+        anyhow::ensure!(kiln_cache::lease::use_snapshots(store, &ids)?, "image {image}: layers removed while starting");
+    }
+    let layers = ids.iter().map(|id| store.snapshots.path(id)).collect();
     let config: ImageConfig = match local.config_json.get("config") {
         Some(c) if !c.is_null() => serde_json::from_value(c.clone()).context("image config")?,
         _ => ImageConfig::default(),
     };
     Ok((layers, config))
+}
+
+/// [`container_spec`] under a new lease of `store`, to hold until the
+/// container exits: garbage collection then keeps its layers (blocking).
+pub fn leased_spec(store: &Store, req: &RunRequest) -> anyhow::Result<(ContainerSpec, kiln_cache::lease::Lease)> {
+    let lease = kiln_cache::lease::Lease::new(store, "run")?;
+    Ok((container_spec(store, req)?, lease))
 }
 
 /// Build the container spec for `req` (blocking: may unpack layers).

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::State;
 use super::api::{blocking, pull_image};
-use super::containers::{Container, RunRequest, container_spec, run_streamed};
+use super::containers::{Container, RunRequest, leased_spec, run_streamed};
 use super::web::{ApiError, ApiResult, Query, empty, full, json_response, ok_json, read_body, streaming, MAX_JSON_BODY, parse_json};
 use crate::commands;
 use crate::runtime::LogStream;
@@ -558,8 +558,9 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
         *started = true;
     }
     let (store, request) = (state.store.clone(), container.request.clone());
-    let spec = match blocking(move || container_spec(&store, &request)).await {
-        Ok(spec) => spec,
+    // The lease is held until the container exits: GC keeps its layers.
+    let (spec, lease) = match blocking(move || leased_spec(&store, &request)).await {
+        Ok(spec_and_lease) => spec_and_lease,
         Err(e) => {
             *container.started.lock().unwrap() = false;
             return Err(e);
@@ -590,6 +591,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     *container.kill.lock().unwrap() = Some(kill_tx);
     tokio::spawn(async move {
+        let _lease = lease;
         let cancel = {
             let state = state.clone();
             async move {
