@@ -745,7 +745,7 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
     let mut pending = Vec::new();
-    let mut outcome: Option<Result<Option<String>, String>> = None;
+    let mut outcome: Option<Result<(Option<String>, Vec<String>), String>> = None;
     // A client-side output arrives in pieces before the result.
     let mut received = match &destination {
         Some((dest, is_dir)) => Some(Download::new(dest, *is_dir)?),
@@ -766,8 +766,8 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
                     let bytes = base64::engine::general_purpose::STANDARD.decode(data).context("the daemon sent a malformed output piece")?;
                     download.write(&bytes)?;
                 }
-                BuildLine::Result { image_id } => {
-                    outcome = Some(Ok(image_id));
+                BuildLine::Result { image_id, pushed } => {
+                    outcome = Some(Ok((image_id, pushed)));
                     break 'read;
                 }
                 BuildLine::Error(message) => {
@@ -780,7 +780,7 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     drop(tx);
     let _ = renderer.await;
     match outcome {
-        Some(Ok(image_id)) => {
+        Some(Ok((image_id, pushed))) => {
             if let Some(download) = received {
                 download.finish()?;
             }
@@ -792,6 +792,9 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
                 for t in &args.tags {
                     eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
                 }
+            }
+            for line in pushed {
+                eprintln!("{line}");
             }
             Ok(0)
         }

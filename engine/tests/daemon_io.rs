@@ -428,3 +428,35 @@ fn run_flags_behave_as_in_embedded_mode() {
         }
     }
 }
+
+#[test]
+fn registry_outputs_push_in_both_modes() {
+    if !common::have("docker-registry", "registry_outputs_push_in_both_modes") {
+        return;
+    }
+    let reg = TestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    common::kiln_ok(&dir.path().join("root"), &["load", "-i", common::busybox_layout().to_str().unwrap(), "-t", "busybox:latest"]);
+    let root = dir.path().join("root");
+    let d = Daemon::start_env(dir, root, &["--insecure-registry", &reg.addr], &[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write(ctx.path(), &[("Dockerfile", "FROM busybox\nRUN echo pushed > /pushed\n")]);
+    let ctx_arg = ctx.path().to_str().unwrap();
+    let digest_of = |out: &Output, name: &str| -> String {
+        let line = stderr(out).lines().find(|l| l.starts_with(&format!("{name}: digest: sha256:"))).unwrap_or_else(|| panic!("no push line for {name}:\n{}", stderr(out))).to_string();
+        line.split_whitespace().nth(2).unwrap().to_string()
+    };
+    let remote_name = format!("{}/remote/app:1", reg.addr);
+    let remote = ok(d.client_reproducible(&["build", "--progress", "plain", "-o", &format!("type=registry,name={remote_name}"), ctx_arg]), "remote build -o type=registry");
+    let embedded_name = format!("{}/embedded/app:1", reg.addr);
+    let embedded = ok(
+        embedded(&d.root, &["--insecure-registry", &reg.addr, "build", "--progress", "plain", "-o", &format!("type=registry,name={embedded_name}"), ctx_arg]),
+        "embedded build -o type=registry",
+    );
+    assert_eq!(digest_of(&remote, &remote_name), digest_of(&embedded, &embedded_name), "the same image was pushed");
+    // What went to the registry is pullable elsewhere and runs.
+    let other = tempfile::tempdir().unwrap();
+    common::kiln_ok(other.path(), &["--insecure-registry", &reg.addr, "pull", &remote_name]);
+    let ran = common::kiln_ok(other.path(), &["run", &remote_name, "cat", "/pushed"]);
+    assert_eq!(ran, "pushed\n");
+}

@@ -496,10 +496,10 @@ async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
         let last = match result {
             Ok(done) => match done.artifact {
                 Some(artifact) => match send_artifact(&mut lines, artifact).await {
-                    Ok(()) => BuildLine::Result { image_id: done.image_id },
+                    Ok(()) => BuildLine::Result { image_id: done.image_id, pushed: done.pushed },
                     Err(e) => BuildLine::Error(format!("sending the output: {e:#}")),
                 },
-                None => BuildLine::Result { image_id: done.image_id },
+                None => BuildLine::Result { image_id: done.image_id, pushed: done.pushed },
             },
             Err(e) => BuildLine::Error(format!("{e:#}")),
         };

@@ -77,6 +77,9 @@ pub enum BuildLine {
     Result {
         /// `sha256:` of the image config.
         image_id: Option<String>,
+        /// For `type=registry`: what was pushed, one `kiln push` line each.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pushed: Vec<String>,
     },
     /// The build failed (last line).
     Error(String),
@@ -94,6 +97,8 @@ pub struct BuildDone {
     pub image_id: Option<String>,
     /// A client-side output waiting to be sent back.
     pub artifact: Option<Artifact>,
+    /// For `type=registry`: the `kiln push` line of each name pushed.
+    pub pushed: Vec<String>,
 }
 
 /// A client-side output staged on the daemon (removed on drop): one file
@@ -213,7 +218,9 @@ pub async fn run_build(
         source_date_epoch: opts.source_date_epoch,
         keep_storage: None,
     };
+    let push = request.output.clone();
     let result = build(&solver, request, EventSink(Some(events))).await?;
+    let pushed = crate::commands::build::push_output(&state.registry, &state.store, push.as_ref(), &opts.tags).await?;
     let artifact = match (staged, scratch) {
         (Some((_, written, is_dir)), Some(dir)) => Some(
             tokio::task::spawn_blocking(move || -> anyhow::Result<Artifact> {
@@ -231,7 +238,7 @@ pub async fn run_build(
         ),
         _ => None,
     };
-    Ok(BuildDone { image_id: result.image_id(), artifact })
+    Ok(BuildDone { image_id: result.image_id(), artifact, pushed })
 }
 
 /// A fresh directory for one build's context (Docker's tar contexts),
