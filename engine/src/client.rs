@@ -691,6 +691,8 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     use crate::daemon::build::{BuildLine, BuildOptions};
     use crate::daemon::context;
     let output = args.output.as_deref().map(kiln_exporter::Output::parse).transpose()?;
+    // Bad sizes fail here, worded as in embedded mode.
+    args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?;
     let destination = output.as_ref().and_then(client_destination);
     let build_args = commands::build::key_values("--build-arg", &args.build_args, true)?;
     let labels = commands::build::key_values("--label", &args.labels, false)?;
@@ -739,6 +741,7 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         secrets,
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
         output: args.output.clone(),
+        keep_storage: args.keep_storage.clone(),
     };
     let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
     let mut body = check(response).await?.into_body();

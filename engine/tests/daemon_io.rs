@@ -117,6 +117,10 @@ fn build_outputs_land_on_the_client_as_in_embedded_mode() {
     let bad_remote = d.client(&["build", "-o", "type=nope", ctx_arg]);
     let bad_local = embedded(&d.root, &["build", "-o", "type=nope", ctx_arg]);
     assert_eq!((stderr(&bad_remote), bad_remote.status.code()), (stderr(&bad_local), bad_local.status.code()));
+    let bad_remote = d.client(&["build", "--keep-storage", "lots", ctx_arg]);
+    let bad_local = embedded(&d.root, &["build", "--keep-storage", "lots", ctx_arg]);
+    assert_eq!((stderr(&bad_remote), bad_remote.status.code()), (stderr(&bad_local), bad_local.status.code()));
+    assert_eq!(bad_remote.status.code(), Some(1));
     assert_eq!(tree(out.path()), before, "no staging files left beside the outputs");
     scratch_is_empty(&d);
 }

@@ -60,6 +60,9 @@ pub struct BuildOptions {
     /// `tar`, `oci` and `docker` are the client's: the daemon writes them
     /// to a scratch place and streams them back ([`BuildLine::Output`]).
     pub output: Option<String>,
+    /// `--keep-storage` (e.g. `10GB`): the cache size to collect down to
+    /// after the build; default: the daemon's own setting.
+    pub keep_storage: Option<String>,
 }
 
 /// One line of the `/v1/build` stream.
@@ -216,7 +219,7 @@ pub async fn run_build(
         output: staged.as_ref().map(|(o, _, _)| o.clone()).or(output),
         iidfile: None,
         source_date_epoch: opts.source_date_epoch,
-        keep_storage: None,
+        keep_storage: opts.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
     };
     let push = request.output.clone();
     let result = build(&solver, request, EventSink(Some(events))).await?;

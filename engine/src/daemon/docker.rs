@@ -692,6 +692,7 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         secrets: Default::default(),
         source_date_epoch: None,
         output: None,
+        keep_storage: None,
     };
     let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
     let path = dir.path().to_path_buf();
