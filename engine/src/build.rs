@@ -49,7 +49,7 @@ pub struct BuildRequest {
     pub source_date_epoch: Option<i64>,
     /// `--keep-storage`: cap on the store root's bytes, applied after the
     /// build (and before it when already over). `None`: the configured
-    /// default ([`crate::config::keep_storage_default`]), if any.
+    /// default ([`crate::config::keep_storage_default`]), else [`crate::config::default_cap`] after the build.
     pub keep_storage: Option<u64>,
 }
 
@@ -74,11 +74,11 @@ impl BuildResult {
 /// [`BuildRequest::keep_storage`]), whether the build succeeded or not.
 pub async fn build(solver: &Solver, req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
     let store = solver.store().clone();
-    let cap = match req.keep_storage {
+    let configured = match req.keep_storage {
         Some(cap) => Some(cap),
         None => crate::config::keep_storage_default(store.root())?,
     };
-    if let Some(cap) = cap {
+    if let Some(cap) = configured {
         collect_garbage(&store, cap).await?;
     }
     let lease_store = store.clone();
@@ -88,9 +88,9 @@ pub async fn build(solver: &Solver, req: BuildRequest, events: EventSink) -> any
         .context("taking a build lease")?;
     let result = build_leased(solver, req, events).await;
     drop(lease);
-    if let Some(cap) = cap {
-        collect_garbage(&store, cap).await?;
-    }
+    // Without a configured cap the default one still applies, as in BuildKit.
+    let cap = configured.unwrap_or_else(|| crate::config::default_cap(store.root()));
+    collect_garbage(&store, cap).await?;
     result
 }
 

@@ -77,7 +77,8 @@ pub const KEEP_STORAGE_ENV: &str = "KILN_GC_KEEP_STORAGE";
 /// (and before one, when the root is already over it): `--keep-storage` on
 /// `kiln build` overrides it; otherwise `KILN_GC_KEEP_STORAGE`, else
 /// `gc.keep_storage` in `<root>/config.json` (`{"gc": {"keep_storage":
-/// "10GB"}}`). `None`: no cap.
+/// "10GB"}}`). `None`: nothing configured, [`default_cap`] applies after
+/// builds.
 pub fn keep_storage_default(root: &std::path::Path) -> anyhow::Result<Option<u64>> {
     if let Some(value) = std::env::var_os(KEEP_STORAGE_ENV) {
         let value = value.to_string_lossy();
@@ -105,9 +106,30 @@ pub fn keep_storage_default(root: &std::path::Path) -> anyhow::Result<Option<u64
     }
 }
 
+/// The cap when none is configured, as BuildKit picks its default GC cap:
+/// 10% of the size of the file system that holds `root`, or 2 GB when that
+/// size cannot be read.
+pub fn default_cap(root: &std::path::Path) -> u64 {
+    const FALLBACK: u64 = 2_000_000_000;
+    match nix::sys::statvfs::statvfs(root) {
+        Ok(fs) => (fs.blocks() as u64).saturating_mul(fs.fragment_size() as u64) / 10,
+        Err(_) => FALLBACK,
+    }
+    .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_cap_is_a_tenth_of_the_file_system() {
+        let root = tempfile::tempdir().unwrap();
+        let fs = nix::sys::statvfs::statvfs(root.path()).unwrap();
+        let size = fs.blocks() as u64 * fs.fragment_size() as u64;
+        assert_eq!(default_cap(root.path()), size / 10);
+        assert_eq!(default_cap(std::path::Path::new("/nonexistent/kiln-root")), 2_000_000_000);
+    }
 
     #[test]
     fn keep_storage_from_the_root_config() {

@@ -150,8 +150,10 @@ fn two_clients_at_once_and_a_killed_client() {
     assert!(both < Duration::from_secs(8), "two concurrent runs took {both:?}");
 
     // A client killed mid-request: its container is killed, the daemon stays up.
+    // A sleep length of its own, so no other process on the machine is taken for it.
+    let sleep = format!("sleep {}", 1000 + std::process::id() % 8000);
     let mut victim = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--host", &d.host(), "run", "busybox", "sh", "-c", "echo started; sleep 3917"])
+        .args(["--host", &d.host(), "run", "busybox", "sh", "-c", &format!("echo started; {sleep}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -174,11 +176,10 @@ fn two_clients_at_once_and_a_killed_client() {
     }
     let out = d.client(&["run", "busybox", "echo", "still here"]);
     assert_eq!((out.status.code(), stdout(&out)), (Some(0), "still here\n".to_string()), "{}", stderr(&out));
-    // No container of the killed client is left: its sleep (an unusual
-    // duration, so that no other process on the machine matches) is gone.
+    // No container of the killed client is left: its sleep is gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ps = Command::new("pgrep").args(["-f", "sleep 3917"]).output().unwrap();
+        let ps = Command::new("pgrep").args(["-x", "-f", &sleep]).output().unwrap();
         if !ps.status.success() {
             break;
         }

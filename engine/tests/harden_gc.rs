@@ -284,3 +284,57 @@ fn prune_all_spares_what_running_builds_and_containers_use() {
     assert_eq!(kiln_ok(&root, &["run", "second:1", "cat", "/a", "/b"]).split_whitespace().collect::<Vec<_>>(), ["a", "b"]);
     assert!(kiln_ok(&root, &["check", "--deep"]).contains("store is consistent"));
 }
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct TmpfsMount(PathBuf);
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// With no cap configured anywhere, the default one (10% of the root's
+/// file system, as BuildKit) still keeps the root small: the root lives on
+/// a 100 MB tmpfs, so the default cap is 10 MB, and eight 3 MB layers do
+/// not fit under it without collection.
+#[test]
+fn the_default_cap_applies_without_configuration() {
+    if !can_run("the default disk cap test") {
+        return;
+    }
+    if std::env::var_os("KILN_GC_KEEP_STORAGE").is_some() {
+        println!("skipped: the default disk cap test because KILN_GC_KEEP_STORAGE is set and wins");
+        return;
+    }
+    let reg = TestRegistry::with_busybox();
+    let mirror = format!("docker.io=http://{}", reg.addr);
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = tmp.path().join("fs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=100m", "kiln-gc-test"]).arg(&fs).status().unwrap();
+    assert!(mounted.success(), "mounting a tmpfs for the root");
+    let _mount = TmpfsMount(fs.clone());
+    let root = fs.join("root");
+    let cap = 100 * 1024 * 1024 / 10;
+    const LAYER: u64 = 3_000_000;
+    let mut max = 0;
+    for i in 0..8 {
+        let ctx = context(
+            &tmp.path().join(format!("ctx{i}")),
+            &format!("FROM busybox\nRUN head -c {LAYER} /dev/zero > /data && echo default-{i} > /n\n"),
+        );
+        build(&root, &mirror, &ctx, &format!("default{i}:latest"), &[]);
+        max = max.max(du_bytes(&root, true));
+    }
+    let after = du_bytes(&root, false);
+    println!("default cap {cap} bytes; largest root after a build {max}; at the end {after}");
+    assert!(after <= cap, "the root holds {after} bytes, over the default cap {cap}");
+    assert!(max <= cap, "after a build the root held {max} bytes, over the default cap {cap}");
+    // Eight layers of 3 MB were made: without collection they alone exceed the cap.
+    assert!(8 * LAYER > cap);
+    let snapshots = std::fs::read_dir(root.join("snapshots")).unwrap().count();
+    assert!(snapshots < 8, "{snapshots} snapshots kept: nothing was collected");
+    assert_eq!(kiln_ok(&root, &["run", "default7:latest", "cat", "/n"]).trim(), "default-7");
+    assert_eq!(kiln_ok(&root, &["run", "default0:latest", "cat", "/n"]).trim(), "default-0");
+}
