@@ -9,15 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::{TestRegistry, tree};
-use daemon_support::{Daemon, stderr, stdout};
-
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (name, text) in files {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-}
+use daemon_support::{Daemon, stderr, stdout, write};
 
 /// Embedded `kiln --root ROOT ARGS` with `SOURCE_DATE_EPOCH=0`.
 fn embedded(root: &Path, args: &[&str]) -> Output {

@@ -186,6 +186,15 @@ pub fn parse_response(out: &[u8]) -> (u16, String, Vec<u8>) {
     (status, head, out[end + 4..].to_vec())
 }
 
+/// Write `files` (relative name, text) under `dir`, creating directories.
+pub fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+}
+
 /// stdout as a string.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
