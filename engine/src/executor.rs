@@ -437,7 +437,9 @@ fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
     };
 }
 
-fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
+/// A thread passing what `read` yields to `sink` as `stream`, until the
+/// end (or an error, such as EIO on a pty master whose container is gone).
+pub(crate) fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(read);
         let mut buf = vec![0u8; 16 * 1024];

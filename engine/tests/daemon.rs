@@ -164,6 +164,9 @@ fn two_clients_at_once_and_a_killed_client() {
         std::io::BufReader::new(victim.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line, "started\n");
     }
+    // The container runs in a shim process of the daemon's, not inside it.
+    let shims = Command::new("pgrep").args(["-f", "-P", &d.pid().to_string(), "__container-shim"]).output().unwrap();
+    assert!(shims.status.success(), "no container shim under the daemon (pid {})", d.pid());
     victim.kill().unwrap();
     victim.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -173,7 +176,7 @@ fn two_clients_at_once_and_a_killed_client() {
     }
     let out = d.client(&["run", "busybox", "echo", "still here"]);
     assert_eq!((out.status.code(), stdout(&out)), (Some(0), "still here\n".to_string()), "{}", stderr(&out));
-    // No container of the killed client is left: the sleep is gone.
+    // No container of the killed client is left: its sleep is gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ps = Command::new("pgrep").args(["-x", "-f", &sleep]).output().unwrap();

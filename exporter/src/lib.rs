@@ -20,7 +20,7 @@
 mod blobs;
 pub mod cache_export;
 pub mod compression;
-mod dest;
+pub mod dest;
 pub mod export;
 pub mod image;
 pub mod layer;

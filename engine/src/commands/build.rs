@@ -182,10 +182,11 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let registry = Arc::new(Registry::from_global(global)?);
     cache.registry = Some(registry.clone());
     let images: Arc<dyn ImageSource> = if args.pull {
-        Arc::new(PullAlways { store: store.clone(), registry })
+        Arc::new(PullAlways { store: store.clone(), registry: registry.clone() })
     } else {
-        Arc::new(StoreImageSource::new(store.clone(), registry))
+        Arc::new(StoreImageSource::new(store.clone(), registry.clone()))
     };
+    let push = output.clone();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let solver = new_solver(store, images.clone())?;
 
@@ -241,7 +242,28 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
         }
     }
+    for line in rt.block_on(push_output(&registry, solver.store(), push.as_ref(), &args.tags))? {
+        eprintln!("{line}");
+    }
     Ok(0)
+}
+
+/// `-o type=registry` (or `type=image,push=true`): push the built image
+/// under each of its names (`name=` and `-t`); returns the line `kiln push`
+/// prints for each. Nothing for other outputs.
+pub(crate) async fn push_output(
+    registry: &Registry,
+    store: &Store,
+    output: Option<&kiln_exporter::Output>,
+    tags: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let Some(kiln_exporter::Output::Image { names, push: true, .. }) = output else { return Ok(Vec::new()) };
+    let mut lines = Vec::new();
+    for name in tags.iter().chain(names) {
+        let pushed = super::push::push_local(registry, store, name).await?;
+        lines.push(super::push::summary(&pushed));
+    }
+    Ok(lines)
 }
 
 /// `K=V` flags into a map (`K` alone takes the value from the environment

@@ -474,7 +474,7 @@ fn command_line(
 }
 
 /// `HOST:CTR[:ro|rw]`.
-fn parse_volume(v: &str) -> anyhow::Result<Mount> {
+pub(crate) fn parse_volume(v: &str) -> anyhow::Result<Mount> {
     let parts: Vec<&str> = v.split(':').collect();
     let (host, target, readonly) = match parts.as_slice() {
         [h, c] => (h, c, false),
