@@ -313,7 +313,11 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
             commands::prune::print(&kiln_solver::gc::PruneReport { records: r.records, snapshots: r.snapshots, bytes: r.bytes });
             Ok(0)
         }
-        Command::Check(_) => bail!("kiln check: not available through --host; run it on the daemon's machine without --host"),
+        Command::Check(args) => {
+            let r: crate::daemon::api::CheckResult = client.json(Method::POST, "/v1/system/check", Some(&args)).await?;
+            print!("{}", r.output);
+            Ok(r.code)
+        }
         Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
         Command::Import(args) => {
             std::fs::metadata(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;

@@ -112,6 +112,17 @@ fn client_output_equals_embedded() {
     assert_eq!(stdout(&remote), "Untagged: example.com/team/app:v1\n");
     assert_eq!(stdout(&embedded), "Untagged: example.com/team/app:v2\n");
     assert_eq!(remote.status.code(), Some(0));
+
+    // kiln check: the same report and exit code, consistent and not.
+    let checked = both(&["check", "--deep"]);
+    assert!(checked.contains("store is consistent"), "{checked}");
+    let blobs = d.root.join("blobs/sha256");
+    let victim = std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().path()).max_by_key(|p| p.metadata().unwrap().len()).unwrap();
+    std::fs::write(&victim, b"not what the digest says").unwrap();
+    let broken = both(&["check"]);
+    assert!(broken.contains("PROBLEM") && broken.contains("INCONSISTENT"), "{broken}");
+    let out = d.client(&["check", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses bad flags before anything is sent: {}", stderr(&out));
 }
 
 #[test]

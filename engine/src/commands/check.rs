@@ -4,7 +4,8 @@
 use crate::config::Global;
 
 /// `kiln check`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Default, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Args {
     /// Remove broken image names, cache records, snapshots and corrupt
     /// blobs (records and snapshots only while no build or prune runs).
@@ -39,39 +40,53 @@ fn layer_diff_id(dir: &std::path::Path) -> anyhow::Result<String> {
 /// Check the store; exit 0 when it is consistent, 1 otherwise.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = kiln_cache::Store::open(&global.root)?;
+    let (text, code) = check_store(&store, &args)?;
+    print!("{text}");
+    Ok(code)
+}
+
+/// Check `store` as `args` ask: the report as `kiln check` prints it and
+/// the exit code (0 consistent, 1 not). The daemon answers `kiln --host
+/// ... check` with the same.
+pub fn check_store(store: &kiln_cache::Store, args: &Args) -> anyhow::Result<(String, i32)> {
+    use std::fmt::Write;
+    let mut out = String::new();
     let options = kiln_cache::check::CheckOptions {
         repair: args.repair,
         diff_id: if args.deep { Some(&layer_diff_id) } else { None },
     };
-    let report = kiln_cache::check::check_with(&store, &options)?;
+    let report = kiln_cache::check::check_with(store, &options)?;
     let c = report.cleaned;
-    println!(
+    writeln!(
+        out,
         "checked {} blobs, {} images, {} snapshots, {} cache records",
         report.blobs, report.images, report.snapshots, report.records
-    );
+    )?;
     if args.deep {
-        println!(
+        writeln!(
+            out,
             "re-hashed {} snapshots ({} not verifiable: pulled, or never exported)",
             report.snapshots_hashed, report.snapshots_unverifiable
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "removed leftovers of unfinished work: {} partial blobs, {} snapshots, {} scratch dirs, {} secret dirs",
         c.ingests, c.snapshots, c.scratch, c.secrets
-    );
+    )?;
     for problem in &report.problems {
         let state = if report.repaired.contains(problem) { "repaired" } else { "PROBLEM" };
-        println!("{state}: {problem}");
+        writeln!(out, "{state}: {problem}")?;
     }
     if report.busy {
-        println!("note: a build or prune holds the build lock, or a running build may use them; some cache records and snapshots were not repaired");
+        writeln!(out, "note: a build or prune holds the build lock, or a running build may use them; some cache records and snapshots were not repaired")?;
     }
     if report.consistent() {
-        println!("store is consistent");
-        Ok(0)
+        writeln!(out, "store is consistent")?;
+        Ok((out, 0))
     } else {
         let left = report.problems.len() - report.repaired.len();
-        println!("store is INCONSISTENT: {left} problem(s){}", if args.repair { "" } else { " (kiln check --repair removes them)" });
-        Ok(1)
+        writeln!(out, "store is INCONSISTENT: {left} problem(s){}", if args.repair { "" } else { " (kiln check --repair removes them)" })?;
+        Ok((out, 1))
     }
 }

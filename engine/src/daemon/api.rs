@@ -86,6 +86,16 @@ pub struct DiskUsage {
     pub root_total: u64,
 }
 
+/// `POST /v1/system/check` answer (the body is `{"repair": bool, "deep":
+/// bool}`, as `kiln check`'s flags).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// The report, as `kiln check` prints it.
+    pub output: String,
+    /// 0: consistent; 1: problems left.
+    pub code: i32,
+}
+
 /// `POST /v1/system/prune` body (see `kiln prune`).
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -175,6 +185,12 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
                 unreferenced_snapshots: u.unreferenced_snapshots,
                 cache_mount_bytes: u.cache_mount_bytes,
             })
+        }
+        (&Method::POST, "system/check") => {
+            let args: crate::commands::check::Args = read_json(req.into_body()).await?;
+            let store = state.store.clone();
+            let (output, code) = blocking(move || crate::commands::check::check_store(&store, &args)).await?;
+            ok_json(&CheckResult { output, code })
         }
         (&Method::POST, "system/prune") => {
             let body: PruneRequest = read_json(req.into_body()).await?;
