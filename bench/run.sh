@@ -20,6 +20,7 @@ for p in buildah docker.io; do
 done
 cargo build --release -p kiln-engine --quiet
 KILN=$REPO/target/release/kiln
+KILN_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!BENCHMARKS.md' || echo "+changes")
 # Scenario 7 (export of a 1 GB image) is measured by bench/export.sh (see bench/EXPORT.md).
 
 WORK=$(mktemp -d /tmp/kiln-bench.XXXXXX)
@@ -143,6 +144,7 @@ run_scenario() { # label ctx kind
 }
 
 apt-get install -y -qq bc >/dev/null 2>&1 || true
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 run_scenario "1 cold three-stage"             three-stage  cold
 run_scenario "2 rebuild, nothing changed"     three-stage  warm
 run_scenario "3 rebuild, one file changed"    three-stage  change
@@ -152,6 +154,7 @@ run_scenario "5b big context, unchanged"      big-context  warm
 run_scenario "6 50 RUN steps (cold)"          many-layers  cold
 run_scenario "8 20 RUN true steps (cold)"     run-overhead cold
 
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 OUT=$WORK/table.md
 {
   echo "| scenario | kiln (s) | buildah (s) | docker BuildKit (s) | kiln / best other |"
@@ -173,7 +176,8 @@ cat "$OUT"
   echo
   echo "Produced by \`BIG_MB=$BIG_MB bash bench/run.sh $RUNS\` on $(date -u +%Y-%m-%d): medians of $RUNS interleaved runs each."
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, kernel $(uname -r)."
-  echo "buildah $(buildah --version | awk '{print $3}'), docker $(/usr/bin/docker version --format '{{.Server.Version}}' 2>/dev/null) (built-in BuildKit), kiln $(git rev-parse --short HEAD)."
+  echo "Load average (1/5/15 min) before the runs: $LOAD_BEFORE; after: $LOAD_AFTER (other work shared the machine when these differ from 0)."
+  echo "buildah $(buildah --version | awk '{print $3}'), docker $(/usr/bin/docker version --format '{{.Server.Version}}' 2>/dev/null) (built-in BuildKit), kiln $KILN_COMMIT."
   echo
   cat "$OUT"
   echo

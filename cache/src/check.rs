@@ -7,6 +7,12 @@
 //! can be taken means its owner is gone, so the leftover can go too — which
 //! makes [`clean_tmp`] safe to run while other kiln processes work on the
 //! same root. [`crate::Store::open`] runs it every time.
+//!
+//! Secrets for `RUN --mount=type=secret` live outside the store (on tmpfs,
+//! `/dev/shm`, so they never touch a disk): [`ScratchDir::for_secret`]
+//! names them `kiln-secret-<owner pid>-...` with a lock beside them, and
+//! [`clean_tmp`] removes those whose owner is dead — a SIGKILL mid-RUN
+//! leaves no secret behind past the next kiln start.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -27,6 +33,8 @@ pub struct CleanReport {
     pub snapshots: usize,
     /// Scratch directories.
     pub scratch: usize,
+    /// Secret directories of dead processes (in `/dev/shm` or tmp).
+    pub secrets: usize,
 }
 
 /// Remove the leftovers of dead processes under `tmp/` of `store`.
@@ -34,7 +42,8 @@ pub fn clean_tmp(store: &Store) -> anyhow::Result<CleanReport> {
     Ok(CleanReport {
         ingests: store.content.remove_stale_ingests()?,
         snapshots: store.snapshots.remove_stale()?,
-        scratch: remove_stale_scratch(&scratch_root(store.root()))?,
+        scratch: remove_stale_scratch(&scratch_root(store.root()), "")?,
+        secrets: secret_bases().iter().map(|b| remove_stale_scratch(b, SECRET_PREFIX)).sum::<anyhow::Result<usize>>()?,
     })
 }
 
@@ -52,9 +61,23 @@ impl ScratchDir {
     pub fn new(root: &Path) -> anyhow::Result<ScratchDir> {
         let base = scratch_root(root);
         std::fs::create_dir_all(&base)?;
-        let path = base.join(unique_name("d-"));
+        Self::create_in(&base, "d-", 0o755)
+    }
+
+    /// A private (0700) directory for secrets, on tmpfs when `/dev/shm` is
+    /// there, else in the system temp dir; never under a store root. Its
+    /// name carries the owner's pid (`kiln-secret-<pid>-...`).
+    pub fn for_secret() -> anyhow::Result<ScratchDir> {
+        let base = secret_bases().into_iter().next().expect("the temp dir is always a base");
+        Self::create_in(&base, SECRET_PREFIX, 0o700)
+    }
+
+    fn create_in(base: &Path, prefix: &str, mode: u32) -> anyhow::Result<ScratchDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = base.join(unique_name(prefix));
+        // Locked before it exists, so a sweep never sees it unlocked.
         let lock = FileLock::exclusive(&base.join(format!("{}.lock", file_name(&path))))?;
-        std::fs::create_dir(&path)?;
+        std::fs::DirBuilder::new().mode(mode).create(&path)?;
         Ok(ScratchDir { path, lock: Some(lock) })
     }
 
@@ -81,7 +104,36 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn remove_stale_scratch(base: &Path) -> anyhow::Result<usize> {
+/// Name prefix of secret directories (followed by the owner's pid).
+pub const SECRET_PREFIX: &str = "kiln-secret-";
+
+/// Where secret directories may be: `/dev/shm` first (tmpfs), then the
+/// system temp dir.
+fn secret_bases() -> Vec<PathBuf> {
+    let mut bases = Vec::new();
+    if Path::new("/dev/shm").is_dir() {
+        bases.push(PathBuf::from("/dev/shm"));
+    }
+    bases.push(std::env::temp_dir());
+    bases
+}
+
+/// Whether the process whose pid starts `name` (after `prefix`) may still
+/// run. Names without a pid count as dead.
+fn owner_alive(name: &str, prefix: &str) -> bool {
+    let pid = name.strip_prefix(prefix).and_then(|rest| rest.split('-').next()).and_then(|p| p.parse::<i32>().ok());
+    match pid {
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        Some(pid) if pid > 0 => unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM },
+        _ => false,
+    }
+}
+
+/// Remove the entries of `base` starting with `prefix` whose lock
+/// (`<name>.lock`) nobody holds — and, with a prefix (a shared directory
+/// like `/dev/shm`, where older kiln versions left unlocked dirs), whose
+/// owner pid is gone too.
+fn remove_stale_scratch(base: &Path, prefix: &str) -> anyhow::Result<usize> {
     let entries = match std::fs::read_dir(base) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -91,6 +143,9 @@ fn remove_stale_scratch(base: &Path) -> anyhow::Result<usize> {
     for entry in entries {
         let path = entry?.path();
         let name = file_name(&path);
+        if !name.starts_with(prefix) || (!prefix.is_empty() && owner_alive(&name, prefix)) {
+            continue;
+        }
         let (dir, lock_file) = match name.strip_suffix(".lock") {
             Some(dir) => (base.join(dir), path.clone()),
             None => (path.clone(), base.join(format!("{name}.lock"))),
@@ -137,6 +192,16 @@ pub enum Problem {
         /// What is wrong.
         reason: String,
     },
+    /// A snapshot whose files no longer tar to the diff ID recorded when
+    /// its layer was made (found by a deep check).
+    CorruptSnapshot {
+        /// The snapshot id.
+        id: String,
+        /// The recorded diff ID.
+        expected: String,
+        /// What the files hash to now, or why they could not be read.
+        actual: String,
+    },
     /// A committed snapshot without `fs/` or with unparseable `meta.json`.
     BrokenSnapshot {
         /// The snapshot id.
@@ -153,6 +218,9 @@ impl std::fmt::Display for Problem {
             Problem::BrokenImage { name, reason } => write!(f, "image {name}: {reason}"),
             Problem::BrokenRecord { key, reason } => write!(f, "cache record {key}: {reason}"),
             Problem::BrokenSnapshot { id, reason } => write!(f, "snapshot {id}: {reason}"),
+            Problem::CorruptSnapshot { id, expected, actual } => {
+                write!(f, "snapshot {id}: its files hash to {actual}, not to its diff ID {expected}")
+            }
         }
     }
 }
@@ -170,12 +238,18 @@ pub struct CheckReport {
     pub records: usize,
     /// Committed snapshots checked.
     pub snapshots: usize,
+    /// Snapshots whose contents a deep check re-hashed.
+    pub snapshots_hashed: usize,
+    /// Snapshots a deep check could not re-hash: no diff ID recorded yet
+    /// (never exported), or unpacked from a pulled layer (whose diff ID is
+    /// of the registry's tar, not of kiln's).
+    pub snapshots_unverifiable: usize,
     /// Every inconsistency found.
     pub problems: Vec<Problem>,
     /// The problems that repair removed (a subset of `problems`).
     pub repaired: Vec<Problem>,
     /// Set when repair skipped records/snapshots because a build or a
-    /// prune held the build lock.
+    /// prune held the build lock, or a live lease may use them.
     pub busy: bool,
 }
 
@@ -197,6 +271,30 @@ impl CheckReport {
 /// image names are removed under the image index lock; what a live writer
 /// holds lives under `tmp/` and is never touched.
 pub fn check(store: &Store, repair: bool) -> anyhow::Result<CheckReport> {
+    check_with(store, &CheckOptions { repair, diff_id: None })
+}
+
+/// Computes the diff ID of a snapshot's `fs/` directory: the sha256 of the
+/// layer tar the exporter writes for it.
+pub type DiffIdFn<'a> = &'a (dyn Fn(&Path) -> anyhow::Result<String> + Sync);
+
+/// How [`check_with`] checks.
+#[derive(Clone, Copy, Default)]
+pub struct CheckOptions<'a> {
+    /// Remove what is broken (see [`check`]).
+    pub repair: bool,
+    /// Deep check: re-hash every snapshot that has a diff ID recorded by
+    /// the exporter with this function (the exporter's own layer writer,
+    /// so the hash is the same tar stream) and report those that differ.
+    pub diff_id: Option<DiffIdFn<'a>>,
+}
+
+/// [`check`], optionally deep (see [`CheckOptions`]). A corrupt snapshot
+/// is repaired by removing it and every cache record naming it, so the
+/// next build computes it again; one a live lease may be using is left
+/// alone (and `busy` set).
+pub fn check_with(store: &Store, options: &CheckOptions) -> anyhow::Result<CheckReport> {
+    let repair = options.repair;
     let mut report = CheckReport { cleaned: clean_tmp(store)?, ..Default::default() };
     let build_lock = if repair {
         let lock = FileLock::try_exclusive(&store.root().join("locks").join(BUILD_LOCK_FILE))?;
@@ -205,6 +303,8 @@ pub fn check(store: &Store, repair: bool) -> anyhow::Result<CheckReport> {
     } else {
         None
     };
+    // Snapshots used since this moment may be in a running build's hands.
+    let held_since = crate::lease::held_since(store)?;
 
     // Blobs.
     let mut bad_blobs = HashSet::new();
@@ -239,16 +339,34 @@ pub fn check(store: &Store, repair: bool) -> anyhow::Result<CheckReport> {
     let mut bad_snapshots = HashSet::new();
     for id in store.snapshots.list()? {
         report.snapshots += 1;
-        let reason = if !store.snapshots.exists(&id) {
-            "no fs/ directory (or an invalid id)".to_string()
+        let problem = if !store.snapshots.exists(&id) {
+            Problem::BrokenSnapshot { id: id.clone(), reason: "no fs/ directory (or an invalid id)".to_string() }
         } else {
             match store.snapshots.meta(&id) {
-                Ok(_) => continue,
-                Err(e) => format!("metadata unreadable: {e:#}"),
+                Err(e) => Problem::BrokenSnapshot { id: id.clone(), reason: format!("metadata unreadable: {e:#}") },
+                Ok(meta) => match (options.diff_id, meta.diff_id) {
+                    (Some(hash), Some(expected)) if !unpacked_from_pull(&id, &expected) => {
+                        report.snapshots_hashed += 1;
+                        let actual = match hash(&store.snapshots.path(&id)) {
+                            Ok(actual) if actual == expected => continue,
+                            Ok(actual) => actual,
+                            Err(e) => format!("(unreadable: {e:#})"),
+                        };
+                        Problem::CorruptSnapshot { id: id.clone(), expected, actual }
+                    }
+                    (Some(_), _) => {
+                        report.snapshots_unverifiable += 1;
+                        continue;
+                    }
+                    (None, _) => continue,
+                },
             }
         };
-        let problem = Problem::BrokenSnapshot { id: id.clone(), reason };
-        if build_lock.is_some() && store.snapshots.remove(&id).is_ok() {
+        let in_use = held_since.is_some_and(|since| {
+            crate::lease::last_used(&store.root().join("snapshots").join(&id)).is_none_or(|t| t >= since)
+        });
+        report.busy |= repair && in_use;
+        if build_lock.is_some() && !in_use && store.snapshots.remove(&id).is_ok() {
             report.repaired.push(problem.clone());
         }
         report.problems.push(problem);
@@ -279,6 +397,12 @@ pub fn check(store: &Store, repair: bool) -> anyhow::Result<CheckReport> {
         report.problems.push(problem);
     }
     Ok(report)
+}
+
+/// Whether snapshot `id` was unpacked from a pulled layer: such ids are
+/// `sha256-<hex of the diff ID>` (see the engine's unpacking).
+fn unpacked_from_pull(id: &str, diff_id: &str) -> bool {
+    diff_id.strip_prefix("sha256:").is_some_and(|hex| id.strip_prefix("sha256-") == Some(hex))
 }
 
 /// The snapshot ids a record's `layers` names (none if it has no `layers`).
@@ -350,7 +474,7 @@ mod tests {
         std::fs::write(root.path().join("tmp/ingest/w-dead"), b"partial").unwrap();
 
         let report = clean_tmp(&store).unwrap();
-        assert_eq!(report, CleanReport { ingests: 1, snapshots: 1, scratch: 1 });
+        assert_eq!(report, CleanReport { ingests: 1, snapshots: 1, scratch: 1, secrets: report.secrets });
         assert!(live_snap.fs().join("f").exists());
         assert!(live_scratch.path().is_dir());
         assert!(!root.path().join("tmp/snapshots/s-dead").exists());
@@ -489,5 +613,105 @@ mod check_tests {
         let report = check(&store, false).unwrap();
         assert_eq!(report.cleaned.ingests, 1);
         assert!(report.consistent());
+    }
+}
+
+#[cfg(test)]
+mod deep_and_secret_tests {
+    use super::*;
+
+    /// A stand-in for the exporter's tar hash: sha256 over sorted names
+    /// and contents (the engine's tests use the real one).
+    fn toy_diff_id(dir: &Path) -> anyhow::Result<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+        names.sort();
+        let mut hasher = Sha256::new();
+        for path in names {
+            hasher.update(path.file_name().unwrap().as_encoded_bytes());
+            hasher.update(std::fs::read(&path)?);
+        }
+        Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+    }
+
+    #[test]
+    fn deep_check_finds_and_repairs_a_changed_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let snap = store.snapshots.prepare().unwrap();
+        std::fs::write(snap.fs().join("f"), b"built").unwrap();
+        let diff_id = toy_diff_id(&snap.fs()).unwrap();
+        let meta = crate::snapshots::SnapshotMeta { diff_id: Some(diff_id.clone()), ..Default::default() };
+        store.snapshots.commit(snap, "built1", &meta).unwrap();
+        // A pulled layer's snapshot: its diff ID is of another tar.
+        let pulled = store.snapshots.prepare().unwrap();
+        let hex = "ef".repeat(32);
+        let meta = crate::snapshots::SnapshotMeta { diff_id: Some(format!("sha256:{hex}")), ..Default::default() };
+        store.snapshots.commit(pulled, &format!("sha256-{hex}"), &meta).unwrap();
+        let key = format!("sha256:{}", "ab".repeat(32));
+        store.index.put(&key, br#"{"layers":["built1"]}"#).unwrap();
+
+        let deep = CheckOptions { repair: false, diff_id: Some(&toy_diff_id) };
+        let report = check_with(&store, &deep).unwrap();
+        assert!(report.consistent(), "{:?}", report.problems);
+        assert_eq!((report.snapshots_hashed, report.snapshots_unverifiable), (1, 1));
+
+        std::fs::write(store.snapshots.path("built1").join("f"), b"tampered").unwrap();
+        assert!(check(&store, false).unwrap().consistent(), "a shallow check does not hash");
+        let report = check_with(&store, &deep).unwrap();
+        assert!(
+            matches!(&report.problems[..], [Problem::CorruptSnapshot { id, expected, .. }, Problem::BrokenRecord { .. }]
+                if id == "built1" && *expected == diff_id),
+            "{:?}",
+            report.problems
+        );
+        let repaired = check_with(&store, &CheckOptions { repair: true, ..deep }).unwrap();
+        assert!(repaired.consistent() && repaired.repaired.len() == 2, "{repaired:?}");
+        assert!(!store.snapshots.exists("built1") && store.index.keys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn repair_keeps_a_corrupt_snapshot_a_live_lease_may_use() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let lease = crate::lease::Lease::new(&store, "build").unwrap();
+        let snap = store.snapshots.prepare().unwrap();
+        let meta = crate::snapshots::SnapshotMeta { diff_id: Some(format!("sha256:{}", "00".repeat(32))), ..Default::default() };
+        store.snapshots.commit(snap, "busy1", &meta).unwrap();
+        let deep = CheckOptions { repair: true, diff_id: Some(&toy_diff_id) };
+        let report = check_with(&store, &deep).unwrap();
+        assert!(report.busy && !report.consistent(), "{report:?}");
+        assert!(store.snapshots.exists("busy1"));
+        drop(lease);
+        assert!(check_with(&store, &deep).unwrap().consistent());
+        assert!(!store.snapshots.exists("busy1"));
+    }
+
+    #[test]
+    fn secret_dirs_of_dead_owners_are_swept_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        let live = ScratchDir::for_secret().unwrap();
+        std::fs::write(live.path().join("secret"), b"s3cret").unwrap();
+        let base = live.path().parent().unwrap().to_path_buf();
+        // Left by a SIGKILLed owner: a dead pid (beyond pid_max), no lock
+        // held; and an old-style dir without a lock file at all.
+        let dead = base.join(format!("{SECRET_PREFIX}999999999-1-1"));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join("secret"), b"s3cret").unwrap();
+        std::fs::write(base.join(format!("{SECRET_PREFIX}999999999-1-1.lock")), b"").unwrap();
+        let old_style = base.join(format!("{SECRET_PREFIX}999999998-1-1"));
+        std::fs::create_dir(&old_style).unwrap();
+
+        // (Another test's store open may sweep them first.)
+        let report = clean_tmp(&store).unwrap();
+        assert!(report.secrets <= 2, "{report:?}");
+        assert!(!dead.exists() && !old_style.exists());
+        assert!(!base.join(format!("{SECRET_PREFIX}999999999-1-1.lock")).exists());
+        assert!(live.path().join("secret").exists(), "a live owner's secret stays");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(live.path()).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o700);
+        let path = live.path().to_path_buf();
+        drop(live);
+        assert!(!path.exists());
     }
 }

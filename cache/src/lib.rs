@@ -15,6 +15,8 @@
 //! - [`index::CacheIndex`] — cache key → result record (the snapshot chain
 //!   and anything the solver needs to reuse a step).
 //! - [`images::ImageStore`] — image names → manifest digests.
+//! - [`remote`] — the format of a build cache shared through a directory
+//!   or a registry (`--cache-to` / `--cache-from`).
 //! - [`layered::LayeredView`] — a merged read-only view of a layer chain
 //!   (whiteouts, opaque dirs, symlinks resolved inside the root).
 //!
@@ -29,8 +31,11 @@ pub mod fsutil;
 pub mod images;
 pub mod index;
 pub mod layered;
+pub mod lease;
 pub mod lock;
+pub mod remote;
 pub mod snapshots;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 

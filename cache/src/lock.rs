@@ -47,6 +47,12 @@ impl FileLock {
         }
     }
 
+    /// The same lock under the file's new name, after a rename.
+    pub fn relabel(mut lock: FileLock, path: &Path) -> FileLock {
+        lock.path = path.to_path_buf();
+        lock
+    }
+
     /// The locked file's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -4,7 +4,8 @@
 //! Lowering (Dockerfile → [`Definition`]) happens before this; this module
 //! takes the definition, solves it to a chain of snapshots, turns the chain
 //! plus the definition's image config into an image (or another output),
-//! names it under every `-t`, and writes `--iidfile`.
+//! names it under every `-t`, and writes `--iidfile`. `--cache-from` is
+//! read before solving and `--cache-to` written after ([`remote_cache`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -13,11 +14,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_cache::Store;
 use kiln_cache::images::Descriptor;
+use kiln_exporter::cache_export::{CacheMode, CacheStep, select_steps};
 use kiln_exporter::{BuiltImage, ImageSpec, Output};
 use kiln_frontend::Definition;
 use kiln_solver::{EventSink, ImageSource, SolveRequest, Solver};
 
 use crate::executor::ContainerExecutor;
+use crate::remote_cache::{self, CacheOptions};
 
 /// A solver for `store` that runs RUN steps in real containers (state under
 /// `<root>/run`) and pulls base images through `images`.
@@ -47,6 +50,12 @@ pub struct BuildRequest {
     pub iidfile: Option<PathBuf>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<i64>,
+    /// `--cache-to` / `--cache-from`.
+    pub cache: CacheOptions,
+    /// `--keep-storage`: cap on the store root's bytes, applied after the
+    /// build (and before it when already over). `None`: the configured
+    /// default ([`crate::config::keep_storage_default`]), else [`crate::config::default_cap`] after the build.
+    pub keep_storage: Option<u64>,
 }
 
 /// What a build produced.
@@ -65,18 +74,76 @@ impl BuildResult {
     }
 }
 
-/// Solve `req.definition` with `solver` and export the result.
-pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
+/// Solve `req.definition` with `solver` and export the result, holding a
+/// lease on what it uses; then keep the store under its cap (see
+/// [`BuildRequest::keep_storage`]), whether the build succeeded or not.
+pub async fn build(solver: &Solver, req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
+    let store = solver.store().clone();
+    let configured = match req.keep_storage {
+        Some(cap) => Some(cap),
+        None => crate::config::keep_storage_default(store.root())?,
+    };
+    if let Some(cap) = configured {
+        collect_garbage(&store, cap).await?;
+    }
+    let lease_store = store.clone();
+    let lease = tokio::task::spawn_blocking(move || kiln_cache::lease::Lease::new(&lease_store, "build"))
+        .await
+        .context("lease task panicked")?
+        .context("taking a build lease")?;
+    let result = build_leased(solver, req, events).await;
+    drop(lease);
+    // Without a configured cap the default one still applies, as in BuildKit.
+    let cap = configured.unwrap_or_else(|| crate::config::default_cap(store.root()));
+    collect_garbage(&store, cap).await?;
+    result
+}
+
+/// Apply the cap `cap` to `store` (see [`kiln_solver::gc::enforce_cap`]).
+async fn collect_garbage(store: &Arc<Store>, cap: u64) -> anyhow::Result<()> {
+    let store = store.clone();
+    let report = tokio::task::spawn_blocking(move || kiln_solver::gc::enforce_cap(&store, cap))
+        .await
+        .context("GC task panicked")?
+        .context("collecting garbage")?;
+    if report.before > cap {
+        tracing::info!(
+            "gc: store root {} bytes > cap {cap}: removed {} snapshots, {} records, {} blobs, {} cache mounts; now {} bytes",
+            report.before,
+            report.removed.snapshots,
+            report.removed.records,
+            report.blobs,
+            report.cache_mounts,
+            report.after
+        );
+    }
+    if report.still_over {
+        tracing::warn!("gc: the store root stays over its cap ({} > {cap} bytes): the rest is images or in use", report.after);
+    }
+    Ok(())
+}
+
+async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
     req.definition.image.config.labels.extend(req.labels.clone());
+    if req.cache.inline() && !matches!(req.output, None | Some(Output::Image { .. })) {
+        anyhow::bail!("--cache-to type=inline needs an image output (type=image or type=registry)");
+    }
+    let imported = remote_cache::import(solver.store(), &req.cache, &req.definition.image.platform, &events).await?;
     let solved = solver
         .solve(SolveRequest {
             definition: req.definition.clone(),
             locals: req.locals.clone(),
             secrets: std::mem::take(&mut req.secrets),
             no_cache: req.no_cache,
-            events,
+            events: events.clone(),
+            cache_import: imported.clone().map(|i| i as Arc<dyn kiln_solver::CacheImport>),
         })
         .await?;
+    if let Some(imported) = &imported {
+        remote_cache::report_import(imported, &events);
+    }
+    let steps: Vec<CacheStep> =
+        solved.steps.iter().map(|s| CacheStep { key: s.key.clone(), layers: s.layers.clone() }).collect();
     let image = &req.definition.image;
     let spec = ImageSpec {
         layers: solved.layers.clone(),
@@ -94,10 +161,30 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
     };
     let store = solver.store().clone();
     let epoch = req.source_date_epoch;
-    let built = tokio::task::spawn_blocking(move || kiln_exporter::export(&store, &spec, &output, epoch))
-        .await
-        .context("export task panicked")?
-        .context("exporting the image")?;
+    // No collection between writing blobs and naming the image (which
+    // pins them): the GC lock is held shared until the names are written.
+    let (built, _gc) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let guard = kiln_cache::lease::gc_guard(&store)?;
+        Ok((kiln_exporter::export(&store, &spec, &output, epoch)?, guard))
+    })
+    .await
+    .context("export task panicked")?
+    .context("exporting the image")?;
+    let built = match built {
+        Some(image) if req.cache.inline() => {
+            let (store, steps, layers) = (solver.store().clone(), steps.clone(), solved.layers.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    let within = select_steps(&steps, &layers, CacheMode::Min);
+                    kiln_exporter::cache_export::embed_inline(&store, &image, &within)
+                })
+                .await
+                .context("inline cache task panicked")?
+                .context("--cache-to type=inline")?,
+            )
+        }
+        other => other,
+    };
     if let Some(image) = &built {
         let mut names = req.tags.clone();
         if let Some(Output::Image { names: more, .. }) = &req.output {
@@ -114,6 +201,11 @@ pub async fn build(solver: &Solver, mut req: BuildRequest, events: EventSink) ->
         if let Some(path) = &req.iidfile {
             std::fs::write(path, image.config.digest().to_string()).with_context(|| format!("writing {}", path.display()))?;
         }
+    }
+    // Still under the GC guard taken for the image export: the cache's
+    // config, index and any new layer blobs are not pinned by a name.
+    for to in &req.cache.to {
+        remote_cache::export(solver.store(), &req.cache, to, &steps, &solved.layers, &events).await?;
     }
     Ok(BuildResult { layers: solved.layers, image: built })
 }

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::commands::{self, Command};
 use crate::config::Global;
-use crate::daemon::api::{PullRequest, PullResult, PushResult, RunEvent, TagRequest};
+use crate::daemon::api::{AttachInput, LoginRequest, LoginResult, PullRequest, PullResult, PushResult, RunEvent, SaveRequest, TagRequest};
 use crate::daemon::containers::RunRequest;
 use crate::daemon::tls::{TlsFiles, client_config};
 use crate::daemon::web::{Body, full};
@@ -62,9 +62,24 @@ impl Client {
 
     /// Send one request; the response body is left to the caller.
     pub async fn send(&self, method: Method, path: &str, body: Body, content_type: Option<&str>) -> anyhow::Result<Response<Incoming>> {
+        self.send_with(method, path, body, content_type, &[]).await
+    }
+
+    /// [`Client::send`] with more headers (e.g. an `Upgrade`).
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Body,
+        content_type: Option<&str>,
+        headers: &[(header::HeaderName, &str)],
+    ) -> anyhow::Result<Response<Incoming>> {
         let mut builder = Request::builder().method(method.clone()).uri(path).header(header::HOST, "kiln");
         if let Some(ct) = content_type {
             builder = builder.header(header::CONTENT_TYPE, ct);
+        }
+        for (name, value) in headers {
+            builder = builder.header(name, *value);
         }
         let request = builder.body(body)?;
         let what = || format!("{method} {path} on {}", self.host);
@@ -104,7 +119,7 @@ impl Client {
 async fn exchange<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, request: Request<Body>) -> anyhow::Result<Response<Incoming>> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Err(e) = connection.with_upgrades().await {
             tracing::debug!("daemon connection: {e}");
         }
     });
@@ -165,6 +180,25 @@ pub fn encode_path(s: &str) -> String {
         }
     }
     out
+}
+
+/// Percent-encode a query parameter value.
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Parse the JSON answer of a request sent with [`Client::send`].
+async fn read_json_answer<T: DeserializeOwned>(response: Response<Incoming>) -> anyhow::Result<T> {
+    let bytes = check(response).await?.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("the daemon's answer is not the expected JSON: {e}"))
 }
 
 /// Run `command` against the daemon at `host`; returns the exit code.
@@ -252,7 +286,13 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::Run(args) => run_remote(client, args).await,
         Command::Build(args) => build_remote(client, args).await,
         Command::Debug(_) | Command::Serve(_) => bail!("internal: this command always runs locally"),
-        Command::Login(_) => bail!("kiln login: not available through --host; log in on the daemon's machine (its store root's config)"),
+        Command::Login(args) => {
+            let password = commands::login::password(&args)?;
+            let request = LoginRequest { server: commands::login::server(&args.server).to_string(), username: args.username, password };
+            let done: LoginResult = client.json(Method::POST, "/v1/auth", Some(&request)).await?;
+            println!("Login succeeded ({})", done.auth_file);
+            Ok(0)
+        }
         Command::Du(_) => {
             let u: crate::daemon::api::DiskUsage = client.json(Method::GET, "/v1/system/df", None::<&()>).await?;
             commands::du::print(&kiln_solver::gc::Usage {
@@ -262,6 +302,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
                 unreferenced_snapshots: u.unreferenced_snapshots,
                 cache_mount_bytes: u.cache_mount_bytes,
             });
+            commands::du::print_root(&kiln_cache::usage::RootUsage { total: u.root_total, parts: u.root_parts });
             Ok(0)
         }
         Command::Prune(args) => {
@@ -274,26 +315,94 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         }
         Command::Check(_) => bail!("kiln check: not available through --host; run it on the daemon's machine without --host"),
         Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
-        Command::Import(_) | Command::Load(_) | Command::Save(_) => {
-            bail!("kiln import/load/save: not available through --host yet; run it on the daemon's machine without --host")
+        Command::Import(args) => {
+            std::fs::metadata(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            let path = format!(
+                "/v1/images/import?reference={}&source={}",
+                encode_query(&args.reference),
+                encode_query(&args.file.to_string_lossy())
+            );
+            let response = client.send(Method::POST, &path, file_body(args.file.clone()), Some("application/x-tar")).await?;
+            let record: ImageRecord = read_json_answer(response).await?;
+            println!("{}: imported {}", kiln_cache::images::familiar_name(&record.name), record.config_digest);
+            Ok(0)
+        }
+        Command::Load(args) => {
+            let meta = std::fs::metadata(&args.input).map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+            let mut path = format!("/v1/images/load?source={}", encode_query(&args.input.to_string_lossy()));
+            if let Some(tag) = &args.tag {
+                path.push_str(&format!("&tag={}", encode_query(tag)));
+            }
+            let body = if meta.is_dir() { dir_tar_body(args.input.clone()) } else { file_body(args.input.clone()) };
+            let response = client.send(Method::POST, &path, body, Some("application/x-tar")).await?;
+            let records: Vec<ImageRecord> = read_json_answer(response).await?;
+            for record in records {
+                println!("Loaded image: {} ({})", kiln_cache::images::familiar_name(&record.name), record.config_digest);
+            }
+            Ok(0)
+        }
+        Command::Save(args) => {
+            let dir = commands::save::writes_dir(args.format, &args.output);
+            let to_stdout = commands::save::to_stdout(&args.output);
+            // Refuse an existing output before the daemon does any work.
+            let mut download = if to_stdout { None } else { Some(Download::new(&args.output, dir)?) };
+            let request = SaveRequest { images: args.images.clone(), format: args.format, dir };
+            let response = client
+                .send(Method::POST, "/v1/images/save", full(serde_json::to_vec(&request)?), Some("application/json"))
+                .await?;
+            let mut body = check(response).await?.into_body();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.context("reading the archive from the daemon")?;
+                if let Some(data) = frame.data_ref() {
+                    match &mut download {
+                        Some(download) => download.write(data)?,
+                        None => std::io::stdout().write_all(data).context("writing the archive to stdout")?,
+                    }
+                }
+            }
+            let summary = commands::save::summary(args.images.len(), &args.output);
+            match download {
+                Some(download) => {
+                    download.finish()?;
+                    println!("{summary}");
+                }
+                None => {
+                    std::io::stdout().flush()?;
+                    eprintln!("{summary}");
+                }
+            }
+            Ok(0)
         }
     }
 }
 
 async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Result<i32> {
+    use crate::runtime::tty::{RawMode, WindowSize};
+    use std::os::fd::AsFd;
     anyhow::ensure!(args.rootfs.is_none(), "kiln run --rootfs: not available through --host (the daemon has its own filesystem)");
-    anyhow::ensure!(args.volumes.is_empty(), "kiln run -v: bind mounts are not available through --host");
-    anyhow::ensure!(!args.interactive, "kiln run -i: stdin is not forwarded through --host yet");
-    anyhow::ensure!(!args.tty, "kiln run -t: pseudo-terminals are not supported yet (run without -t)");
     let mut rest = args.args.clone();
     anyhow::ensure!(!rest.is_empty(), "kiln run: give an IMAGE (or --rootfs DIR)");
     let image = rest.remove(0);
+    // Flags are checked here first, worded as in embedded mode.
+    if !matches!(args.network.as_str(), "none" | "host" | "default" | "bridge") {
+        bail!("--network {:?}: expected none, host or default", args.network);
+    }
+    if let Some(c) = args.cpus.filter(|c| !(*c > 0.0)) {
+        bail!("--cpus {c}: must be greater than 0");
+    }
     // `-e KEY` copies the client's value, as in embedded mode.
     let env = args
         .env
         .iter()
         .filter_map(|e| if e.contains('=') { Some(e.clone()) } else { std::env::var(e).ok().map(|v| format!("{e}={v}")) })
         .collect();
+    // The terminal's size, found as embedded `kiln run -t` does.
+    let terminal_size = || WindowSize::of(std::io::stdin().as_fd()).or_else(|| WindowSize::of(std::io::stdout().as_fd()));
+    let console_size = args
+        .tty
+        .then(terminal_size)
+        .flatten()
+        .map(|w| [w.rows, w.cols]);
     let request = RunRequest {
         image,
         cmd: rest,
@@ -306,35 +415,273 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         cpus: args.cpus,
         hostname: args.hostname,
         name: args.name,
+        volumes: args.volumes.iter().map(|v| absolute_volume(v)).collect::<anyhow::Result<_>>()?,
+        interactive: args.interactive,
+        tty: args.tty,
+        console_size,
     };
     let body = full(serde_json::to_vec(&request)?);
-    let response = client.send(Method::POST, "/v1/containers/run", body, Some("application/json")).await?;
-    let mut body = check(response).await?.into_body();
-    let mut pending = Vec::new();
-    let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
-    while let Some(frame) = body.frame().await {
-        let frame = frame.context("reading the container's output from the daemon")?;
-        let Some(data) = frame.data_ref() else { continue };
-        pending.extend_from_slice(data);
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
+    if !(args.interactive || args.tty) {
+        let response = client.send(Method::POST, "/v1/containers/run", body, Some("application/json")).await?;
+        let mut body = check(response).await?.into_body();
+        let mut output = RunOutput::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("reading the container's output from the daemon")?;
+            if let Some(data) = frame.data_ref() {
+                if let Some(code) = output.feed(data)? {
+                    return Ok(code);
+                }
+            }
+        }
+        bail!("the daemon closed the connection before the container exited")
+    }
+
+    // -i / -t: an upgraded connection carrying output one way, input and
+    // terminal sizes the other.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upgrade = [(header::CONNECTION, "Upgrade"), (header::UPGRADE, crate::daemon::api::ATTACH_PROTOCOL)];
+    let response = client.send_with(Method::POST, "/v1/containers/run", body, Some("application/json"), &upgrade).await?;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        check(response).await?;
+        bail!("the daemon did not switch the connection to {}", crate::daemon::api::ATTACH_PROTOCOL);
+    }
+    let upgraded = hyper::upgrade::on(response).await.context("upgrading the connection")?;
+    let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+    let (input_tx, mut input_rx) = tokio::sync::mpsc::unbounded_channel::<AttachInput>();
+    tokio::spawn(async move {
+        while let Some(input) = input_rx.recv().await {
+            let mut line = serde_json::to_vec(&input).unwrap_or_default();
+            line.push(b'\n');
+            if write.write_all(&line).await.is_err() || write.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    // As in embedded mode: with -it the terminal goes raw while attached
+    // (keys such as ^C reach the container); with -t alone only output
+    // processing is off (the container's pty already made `\n` `\r\n`).
+    // The container's terminal size follows ours.
+    let _raw = match (args.tty, args.interactive) {
+        (true, true) => RawMode::enable(std::io::stdin().as_fd()).ok(),
+        (true, false) => RawMode::output_only(std::io::stdout().as_fd()).ok(),
+        _ => None,
+    };
+    if args.tty {
+        let sizes = input_tx.clone();
+        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                if let Some(w) = terminal_size() {
+                    if sizes.send(AttachInput::Resize([w.rows, w.cols])).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    if args.interactive {
+        // A plain thread: it may stay blocked in read(2) after the
+        // container ended, which must not hold up kiln's exit.
+        let stdin_tx = input_tx.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 32 << 10];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                        if stdin_tx.send(AttachInput::Stdin(data)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = stdin_tx.send(AttachInput::StdinEof);
+        });
+    }
+    drop(input_tx);
+    let mut output = RunOutput::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = read.read(&mut buf).await.context("reading the container's output from the daemon")?;
+        if n == 0 {
+            bail!("the daemon closed the connection before the container exited");
+        }
+        if let Some(code) = output.feed(&buf[..n])? {
+            return Ok(code);
+        }
+    }
+}
+
+/// Turns the daemon's [`RunEvent`] lines into kiln's own stdout/stderr.
+#[derive(Default)]
+struct RunOutput {
+    pending: Vec<u8>,
+}
+
+impl RunOutput {
+    /// Take more of the stream; `Some(code)` once the container exited.
+    fn feed(&mut self, data: &[u8]) -> anyhow::Result<Option<i32>> {
+        self.pending.extend_from_slice(data);
+        while let Some(nl) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=nl).collect();
             let event: RunEvent = serde_json::from_slice(&line).context("the daemon sent a malformed run event")?;
             let b64 = base64::engine::general_purpose::STANDARD;
             match event {
                 RunEvent::Stdout(d) => {
+                    let mut stdout = std::io::stdout();
                     stdout.write_all(&b64.decode(d)?)?;
                     stdout.flush()?;
                 }
                 RunEvent::Stderr(d) => {
+                    let mut stderr = std::io::stderr();
                     stderr.write_all(&b64.decode(d)?)?;
                     stderr.flush()?;
                 }
-                RunEvent::Exit(code) => return Ok(code),
+                RunEvent::Exit(code) => return Ok(Some(code)),
                 RunEvent::Error(message) => bail!("{message}"),
             }
         }
+        Ok(None)
     }
-    bail!("the daemon closed the connection before the container exited")
+}
+
+/// Where a client-side `-o` output goes on this machine, and whether it
+/// is a directory; `None` for outputs the daemon keeps (`image`, `registry`).
+fn client_destination(output: &kiln_exporter::Output) -> Option<(PathBuf, bool)> {
+    use kiln_exporter::{OciDest, Output};
+    match output {
+        Output::Image { .. } => None,
+        Output::Oci { dest: OciDest::Tar(p), .. } | Output::Docker { dest: p, .. } | Output::Tar { dest: p } => Some((p.clone(), false)),
+        Output::Oci { dest: OciDest::Dir(p), .. } | Output::Local { dest: p } => Some((p.clone(), true)),
+    }
+}
+
+/// A file or directory arriving from the daemon for `dest` on this
+/// machine, staged beside it like the embedded outputs (an existing `dest`
+/// is refused before anything is sent; a failure leaves nothing behind).
+/// A directory comes as a tar, unpacked once complete.
+struct Download {
+    staged: kiln_exporter::dest::StagedDest,
+    sink: DownloadSink,
+}
+
+enum DownloadSink {
+    File(std::io::BufWriter<std::fs::File>),
+    Tar(std::io::BufWriter<std::fs::File>),
+}
+
+impl Download {
+    fn new(dest: &std::path::Path, is_dir: bool) -> anyhow::Result<Download> {
+        use kiln_exporter::dest::StagedDest;
+        if is_dir {
+            let staged = StagedDest::dir(dest)?;
+            let tar = tempfile::tempfile().context("creating a temp file")?;
+            Ok(Download { staged, sink: DownloadSink::Tar(std::io::BufWriter::new(tar)) })
+        } else {
+            let (staged, file) = StagedDest::file(dest)?;
+            Ok(Download { staged, sink: DownloadSink::File(file) })
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        match &mut self.sink {
+            DownloadSink::File(f) | DownloadSink::Tar(f) => f.write_all(bytes).context("writing what the daemon sent"),
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self.sink {
+            DownloadSink::File(f) => self.staged.commit(Some(f)),
+            DownloadSink::Tar(f) => {
+                use std::io::Seek;
+                let mut file = f.into_inner().map_err(|e| e.into_error())?;
+                file.rewind()?;
+                let mut tar = tar::Archive::new(std::io::BufReader::new(file));
+                tar.set_preserve_permissions(true);
+                tar.set_preserve_ownerships(nix::unistd::geteuid().is_root());
+                tar.unpack(self.staged.path()).context("unpacking what the daemon sent")?;
+                self.staged.commit(None)
+            }
+        }
+    }
+}
+
+/// A request body that `produce` writes from a blocking thread, sent as it
+/// is written (uploads of files and directories without holding them in
+/// memory). An error of `produce` aborts the request.
+fn streamed_body(produce: impl FnOnce(&mut dyn Write) -> std::io::Result<()> + Send + 'static) -> Body {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+    struct ChannelWriter(tokio::sync::mpsc::Sender<Item>, Vec<u8>);
+    impl ChannelWriter {
+        fn send(&mut self) -> std::io::Result<()> {
+            if self.1.is_empty() {
+                return Ok(());
+            }
+            let chunk = Bytes::from(std::mem::take(&mut self.1));
+            self.0.blocking_send(Ok(Frame::data(chunk))).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the daemon stopped reading"))
+        }
+    }
+    impl Write for ChannelWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.1.extend_from_slice(buf);
+            if self.1.len() >= UPLOAD_CHUNK {
+                self.send()?;
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.send()
+        }
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Item>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut writer = ChannelWriter(tx.clone(), Vec::with_capacity(UPLOAD_CHUNK));
+        if let Err(e) = produce(&mut writer).and_then(|()| writer.flush()) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    StreamBody::new(stream).boxed()
+}
+
+/// Bytes per uploaded chunk.
+const UPLOAD_CHUNK: usize = 256 << 10;
+
+/// A body streaming the file at `path`.
+fn file_body(path: PathBuf) -> Body {
+    streamed_body(move |out| {
+        let mut file = std::fs::File::open(&path)?;
+        std::io::copy(&mut file, out)?;
+        Ok(())
+    })
+}
+
+/// A body streaming a tar of the directory `dir`.
+fn dir_tar_body(dir: PathBuf) -> Body {
+    streamed_body(move |out| {
+        let mut tar = tar::Builder::new(out);
+        tar.follow_symlinks(false);
+        tar.mode(tar::HeaderMode::Complete);
+        tar.append_dir_all(".", &dir)?;
+        tar.finish()
+    })
+}
+
+/// `-v HOST:CTR[:ro]` with a relative HOST made absolute against the
+/// client's directory (as the docker CLI does); the daemon checks the rest.
+fn absolute_volume(v: &str) -> anyhow::Result<String> {
+    match v.split_once(':') {
+        Some((host, rest)) if !host.starts_with('/') && !host.is_empty() => {
+            let abs = std::path::absolute(host).with_context(|| format!("-v {v:?}: host path {host}"))?;
+            Ok(format!("{}:{rest}", abs.display()))
+        }
+        _ => Ok(v.to_string()),
+    }
 }
 
 /// `kiln build` through the daemon: send the context's file list, upload
@@ -343,9 +690,14 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
 async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::Result<i32> {
     use crate::daemon::build::{BuildLine, BuildOptions};
     use crate::daemon::context;
-    anyhow::ensure!(args.output.is_none(), "kiln build -o: outputs other than the daemon's image store are not available through --host yet");
+    let output = args.output.as_deref().map(kiln_exporter::Output::parse).transpose()?;
+    // Bad sizes fail here, worded as in embedded mode.
+    args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?;
+    let destination = output.as_ref().and_then(client_destination);
     let build_args = commands::build::key_values("--build-arg", &args.build_args, true)?;
     let labels = commands::build::key_values("--label", &args.labels, false)?;
+    // Checked here too, so a typo fails before the context is sent.
+    crate::remote_cache::CacheOptions::parse(&args.cache_to, &args.cache_from, None)?;
     let secrets = commands::build::read_secrets(&args.secret)?
         .into_iter()
         .map(|(id, v)| (id, base64::engine::general_purpose::STANDARD.encode(v)))
@@ -390,13 +742,22 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         platform: args.platform.clone(),
         secrets,
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+        cache_to: args.cache_to.clone(),
+        cache_from: args.cache_from.clone(),
+        output: args.output.clone(),
+        keep_storage: args.keep_storage.clone(),
     };
     let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
     let mut body = check(response).await?.into_body();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
     let mut pending = Vec::new();
-    let mut outcome: Option<Result<Option<String>, String>> = None;
+    let mut outcome: Option<Result<(Option<String>, Vec<String>), String>> = None;
+    // A client-side output arrives in pieces before the result.
+    let mut received = match &destination {
+        Some((dest, is_dir)) => Some(Download::new(dest, *is_dir)?),
+        None => None,
+    };
     'read: while let Some(frame) = body.frame().await {
         let frame = frame.context("reading the build's progress from the daemon")?;
         let Some(data) = frame.data_ref() else { continue };
@@ -407,8 +768,13 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
                 BuildLine::Event(e) => {
                     let _ = tx.send(e);
                 }
-                BuildLine::Result { image_id } => {
-                    outcome = Some(Ok(image_id));
+                BuildLine::Output(data) => {
+                    let download = received.as_mut().context("the daemon sent an output nobody asked for")?;
+                    let bytes = base64::engine::general_purpose::STANDARD.decode(data).context("the daemon sent a malformed output piece")?;
+                    download.write(&bytes)?;
+                }
+                BuildLine::Result { image_id, pushed } => {
+                    outcome = Some(Ok((image_id, pushed)));
                     break 'read;
                 }
                 BuildLine::Error(message) => {
@@ -421,7 +787,10 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     drop(tx);
     let _ = renderer.await;
     match outcome {
-        Some(Ok(image_id)) => {
+        Some(Ok((image_id, pushed))) => {
+            if let Some(download) = received {
+                download.finish()?;
+            }
             if let Some(id) = image_id {
                 if let Some(path) = &args.iidfile {
                     std::fs::write(path, &id).with_context(|| format!("writing {}", path.display()))?;
@@ -430,6 +799,9 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
                 for t in &args.tags {
                     eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
                 }
+            }
+            for line in pushed {
+                eprintln!("{line}");
             }
             Ok(0)
         }

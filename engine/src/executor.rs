@@ -7,9 +7,20 @@
 //! of a multi-threaded process (tokio's workers, log readers...) may hold
 //! at the moment of the clone, and then hangs forever. The shim has a
 //! single thread around the clone.
+//!
+//! Using a shim from async code: [`Shim::run`] runs a container to the
+//! end (output to a [`LogSink`], dropping the future stops it). For more
+//! control, call [`Shim::start`] in `spawn_blocking` with [`ShimOptions`]
+//! (stdin pipe, pty, stop grace, a [`ShimStopper`] cloned beforehand to
+//! cancel from elsewhere); the [`ShimProcess`] gives the stdin pipe or the
+//! pty master (resize it with [`WindowSize::apply`]), and its blocking
+//! [`ShimProcess::wait`] the exit code. A container never outlives its
+//! shim: stop = SIGTERM, SIGKILL after the grace; a killed shim takes its
+//! container along (`PR_SET_PDEATHSIG`); a shim killed mid-start leaves
+//! state that the next [`Runtime::new`] sweeps.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio as ProcStdio;
@@ -19,19 +30,53 @@ use anyhow::Context;
 use kiln_solver::worker::LogStream;
 use kiln_solver::{ExecRequest, Executor, HostMountSource, LogSink};
 
+use crate::runtime::tty::{WindowSize, recv_with_fd};
 use crate::runtime::{ContainerSpec, Mount, MountSource, Rootfs, Runtime};
 
 /// Env var naming the `kiln` binary that runs containers (see [`Shim::find`]).
 pub const SHIM_ENV: &str = "KILN_SHIM";
 
-/// How long a cancelled container gets after SIGTERM before SIGKILL.
-const TERM_GRACE: Duration = Duration::from_secs(5);
+/// How long a stopped container gets between SIGTERM and SIGKILL.
+pub const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// How long past the grace period a shim that is still there gets before
+/// it is SIGKILLed itself (its container then dies with it).
+const SHIM_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs containers, each in a `kiln __container-shim` child process.
 #[derive(Debug, Clone)]
 pub struct Shim {
     exe: PathBuf,
     state_root: PathBuf,
+}
+
+/// How a container run by a [`Shim`] is attached.
+#[derive(Debug, Clone)]
+pub struct ShimOptions {
+    /// Give the container a pipe as stdin ([`ShimProcess::take_stdin`]);
+    /// otherwise it reads `/dev/null`.
+    pub stdin: bool,
+    /// Run it on a pseudo-terminal of this size ([`WindowSize::default`] =
+    /// unknown): its input and output then go through
+    /// [`ShimProcess::take_terminal`], not the pipe and the log sink.
+    pub tty: Option<WindowSize>,
+    /// After [`ShimStopper::stop`], how long the container has between
+    /// SIGTERM and SIGKILL.
+    pub grace: Duration,
+    /// Stops this container; clone it before [`Shim::start`] to be able to
+    /// stop the container while it is still starting.
+    pub stopper: ShimStopper,
+}
+
+impl Default for ShimOptions {
+    fn default() -> Self {
+        ShimOptions {
+            stdin: false,
+            tty: None,
+            grace: TERM_GRACE,
+            stopper: ShimStopper::default(),
+        }
+    }
 }
 
 impl Shim {
@@ -67,29 +112,59 @@ impl Shim {
         )
     }
 
-    /// Run `spec` to the end in a shim, its output going to `log`; returns
-    /// its exit code (128+N if killed by signal N). Dropping the future
-    /// stops the container: SIGTERM to the shim (which forwards it and
-    /// cleans up), SIGKILL after a grace period.
-    pub async fn run(&self, spec: &ContainerSpec, log: LogSink) -> anyhow::Result<i32> {
+    /// Start `spec` in a new shim; returns once the container's process
+    /// runs (blocking: call it from `spawn_blocking` in async code). Its
+    /// stdout/stderr go to `log` (without a tty). Errors starting it (bad
+    /// spec, missing layer...) are returned here.
+    pub fn start(
+        &self,
+        spec: &ContainerSpec,
+        opts: ShimOptions,
+        log: LogSink,
+    ) -> anyhow::Result<ShimProcess> {
         let json = serde_json::to_vec(spec).context("encoding the container spec")?;
-        let (status_read, status_write) =
+        let (status, shim_status) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .context("socketpair")?;
+        let (spec_read, spec_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-        let status_fd = status_write.as_raw_fd();
         let mut cmd = std::process::Command::new(&self.exe);
         cmd.arg("__container-shim")
             .arg("--state-root")
             .arg(&self.state_root)
-            .arg("--status-fd")
-            .arg("3")
-            .stdin(ProcStdio::piped())
+            .args(["--status-fd", "3", "--spec-fd", "4"])
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
+            .arg("--grace-ms")
+            .arg(opts.grace.as_millis().to_string())
+            .stdin(if opts.stdin && opts.tty.is_none() {
+                ProcStdio::piped()
+            } else {
+                ProcStdio::null()
+            })
             .stdout(ProcStdio::piped())
             .stderr(ProcStdio::piped());
-        // SAFETY: dup2 is async-signal-safe; it also clears CLOEXEC on fd 3.
+        if opts.stdin && opts.tty.is_none() {
+            cmd.arg("--stdin");
+        }
+        if let Some(size) = opts.tty {
+            cmd.arg("--tty").arg(format!("{}x{}", size.rows, size.cols));
+        }
+        let fds = [shim_status.as_raw_fd(), spec_read.as_raw_fd()];
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
+        // and exec. The fds are first moved above 3 and 4 so that neither
+        // dup2 can overwrite the other's source.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(status_fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                for (target, fd) in [3, 4].into_iter().zip(fds) {
+                    let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if high < 0 || libc::dup2(high, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -97,9 +172,10 @@ impl Shim {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} __container-shim", self.exe.display()))?;
-        drop(status_write);
-        let killer = KillOnDrop::new(child.id());
-        let mut stdin = child.stdin.take().expect("piped stdin");
+        drop(shim_status);
+        drop(spec_read);
+        let stopper = opts.stopper.clone();
+        stopper.attach(child.id(), opts.grace + SHIM_GRACE);
         let readers = [
             (child.stdout.take().map(OwnedFd::from), LogStream::Stdout),
             (child.stderr.take().map(OwnedFd::from), LogStream::Stderr),
@@ -107,23 +183,137 @@ impl Shim {
         .into_iter()
         .filter_map(|(fd, stream)| fd.map(|fd| spawn_reader(fd, stream, log.clone())))
         .collect::<Vec<_>>();
-        let waited = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            // A shim that died early closes its stdin: its status says why.
-            let _ = stdin.write_all(&json);
-            drop(stdin);
-            let status = child.wait().context("waiting for the container shim")?;
-            for r in readers {
-                let _ = r.join();
+        let mut process = ShimProcess {
+            stdin: child.stdin.take(),
+            child: Some(child),
+            status,
+            readers,
+            container_pid: 0,
+            terminal: None,
+            last: None,
+            stopper,
+        };
+        // A shim that died early closed its end: its status says why.
+        let _ = std::fs::File::from(spec_write).write_all(&json);
+        match process.next_message()? {
+            (Some(started), fd) if started.starts_with("started ") => {
+                process.container_pid = started["started ".len()..].parse().unwrap_or(0);
+                process.terminal = fd;
+                Ok(process)
             }
-            let mut line = String::new();
-            let _ = std::fs::File::from(status_read).read_to_string(&mut line);
-            Ok((status, line))
-        })
-        .await
-        .context("container shim task panicked")?;
-        killer.disarm();
-        let (status, line) = waited?;
-        let line = line.trim_end();
+            (last, _) => {
+                process.last = Some(last);
+                match process.finish() {
+                    Ok(code) => anyhow::bail!("container shim ended with {code} before starting"),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Run `spec` to the end in a shim, its output going to `log`; returns
+    /// its exit code (128+N if killed by signal N). Dropping the future
+    /// stops the container (see [`ShimStopper::stop`]).
+    pub async fn run(&self, spec: &ContainerSpec, log: LogSink) -> anyhow::Result<i32> {
+        let opts = ShimOptions::default();
+        let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
+        let shim = self.clone();
+        let spec = spec.clone();
+        let code = tokio::task::spawn_blocking(move || shim.start(&spec, opts, log)?.wait())
+            .await
+            .context("container shim task panicked")?;
+        stop_on_drop.0 = None;
+        code
+    }
+}
+
+/// Stops the container if the [`Shim::run`] future is dropped.
+struct StopOnDrop(Option<ShimStopper>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.stop();
+        }
+    }
+}
+
+/// A container running in a shim (from [`Shim::start`]). Dropping it
+/// without [`ShimProcess::wait`] stops the container.
+pub struct ShimProcess {
+    child: Option<std::process::Child>,
+    status: OwnedFd,
+    stdin: Option<std::process::ChildStdin>,
+    terminal: Option<OwnedFd>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    container_pid: i32,
+    /// The final status message, when it was read early.
+    last: Option<Option<String>>,
+    stopper: ShimStopper,
+}
+
+impl ShimProcess {
+    /// Host pid of the container's first process.
+    pub fn container_pid(&self) -> i32 {
+        self.container_pid
+    }
+
+    /// Pid of the shim process (signals sent to it reach the container).
+    pub fn shim_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// The container's stdin (with [`ShimOptions::stdin`], once); drop it
+    /// to close the container's stdin.
+    pub fn take_stdin(&mut self) -> Option<std::process::ChildStdin> {
+        self.stdin.take()
+    }
+
+    /// The pty master (with [`ShimOptions::tty`], once): write the
+    /// container's input to it, read its output from it (EIO once the
+    /// container is gone), resize it with [`WindowSize::apply`].
+    pub fn take_terminal(&mut self) -> Option<OwnedFd> {
+        self.terminal.take()
+    }
+
+    /// What stops this container.
+    pub fn stopper(&self) -> ShimStopper {
+        self.stopper.clone()
+    }
+
+    /// Wait for the container to exit (blocking); returns its exit code
+    /// (128+N if killed by signal N). Everything is cleaned up by then.
+    pub fn wait(mut self) -> anyhow::Result<i32> {
+        self.finish()
+    }
+
+    /// One status message (`None` at the end of the stream) and its fd.
+    fn next_message(&mut self) -> anyhow::Result<(Option<String>, Option<OwnedFd>)> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let (n, fd) = recv_with_fd(self.status.as_fd(), &mut buf)
+            .context("reading the container shim's status")?;
+        Ok((
+            (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).into_owned()),
+            fd,
+        ))
+    }
+
+    /// Read the final status, reap the shim, return the exit code.
+    fn finish(&mut self) -> anyhow::Result<i32> {
+        let last = match self.last.take() {
+            Some(m) => Ok(m),
+            None => self.next_message().map(|(m, _)| m),
+        };
+        self.stdin = None;
+        let status = match self.child.take() {
+            Some(mut child) => Some(child.wait().context("waiting for the container shim")?),
+            None => None,
+        };
+        self.stopper.detach();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let line = last?.unwrap_or_default();
         if let Some(code) = line.strip_prefix("exit ") {
             return code
                 .parse()
@@ -132,32 +322,106 @@ impl Shim {
         if let Some(msg) = line.strip_prefix("error ") {
             anyhow::bail!("{msg}");
         }
-        match (status.code(), status.signal()) {
-            (_, Some(sig)) => anyhow::bail!("container shim killed by signal {sig}"),
-            (code, _) => anyhow::bail!("container shim exited with {code:?} without a status"),
+        match status.map(|s| (s.code(), s.signal())) {
+            Some((_, Some(sig))) => anyhow::bail!("container shim killed by signal {sig}"),
+            other => anyhow::bail!(
+                "container shim exited with {:?} without a status",
+                other.and_then(|(c, _)| c)
+            ),
         }
     }
 }
 
-/// Stops a shim whose [`Shim::run`] future is dropped before it ends.
-struct KillOnDrop {
-    /// pidfd of the shim (signals can never reach a recycled pid).
-    pidfd: Option<OwnedFd>,
+impl Drop for ShimProcess {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        self.stopper.stop();
+        // Reap it (and its output readers) without blocking the dropper.
+        let readers = std::mem::take(&mut self.readers);
+        std::thread::spawn(move || {
+            let _ = child.wait();
+            for r in readers {
+                let _ = r.join();
+            }
+        });
+    }
 }
 
-impl KillOnDrop {
-    fn new(pid: u32) -> Self {
-        // SAFETY: pidfd_open(2) with no flags; returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        KillOnDrop {
-            // SAFETY: a fresh fd we own.
-            pidfd: (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+/// Stops a container running in a shim: SIGTERM to the shim, which
+/// forwards it to the container and SIGKILLs it after the grace period;
+/// should the shim itself hang, it is SIGKILLed a little later (and the
+/// container dies with it). Cheap to clone; usable from any thread, also
+/// before the container has started (it is then stopped as soon as it
+/// runs) and after it ended (a no-op).
+#[derive(Debug, Clone, Default)]
+pub struct ShimStopper {
+    inner: std::sync::Arc<std::sync::Mutex<StopperState>>,
+}
+
+#[derive(Debug, Default)]
+struct StopperState {
+    /// pidfd of the running shim (signals never reach a recycled pid).
+    shim: Option<OwnedFd>,
+    /// How long to wait after SIGTERM before SIGKILLing the shim.
+    shim_grace: Duration,
+    stopped: bool,
+}
+
+impl ShimStopper {
+    /// Stop the container (idempotent).
+    pub fn stop(&self) {
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if st.stopped {
+            return;
+        }
+        st.stopped = true;
+        if let Some(fd) = &st.shim {
+            terminate(fd, st.shim_grace);
         }
     }
 
-    fn disarm(mut self) {
-        self.pidfd = None;
+    /// Whether [`ShimStopper::stop`] was called.
+    pub fn is_stopped(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).stopped
     }
+
+    fn attach(&self, pid: u32, shim_grace: Duration) {
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(fd) = crate::commands::run::pidfd_open(pid as i32) else {
+            return;
+        };
+        st.shim_grace = shim_grace;
+        if st.stopped {
+            terminate(&fd, shim_grace);
+        }
+        st.shim = Some(fd);
+    }
+
+    /// The shim was reaped: from now on its pid means nothing.
+    fn detach(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).shim = None;
+    }
+}
+
+/// SIGTERM to the shim behind `pidfd`, SIGKILL if it is still there after `grace`.
+fn terminate(pidfd: &OwnedFd, grace: Duration) {
+    pidfd_signal(pidfd, libc::SIGTERM);
+    let Ok(fd) = pidfd.try_clone() else { return };
+    std::thread::spawn(move || {
+        // A pidfd becomes readable when its process exits.
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, grace.as_millis() as i32) };
+        if ready == 0 {
+            pidfd_signal(&fd, libc::SIGKILL);
+        }
+    });
 }
 
 fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
@@ -173,28 +437,9 @@ fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
     };
 }
 
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let Some(fd) = self.pidfd.take() else { return };
-        pidfd_signal(&fd, libc::SIGTERM);
-        // The blocking task still reaps the shim; this only escalates.
-        std::thread::spawn(move || {
-            // A pidfd becomes readable when its process exits.
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll(2) on one valid pollfd.
-            let ready = unsafe { libc::poll(&mut pfd, 1, TERM_GRACE.as_millis() as i32) };
-            if ready == 0 {
-                pidfd_signal(&fd, libc::SIGKILL);
-            }
-        });
-    }
-}
-
-fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
+/// A thread passing what `read` yields to `sink` as `stream`, until the
+/// end (or an error, such as EIO on a pty master whose container is gone).
+pub(crate) fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(read);
         let mut buf = vec![0u8; 16 * 1024];

@@ -19,5 +19,6 @@ pub mod executor;
 pub mod image_source;
 pub mod progress;
 pub mod registry;
+pub mod remote_cache;
 pub mod runtime;
 pub mod unpack;

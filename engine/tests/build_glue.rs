@@ -35,19 +35,7 @@ fn node(op: Op, inputs: Vec<usize>, description: &str, line: usize) -> OpNode {
 }
 
 fn copy(sources: &[&str], dest: &str, mode: Option<u32>) -> FileAction {
-    FileAction::Copy(CopyAction {
-        src_input: 1,
-        sources: sources.iter().map(|s| s.to_string()).collect(),
-        dest: dest.into(),
-        owner: None,
-        mode,
-        parents: false,
-        exclude: vec![],
-        extract_archives: false,
-        follow_symlinks: true,
-        create_dest_path: true,
-        allow_empty_wildcard: false,
-    })
+    FileAction::Copy(CopyAction { mode, ..CopyAction::new(1, sources.iter().map(|s| s.to_string()).collect(), dest) })
 }
 
 fn definition(script: &str) -> Definition {

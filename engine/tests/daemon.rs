@@ -150,8 +150,10 @@ fn two_clients_at_once_and_a_killed_client() {
     assert!(both < Duration::from_secs(8), "two concurrent runs took {both:?}");
 
     // A client killed mid-request: its container is killed, the daemon stays up.
+    // A sleep length of its own, so no other process on the machine is taken for it.
+    let sleep = format!("sleep {}", 1000 + std::process::id() % 8000);
     let mut victim = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["--host", &d.host(), "run", "busybox", "sh", "-c", "echo started; sleep 300"])
+        .args(["--host", &d.host(), "run", "busybox", "sh", "-c", &format!("echo started; {sleep}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -162,6 +164,9 @@ fn two_clients_at_once_and_a_killed_client() {
         std::io::BufReader::new(victim.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line, "started\n");
     }
+    // The container runs in a shim process of the daemon's, not inside it.
+    let shims = Command::new("pgrep").args(["-f", "-P", &d.pid().to_string(), "__container-shim"]).output().unwrap();
+    assert!(shims.status.success(), "no container shim under the daemon (pid {})", d.pid());
     victim.kill().unwrap();
     victim.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -171,10 +176,10 @@ fn two_clients_at_once_and_a_killed_client() {
     }
     let out = d.client(&["run", "busybox", "echo", "still here"]);
     assert_eq!((out.status.code(), stdout(&out)), (Some(0), "still here\n".to_string()), "{}", stderr(&out));
-    // No container of the killed client is left: the sleep is gone.
+    // No container of the killed client is left: its sleep is gone.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let ps = Command::new("pgrep").args(["-f", "sleep 300"]).output().unwrap();
+        let ps = Command::new("pgrep").args(["-x", "-f", &sleep]).output().unwrap();
         if !ps.status.success() {
             break;
         }

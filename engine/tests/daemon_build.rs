@@ -8,15 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use daemon_support::{Daemon, stderr, stdout};
-
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (name, text) in files {
-        let path = dir.join(name);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-}
+use daemon_support::{Daemon, stderr, stdout, write};
 
 /// The image ID from "writing image sha256:... done".
 fn image_id(err: &str) -> String {

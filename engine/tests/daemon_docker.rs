@@ -75,3 +75,83 @@ fn docker_cli_end_to_end() {
     let out = docker(&d, &config, &["rmi", &target]);
     assert!(!out.status.success() && stderr(&out).contains("No such image"), "{}", stderr(&out));
 }
+
+#[test]
+fn docker_logs_of_detached_containers() {
+    if !std::path::Path::new(DOCKER).is_file() {
+        println!("skipped: docker_logs_of_detached_containers because {DOCKER} is not installed (apt-get install docker.io)");
+        return;
+    }
+    let d = Daemon::start(true, &[]);
+    let config = d.dir.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let id = ok(docker(&d, &config, &["run", "-d", "--name", "logged", "busybox", "sh", "-c", "echo one; sleep 0.3; echo two >&2; sleep 0.3; printf 'thr'; sleep 0.2; echo ee"]), "run -d");
+    assert_eq!(id.trim().len(), 64, "{id}");
+    assert_eq!(ok(docker(&d, &config, &["wait", "logged"]), "wait").trim(), "0");
+    let out = docker(&d, &config, &["logs", "logged"]);
+    assert_eq!((stdout(&out), stderr(&out)), ("one\nthree\n".to_string(), "two\n".to_string()));
+    assert_eq!(out.status.code(), Some(0));
+    // --tail counts lines, across both streams (in the order they came:
+    // the sleeps above make it certain), and by ID prefix too.
+    let out = docker(&d, &config, &["logs", "--tail", "2", &id.trim()[..12]]);
+    assert_eq!((stdout(&out), stderr(&out)), ("three\n".to_string(), "two\n".to_string()));
+    // -f follows a running container until it exits.
+    ok(docker(&d, &config, &["run", "-d", "--name", "follow", "busybox", "sh", "-c", "echo a; sleep 2; echo b; exit 5"]), "run -d");
+    let started = std::time::Instant::now();
+    let out = docker(&d, &config, &["logs", "-f", "follow"]);
+    assert_eq!(stdout(&out), "a\nb\n", "{}", stderr(&out));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1000), "followed until the end: {:?}", started.elapsed());
+    assert_eq!(ok(docker(&d, &config, &["wait", "follow"]), "wait").trim(), "5");
+    ok(docker(&d, &config, &["rm", "logged"]), "rm");
+    let out = docker(&d, &config, &["logs", "logged"]);
+    assert!(!out.status.success() && stderr(&out).contains("No such container"), "{}", stderr(&out));
+    let (status, _, body) = d.http("GET", &format!("/v1.41/containers/{}/logs", id.trim()), b"");
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = d.http("GET", "/v1.41/containers/follow/logs?stdout=1&tail=x", b"");
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn docker_run_interactive_and_tty() {
+    if !std::path::Path::new(DOCKER).is_file() {
+        println!("skipped: docker_run_interactive_and_tty because {DOCKER} is not installed (apt-get install docker.io)");
+        return;
+    }
+    let d = Daemon::start(true, &[]);
+    let config = d.dir.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    // -i: the CLI's stdin reaches the container; its end closes the container's.
+    let mut child = Command::new(DOCKER)
+        .args(["run", "-i", "--rm", "busybox", "sh", "-c", "wc -l; echo after-eof"])
+        .env("DOCKER_HOST", d.host())
+        .env("DOCKER_CONFIG", &config)
+        .env_remove("DOCKER_CONTEXT")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"a\nb\nc\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(stdout(&out), "3\nafter-eof\n", "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0));
+    if !common::have("script", "docker_run_interactive_and_tty") {
+        return;
+    }
+    // -it under a real terminal: a pty inside, the CLI's size (sent with
+    // POST /containers/{id}/resize after start), the exit code.
+    let inner = format!(
+        "stty rows 33 cols 88; DOCKER_HOST={} DOCKER_CONFIG={} {DOCKER} run -it --rm busybox sh -c 'sleep 1; tty; stty size; exit 9'",
+        d.host(),
+        config.display()
+    );
+    let out = Command::new("script").args(["-qec", &inner, "/dev/null"]).stdin(std::process::Stdio::null()).output().unwrap();
+    let text = stdout(&out);
+    assert!(text.contains("/dev/pts/"), "{text:?} {}", stderr(&out));
+    assert!(text.contains("33 88"), "{text:?}");
+    assert_eq!(out.status.code(), Some(9), "{text:?}");
+}

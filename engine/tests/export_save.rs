@@ -88,3 +88,43 @@ fn save_errors_are_clear_and_leave_nothing() {
     // Only what the test itself made is in the work dir.
     assert_eq!(tree(work.path()), ["out.tar", "rootfs.tar"]);
 }
+
+/// `kiln save` without `-o` and `kiln build -o -` write to standard output
+/// (as `docker save` and buildx do); messages stay on stderr.
+#[test]
+fn save_and_build_write_archives_to_stdout() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let tarball = work.path().join("rootfs.tar");
+    rootfs_tar(&tarball);
+    kiln_ok(root.path(), &["import", tarball.to_str().unwrap(), "saveme:1"]);
+
+    let entries = |bytes: &[u8]| -> Vec<String> {
+        let mut archive = tar::Archive::new(bytes);
+        archive.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect()
+    };
+    let saved = kiln(root.path(), &["save", "saveme:1"]);
+    assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
+    assert!(entries(&saved.stdout).contains(&"manifest.json".to_string()), "{:?}", entries(&saved.stdout));
+    assert!(String::from_utf8_lossy(&saved.stderr).contains("saved 1 image(s) to -"));
+    // What went to stdout loads back as the same image.
+    let archive = work.path().join("from-stdout.tar");
+    std::fs::write(&archive, &saved.stdout).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    kiln_ok(other.path(), &["load", "-i", archive.to_str().unwrap(), "-t", "saveme:1"]);
+    assert_eq!(config_id(other.path(), "saveme:1"), config_id(root.path(), "saveme:1"));
+
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM saveme:1\nCOPY hello.txt /hello.txt\n").unwrap();
+    std::fs::write(ctx.join("hello.txt"), "hello from stdout\n").unwrap();
+    for spec in ["-", "type=tar,dest=-", "type=oci,dest=-", "type=docker,dest=-"] {
+        let out = kiln(root.path(), &["build", "--progress", "plain", "-o", spec, ctx.to_str().unwrap()]);
+        assert!(out.status.success(), "-o {spec}: {}", String::from_utf8_lossy(&out.stderr));
+        let names = entries(&out.stdout);
+        let want = if spec.contains("oci") { "index.json" } else if spec.contains("docker") { "manifest.json" } else { "hello.txt" };
+        assert!(names.iter().any(|n| n.trim_start_matches("./") == want), "-o {spec}: {names:?}");
+    }
+    let err = kiln_err(root.path(), &["build", "-o", "type=local,dest=-", ctx.to_str().unwrap()]);
+    assert!(err.contains("needs type=tar, oci or docker"), "{err}");
+}

@@ -46,15 +46,19 @@ fn mounts_under(root: &Path) -> Vec<String> {
 /// Returns how many there were.
 fn kill_orphans(root: &Path) -> usize {
     let needle = root.to_string_lossy().into_owned();
+    kill_where(|proc_dir| {
+        std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+    })
+}
+
+/// SIGKILL every other process whose `/proc/<pid>` dir satisfies `matches`;
+/// returns how many.
+fn kill_where(matches: impl Fn(&Path) -> bool) -> usize {
     let me = std::process::id();
     let mut killed = 0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if pid as u32 == me {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+        if pid as u32 != me && matches(&entry.path()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             killed += 1;
         }
@@ -110,13 +114,19 @@ fn check_is_consistent(root: &Path, what: &str) {
     assert!(stdout.contains("store is consistent"), "{stdout}");
 }
 
+/// Whether this machine can run `test` (root, a registry, skopeo); prints
+/// the skip line when not.
+fn can_run(test: &str) -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("skipped: {test} because containers need root");
+        return false;
+    }
+    have("docker-registry", test) && have("skopeo", test)
+}
+
 #[test]
 fn sigkill_at_random_moments_leaves_a_consistent_store() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: crash consistency because containers need root");
-        return;
-    }
-    if !have("docker-registry", "crash consistency") || !have("skopeo", "crash consistency") {
+    if !can_run("crash consistency") {
         return;
     }
     let seed: u64 = std::env::var("KILN_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6b69_6c6e);
@@ -198,4 +208,119 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     let mounts = mounts_under(&root);
     unmount_all(&mounts);
     assert!(mounts.is_empty(), "mounts left under the store root after a full build's sweep: {mounts:?}");
+}
+
+/// Files under `dir` (recursively, not following symlinks, staying on its
+/// filesystem) whose bytes contain `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let Ok(top) = std::fs::symlink_metadata(dir) else { return found };
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(path) = todo.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.dev() != top.dev() {
+            continue;
+        }
+        if meta.is_dir() {
+            todo.extend(std::fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path()));
+        } else if meta.is_file()
+            && let Ok(bytes) = std::fs::read(&path)
+            && bytes.windows(needle.len()).any(|w| w == needle)
+        {
+            found.push(path.display().to_string());
+        }
+    }
+    found
+}
+
+/// `kiln-secret-*` directories directly under the places secrets may be.
+fn secret_dirs() -> Vec<std::path::PathBuf> {
+    ["/dev/shm".into(), std::env::temp_dir()]
+        .iter()
+        .flat_map(|base: &std::path::PathBuf| std::fs::read_dir(base).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("kiln-secret-")) && p.is_dir())
+        .collect()
+}
+
+#[test]
+fn sigkill_mid_run_leaves_no_secret_after_the_next_start() {
+    if !can_run("the secret crash test") {
+        return;
+    }
+    let reg = TestRegistry::with_busybox();
+    let mirror = format!("docker.io=http://{}", reg.addr);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    // The value reaches kiln through its environment only, so any file
+    // holding it afterwards is a leak.
+    let secret = format!("kiln-crash-secret-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM busybox\nRUN --mount=type=secret,id=tok test -s /run/secrets/tok && sleep 120\n",
+    )
+    .unwrap();
+    let log = tmp.path().join("build.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(&root)
+        .args(["--registry-mirror", &mirror, "build", "--progress", "plain", "--secret", "id=tok,env=KILN_CRASH_TOK"])
+        .arg(&ctx)
+        .env("KILN_CRASH_TOK", &secret)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Wait until the RUN holds the secret in a file, then SIGKILL kiln.
+    let owner = format!("kiln-secret-{}-", child.id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let dir = loop {
+        if let Some(dir) = secret_dirs().into_iter().find(|d| d.file_name().unwrap().to_string_lossy().starts_with(&owner)) {
+            if dir.join("secret").is_file() {
+                break dir;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the build ended ({status}) before its RUN started:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        assert!(Instant::now() < deadline, "no secret file appeared:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300)); // well inside the RUN
+    let leases = || std::fs::read_dir(root.join("leases")).map(|d| d.count()).unwrap_or(0);
+    assert!(leases() >= 1, "a running build holds a lease");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(dir.join("secret").is_file(), "the kill must leave the secret behind for this test to mean anything");
+    kill_orphans(&root);
+    // The container's `sleep` outlives kiln; it runs on the root's layers.
+    let containers = kill_processes_using(&root);
+
+    // The next kiln start (any command opening the store) sweeps it.
+    let out = kiln(&root, &["check"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("store is consistent"), "{stdout}");
+    assert!(!dir.exists(), "{} is still there after the next start:\n{stdout}", dir.display());
+    assert_eq!(leases(), 0, "the killed build's leases died with it (and check removed their files)");
+    let mut leaks = files_holding(Path::new("/dev/shm"), secret.as_bytes());
+    leaks.extend(files_holding(&root, secret.as_bytes()));
+    for d in secret_dirs() {
+        leaks.extend(files_holding(&d, secret.as_bytes()));
+    }
+    assert!(leaks.is_empty(), "the secret survived in {leaks:?}");
+    let mounts = mounts_under(&root);
+    unmount_all(&mounts);
+    println!("secret dir {} swept; {containers} orphaned container processes killed", dir.display());
+}
+
+/// SIGKILL processes whose mounts (their container rootfs) name `root`.
+fn kill_processes_using(root: &Path) -> usize {
+    let needle = root.to_string_lossy().into_owned();
+    kill_where(|proc_dir| {
+        std::fs::read_to_string(proc_dir.join("mountinfo"))
+            .is_ok_and(|m| m.lines().next().is_some_and(|first| first.contains(&needle)))
+    })
 }

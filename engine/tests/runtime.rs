@@ -1,9 +1,16 @@
 //! The container runtime on real containers (needs root and busybox-static).
+//! Every container runs in a `kiln __container-shim` process, as the
+//! builder runs them, so these tests can run in parallel.
 
 mod runtime_common;
 
-use kiln_engine::runtime::{ContainerSpec, Limits, Mount, MountSource, NetworkMode, Stdio};
-use runtime_common::{Capture, Scratch, mounts_below, tree};
+use std::time::Duration;
+
+use kiln_engine::executor::ShimOptions;
+use kiln_engine::runtime::{ContainerSpec, Limits, Mount, MountSource, NetworkMode};
+use runtime_common::{
+    Capture, Scratch, assert_nothing_left, is_dead, mounts_below, tree, wait_for,
+};
 
 fn sh(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
@@ -13,14 +20,13 @@ fn sh(script: &str) -> Vec<String> {
 fn echo_goes_to_stdout_and_exit_code_propagates() {
     require_containers!();
     let s = Scratch::new();
-    let rt = s.runtime();
     let base = s.busybox_layer("base");
     let cap = Capture::default();
     let spec = ContainerSpec::new(
         s.rootfs(vec![base.clone()], "a"),
         sh("echo hello; echo oops >&2; exit 3"),
     );
-    let code = rt.run(&spec, Stdio::stream(cap.sink())).unwrap();
+    let code = s.run(&spec, cap.sink()).unwrap();
     assert_eq!(code, 3);
     assert_eq!(cap.out(), "hello\n");
     assert_eq!(cap.err(), "oops\n");
@@ -35,20 +41,19 @@ fn echo_goes_to_stdout_and_exit_code_propagates() {
 fn run_like_exec_leaves_exact_diff() {
     require_containers!();
     let s = Scratch::new();
-    let rt = s.runtime();
     let base = s.busybox_layer("base");
     let cap = Capture::default();
     let rootfs = s.rootfs(vec![base], "a");
     let upper = rootfs.upper.clone();
     let spec = ContainerSpec::new(rootfs, sh("echo hi > /hello"));
-    let code = rt.run(&spec, Stdio::stream(cap.sink())).unwrap();
+    let code = s.run(&spec, cap.sink()).unwrap();
     assert_eq!(code, 0, "stderr: {}", cap.err());
     assert_eq!(tree(&upper), vec!["hello".to_string()]);
 }
 
 fn run_capture(s: &Scratch, spec: &ContainerSpec) -> (i32, String, String) {
     let cap = Capture::default();
-    let code = s.runtime().run(spec, Stdio::stream(cap.sink())).unwrap();
+    let code = s.run(spec, cap.sink()).unwrap();
     (code, cap.out(), cap.err())
 }
 
@@ -97,10 +102,7 @@ fn user_resolved_from_rootfs_passwd_and_group() {
     }
     let mut spec = ContainerSpec::new(s.rootfs(vec![base], "bad"), sh("true"));
     spec.user = "mallory".into();
-    let err = s
-        .runtime()
-        .run(&spec, Stdio::stream(Capture::default().sink()))
-        .unwrap_err();
+    let err = s.run(&spec, Capture::default().sink()).unwrap_err();
     assert!(format!("{err:#}").contains("mallory"), "{err:#}");
 }
 
@@ -279,11 +281,9 @@ fn memory_and_cpu_limits_land_in_the_cgroup() {
         memory_bytes: Some(64 << 20),
         cpus: Some(0.5),
     };
-    let rt = s.runtime();
-    let running = rt
-        .start(&spec, Stdio::stream(Capture::default().sink()))
-        .unwrap();
-    let pid = running.pid().unwrap();
+    spec.name = Some("limited".into());
+    let running = s.start(&spec, Capture::default().sink(), ShimOptions::default());
+    let pid = running.container_pid();
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let mem_path = cgroups.lines().find_map(|l| {
         let parts: Vec<&str> = l.splitn(3, ':').collect();
@@ -302,7 +302,7 @@ fn memory_and_cpu_limits_land_in_the_cgroup() {
     };
     let limit = std::fs::read_to_string(&limit_file).unwrap();
     assert_eq!(limit.trim(), (64u64 << 20).to_string(), "{limit_file}");
-    assert!(limit_file.contains(running.id()), "{limit_file}");
+    assert!(limit_file.contains("-limited/"), "{limit_file}");
     if let Some(p) = &mem_path {
         let quota_file = format!("/sys/fs/cgroup/cpu{p}/cpu.cfs_quota_us");
         if std::path::Path::new(&quota_file).exists() {
@@ -312,7 +312,11 @@ fn memory_and_cpu_limits_land_in_the_cgroup() {
             );
         }
     }
-    running.kill(9).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     assert_eq!(running.wait().unwrap(), 137);
     // The container's cgroup is gone.
     assert!(
@@ -417,10 +421,7 @@ fn missing_layer_is_a_clear_error_and_cleans_up() {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let spec = ContainerSpec::new(s.rootfs(vec![base, s.path().join("nope")], "a"), sh("true"));
-    let err = s
-        .runtime()
-        .run(&spec, Stdio::stream(Capture::default().sink()))
-        .unwrap_err();
+    let err = s.run(&spec, Capture::default().sink()).unwrap_err();
     assert!(format!("{err:#}").contains("nope"), "{err:#}");
     assert_clean(&s);
 }
@@ -433,10 +434,7 @@ fn cleanup_after_failed_exec() {
     let rootfs = s.rootfs(vec![base], "a");
     let upper = rootfs.upper.clone();
     let spec = ContainerSpec::new(rootfs, vec!["/no/such/binary".into()]);
-    let err = s
-        .runtime()
-        .run(&spec, Stdio::stream(Capture::default().sink()))
-        .unwrap_err();
+    let err = s.run(&spec, Capture::default().sink()).unwrap_err();
     assert!(format!("{err:#}").contains("/no/such/binary"), "{err:#}");
     assert_clean(&s);
     assert_eq!(
@@ -446,21 +444,9 @@ fn cleanup_after_failed_exec() {
     );
 }
 
-/// No mounts, no container state, no cgroup left.
+/// No mounts, no container state, no processes, no cgroup left.
 fn assert_clean(s: &Scratch) {
-    assert!(
-        mounts_below(s.path()).is_empty(),
-        "mounts left: {:?}",
-        mounts_below(s.path())
-    );
-    let containers: Vec<_> = std::fs::read_dir(s.path().join("run/containers"))
-        .unwrap()
-        .collect();
-    assert!(containers.is_empty(), "state left: {containers:?}");
-    let lc: Vec<_> = std::fs::read_dir(s.path().join("run/libcontainer"))
-        .unwrap()
-        .collect();
-    assert!(lc.is_empty(), "libcontainer state left: {lc:?}");
+    assert_nothing_left(s.path(), &s.path().join("run"));
 }
 
 #[test]
@@ -473,7 +459,7 @@ fn sigterm_reaches_the_container() {
         s.rootfs(vec![base], "a"),
         sh("trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done"),
     );
-    let running = s.runtime().start(&spec, Stdio::stream(cap.sink())).unwrap();
+    let running = s.start(&spec, cap.sink(), ShimOptions::default());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !cap.out().contains("ready") {
         assert!(
@@ -482,7 +468,8 @@ fn sigterm_reaches_the_container() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    running.kill(libc::SIGTERM).unwrap();
+    // Stopping the shim sends the container SIGTERM.
+    running.stopper().stop();
     assert_eq!(running.wait().unwrap(), 42);
     assert_eq!(cap.out(), "ready\ngot-term\n");
     assert_clean(&s);
@@ -493,17 +480,16 @@ fn dropping_a_running_container_kills_and_cleans() {
     require_containers!();
     let s = Scratch::new();
     let base = s.busybox_layer("base");
-    let spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("sleep 60"));
-    let running = s
-        .runtime()
-        .start(&spec, Stdio::stream(Capture::default().sink()))
-        .unwrap();
-    let pid = running.pid().unwrap();
+    // `sleep` as pid 1 ignores SIGTERM: it is SIGKILLed after the grace.
+    let spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("exec sleep 60"));
+    let opts = ShimOptions {
+        grace: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let running = s.start(&spec, Capture::default().sink(), opts);
+    let pid = running.container_pid();
     drop(running);
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "container process survived"
-    );
+    wait_for("the container to be killed", || is_dead(pid));
     assert_clean(&s);
 }
 
@@ -512,23 +498,25 @@ fn concurrent_containers_from_threads() {
     require_containers!();
     let s = Scratch::new();
     let base = s.busybox_layer("base");
-    let rt = s.runtime();
-    let handles: Vec<_> = (0..6)
-        .map(|i| {
-            let rt = rt.clone();
-            let spec = ContainerSpec::new(
-                s.rootfs(vec![base.clone()], &format!("c{i}")),
-                sh(&format!("echo {i}; exit {i}")),
-            );
-            std::thread::spawn(move || {
-                let cap = Capture::default();
-                let code = rt.run(&spec, Stdio::stream(cap.sink())).unwrap();
-                (code, cap.out())
+    let results: Vec<(i32, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                let spec = ContainerSpec::new(
+                    s.rootfs(vec![base.clone()], &format!("c{i}")),
+                    sh(&format!("echo {i}; exit {i}")),
+                );
+                let s = &s;
+                scope.spawn(move || {
+                    let cap = Capture::default();
+                    let code = s.run(&spec, cap.sink()).unwrap();
+                    (code, cap.out())
+                })
             })
-        })
-        .collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(h.join().unwrap(), (i as i32, format!("{i}\n")));
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r, (i as i32, format!("{i}\n")));
     }
     assert_clean(&s);
 }

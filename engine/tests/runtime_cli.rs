@@ -5,12 +5,14 @@ mod runtime_common;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_engine::executor::ContainerExecutor;
 use kiln_engine::runtime::NetworkMode;
 use kiln_solver::{ExecRequest, Executor, HostMount, HostMountSource};
-use runtime_common::{Capture, Scratch, mounts_below, tree};
+use runtime_common::{
+    Capture, Scratch, assert_nothing_left, is_dead, mounts_below, tree, wait_for,
+};
 
 fn kiln() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -105,7 +107,6 @@ fn kiln_run_bad_input_is_a_clear_error() {
         (vec!["--network", "bridge2"], "--network"),
         (vec!["--memory", "lots"], "--memory"),
         (vec!["-v", "relative-nowhere:/x"], "-v"),
-        (vec!["-t"], "-t"),
     ] {
         let out = kiln()
             .args(["--root"])
@@ -187,14 +188,6 @@ fn kiln_run_image_from_the_store() {
     assert!(mounts_below(s.path()).is_empty());
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigterm_to_kiln_is_forwarded_to_the_container() {
     require_containers!();
@@ -229,7 +222,7 @@ fn sigterm_to_kiln_is_forwarded_to_the_container() {
 }
 
 #[test]
-fn kill_9_of_kiln_is_swept_by_the_next_start() {
+fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
     require_containers!();
     let s = Scratch::new();
     let base = s.busybox_layer("base");
@@ -248,42 +241,139 @@ fn kill_9_of_kiln_is_swept_by_the_next_start() {
     wait_for("container start", || marker.join("ready").exists());
     let state = root.join("run/containers/victim");
     assert!(state.exists());
-    // Host pid of the container's init: the one whose cgroup names the container.
+    let init = container_pids("victim");
+    assert!(!init.is_empty(), "the container runs in its own cgroup");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
         root.join("run/libcontainer/victim").exists(),
         "expected kill -9 to leave state behind"
     );
-    let sleepers = container_pids("victim");
-    assert!(
-        !sleepers.is_empty(),
-        "container should outlive a kill -9 of kiln"
-    );
-    // The next kiln start sweeps it.
-    let rt = kiln_engine::runtime::Runtime::new(root.join("run")).unwrap();
-    drop(rt);
-    assert!(
-        mounts_below(s.path()).is_empty(),
-        "mounts left: {:?}",
-        mounts_below(s.path())
-    );
-    assert!(!state.exists());
-    assert!(!root.join("run/libcontainer/victim").exists());
-    // Dead: gone, or a zombie waiting for its new parent (the host's init,
-    // not kiln) to reap it.
-    wait_for("container processes to die", || {
-        container_pids("victim").iter().all(|p| is_dead(*p))
+    // PR_SET_PDEATHSIG: the container dies with kiln (its pid namespace too).
+    wait_for("the container to die with kiln", || {
+        init.iter().all(|p| is_dead(*p))
     });
+    // The next kiln start sweeps the rest.
+    assert_nothing_left(s.path(), &root.join("run"));
+    assert!(!state.exists());
 }
 
-fn is_dead(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+/// SIGKILL of `kiln run` at every moment of a container's start (before the
+/// clone, between libcontainer's create and start, while it runs): each
+/// later kiln start cleans up after the dead one, and in the end nothing is
+/// left: no state, mounts, processes (libcontainer's intermediate children
+/// included) or cgroups.
+#[test]
+fn kill_9_of_kiln_mid_start_leaves_nothing() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let root = s.path().join("root");
+    for i in 0..16u64 {
+        let mut child = kiln()
+            .arg("--root")
+            .arg(&root)
+            .args(["run", "--rootfs"])
+            .arg(&base)
+            .args(["sleep", "600"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // 0..150 ms in steps: covers start-up, create, start and running.
+        std::thread::sleep(Duration::from_millis(i * 10));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
+    assert_nothing_left(s.path(), &root.join("run"));
+}
+
+/// `kiln run -it` on a real pty (opened here, made kiln's controlling
+/// terminal): the container gets a pty of its own from its devpts, sized
+/// like ours, resized when ours is (SIGWINCH), our input reaches it, and
+/// its exit code is kiln's.
+#[test]
+fn kiln_run_tty_gets_a_pty_with_our_size_and_resizes() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let size = |rows, cols| nix::pty::Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size(33, 101)), None).unwrap();
+    let slave = pty.slave;
+    let mut cmd = kiln();
+    cmd.arg("--root")
+        .arg(s.path().join("root"))
+        .args(["run", "-it", "--rootfs"])
+        .arg(&base)
+        .args([
+            "/bin/sh",
+            "-c",
+            "tty; stty size; read line; stty size; echo \"got $line\"; exit 3",
+        ])
+        .stdin(Stdio::from(OwnedFd::from(slave.try_clone().unwrap())))
+        .stdout(Stdio::from(OwnedFd::from(slave.try_clone().unwrap())))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and ioctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Our pty becomes kiln's controlling terminal, as in a shell.
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let master = std::fs::File::from(pty.master);
+    let screen = Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let screen = screen.clone();
+        let mut master = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once kiln (the last holder of the slave) exits.
+            while let Ok(n) = std::io::Read::read(&mut master, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                screen
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let seen = |text: &str| screen.lock().unwrap().contains(text);
+    wait_for("the container's first stty size", || seen("33 101"));
+    // Resize our terminal: the kernel sends SIGWINCH to kiln.
+    let ws = size(40, 120);
+    // SAFETY: TIOCSWINSZ with a valid winsize on our pty master.
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    std::io::Write::write_all(&mut &master, b"hello\r").unwrap();
+    let status = child.wait().unwrap();
+    drop(master);
+    reader.join().unwrap();
+    let screen = screen.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(3), "{screen}");
+    assert!(screen.contains("/dev/pts/"), "tty inside: {screen}");
+    assert!(screen.contains("40 120"), "resize not passed on: {screen}");
+    assert!(
+        screen.contains("got hello"),
+        "input not passed on: {screen}"
+    );
+    assert_nothing_left(s.path(), &s.path().join("root/run"));
 }
 
 /// Host pids whose cgroup path names container `id`.
@@ -294,7 +384,10 @@ fn container_pids(id: &str) -> Vec<i32> {
             continue;
         };
         if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            if cg.lines().any(|l| l.ends_with(&format!("/kiln/{id}"))) {
+            if cg
+                .lines()
+                .any(|l| l.ends_with(&format!("-{id}")) && l.contains("/kiln/"))
+            {
                 out.push(pid);
             }
         }

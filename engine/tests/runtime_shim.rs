@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kiln_engine::executor::Shim;
-use kiln_engine::runtime::{ContainerSpec, Runtime, Stdio};
-use runtime_common::{Capture, Scratch, mounts_below};
+use kiln_engine::executor::{Shim, ShimOptions, ShimProcess};
+use kiln_engine::runtime::{ContainerSpec, Mount, MountSource, Runtime, Stdio};
+use runtime_common::{
+    Capture, Scratch, assert_nothing_left, cgroups_with_prefix, is_dead, mounts_below,
+    processes_using, wait_for,
+};
 
 const RUNS: usize = 60;
 const PARALLEL: usize = 4;
@@ -90,8 +93,15 @@ fn many_containers_from_a_busy_process_never_hang() {
             assert_eq!(cap.err(), format!("err{i}\n"));
         }
     });
-    eprintln!("{RUNS} containers through the shim in {:?}", started.elapsed());
-    assert!(mounts_below(s.path()).is_empty(), "mounts left: {:?}", mounts_below(s.path()));
+    eprintln!(
+        "{RUNS} containers through the shim in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        mounts_below(s.path()).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(s.path())
+    );
 }
 
 /// The bug this shim fixes: the same load with libcontainer cloning from
@@ -101,6 +111,7 @@ fn many_containers_from_a_busy_process_never_hang() {
 #[ignore]
 fn in_process_runtime_hangs_under_thread_churn() {
     require_containers!();
+    let _serial = runtime_common::serial();
     let s = Arc::new(Scratch::new());
     let base = s.busybox_layer("base");
     let runtime: Runtime = s.runtime();
@@ -126,7 +137,9 @@ fn bad_spec_is_an_error_not_an_exit_code() {
     let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
     let spec = ContainerSpec::new(s.rootfs(vec![base], "x"), Vec::new());
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let err = rt.block_on(shim.run(&spec, Capture::default().sink())).unwrap_err();
+    let err = rt
+        .block_on(shim.run(&spec, Capture::default().sink()))
+        .unwrap_err();
     assert!(format!("{err:#}").contains("no command to run"), "{err:#}");
 }
 
@@ -136,6 +149,7 @@ fn bad_spec_is_an_error_not_an_exit_code() {
 #[ignore]
 fn shim_cost() {
     require_containers!();
+    let _serial = runtime_common::serial();
     let s = Scratch::new();
     let base = s.busybox_layer("base");
     let runtime = s.runtime();
@@ -144,16 +158,265 @@ fn shim_cost() {
     for round in 0..2 {
         let t = Instant::now();
         for i in 0..20 {
-            let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("a{round}-{i}")), sh("true"));
-            assert_eq!(runtime.run(&spec, Stdio::stream(Capture::default().sink())).unwrap(), 0);
+            let spec = ContainerSpec::new(
+                s.rootfs(vec![base.clone()], &format!("a{round}-{i}")),
+                sh("true"),
+            );
+            assert_eq!(
+                runtime
+                    .run(&spec, Stdio::stream(Capture::default().sink()))
+                    .unwrap(),
+                0
+            );
         }
         let direct = t.elapsed() / 20;
         let t = Instant::now();
         for i in 0..20 {
-            let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("b{round}-{i}")), sh("true"));
-            assert_eq!(tokio.block_on(shim.run(&spec, Capture::default().sink())).unwrap(), 0);
+            let spec = ContainerSpec::new(
+                s.rootfs(vec![base.clone()], &format!("b{round}-{i}")),
+                sh("true"),
+            );
+            assert_eq!(
+                tokio
+                    .block_on(shim.run(&spec, Capture::default().sink()))
+                    .unwrap(),
+                0
+            );
         }
         let shimmed = t.elapsed() / 20;
-        eprintln!("round {round}: per container: in-process {direct:?}, through the shim {shimmed:?}");
+        eprintln!(
+            "round {round}: per container: in-process {direct:?}, through the shim {shimmed:?}"
+        );
+    }
+}
+
+/// The shim of a running container (its parent).
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(") ").unwrap().1;
+    rest.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Start `script` as the container's shell through the shim.
+fn start(s: &Scratch, shim: &Shim, name: &str, script: &str, opts: ShimOptions) -> ShimProcess {
+    let base = s.path().join("base");
+    if !base.exists() {
+        s.busybox_layer("base");
+    }
+    let mut spec = ContainerSpec::new(s.rootfs(vec![base], name), sh(script));
+    spec.name = Some(name.into());
+    shim.start(&spec, opts, Capture::default().sink()).unwrap()
+}
+
+#[test]
+fn stop_kills_a_container_that_ignores_sigterm_after_the_grace() {
+    require_containers!();
+    let s = Scratch::new();
+    let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
+    // `exec sleep` as pid 1 of its namespace: SIGTERM has no effect on it.
+    let opts = ShimOptions {
+        grace: Duration::from_millis(700),
+        ..Default::default()
+    };
+    let p = start(&s, &shim, "stubborn", "exec sleep 600", opts);
+    let pid = p.container_pid();
+    assert!(pid > 0 && !is_dead(pid));
+    let t = Instant::now();
+    p.stopper().stop();
+    let code = p.wait().unwrap();
+    let took = t.elapsed();
+    assert_eq!(code, 128 + 9, "killed by SIGKILL");
+    assert!(
+        took >= Duration::from_millis(600),
+        "killed before the grace ended: {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(is_dead(pid));
+    assert_nothing_left(s.path(), &s.path().join("run"));
+}
+
+#[test]
+fn stop_forwards_sigterm_to_a_container_that_handles_it() {
+    require_containers!();
+    let s = Scratch::new();
+    let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
+    let opts = ShimOptions::default();
+    let stopper = opts.stopper.clone();
+    let p = start(
+        &s,
+        &shim,
+        "polite",
+        "trap 'exit 42' TERM; touch /tmp/ready; while :; do sleep 0.05; done",
+        opts,
+    );
+    // The trap must be set before SIGTERM comes (pid 1 ignores it otherwise).
+    let ready = s.path().join("polite.upper/tmp/ready");
+    wait_for("the trap to be set", || ready.exists());
+    let t = Instant::now();
+    stopper.stop();
+    assert_eq!(p.wait().unwrap(), 42);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_nothing_left(s.path(), &s.path().join("run"));
+}
+
+#[test]
+fn stop_before_the_start_finishes_still_stops_the_container() {
+    require_containers!();
+    let s = Scratch::new();
+    let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
+    let opts = ShimOptions {
+        grace: Duration::from_millis(300),
+        ..Default::default()
+    };
+    opts.stopper.stop();
+    let t = Instant::now();
+    // Either it never starts (an error) or it is stopped at once.
+    let mut spec = ContainerSpec::new(
+        s.rootfs(vec![s.busybox_layer("base")], "early"),
+        sh("exec sleep 600"),
+    );
+    spec.name = Some("early".into());
+    if let Ok(p) = shim.start(&spec, opts, Capture::default().sink()) {
+        assert_eq!(p.wait().unwrap(), 128 + 9);
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_nothing_left(s.path(), &s.path().join("run"));
+}
+
+#[test]
+fn sigkill_of_the_shim_takes_its_container_along() {
+    require_containers!();
+    let s = Scratch::new();
+    let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
+    let p = start(
+        &s,
+        &shim,
+        "orphan",
+        "exec sleep 600",
+        ShimOptions::default(),
+    );
+    let pid = p.container_pid();
+    let shim_pid = parent_of(pid);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Checked first: `wait` also waits for the end of the container's
+    // output, which a surviving container would hold open.
+    wait_for("the container to die with its shim", || is_dead(pid));
+    let err = p.wait().unwrap_err();
+    assert!(format!("{err:#}").contains("signal 9"), "{err:#}");
+    // Its state, mounts and cgroup are the next start's to sweep.
+    assert_nothing_left(s.path(), &s.path().join("run"));
+}
+
+#[test]
+fn dropping_the_run_future_stops_the_container() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join("run"));
+    let marker = s.layer("marker");
+    let mut spec = ContainerSpec::new(
+        s.rootfs(vec![base], "dropped"),
+        sh("touch /m/ready; exec sleep 600"),
+    );
+    spec.mounts.push(Mount {
+        target: "/m".into(),
+        source: MountSource::Bind(marker.clone()),
+        readonly: false,
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let run = shim.run(&spec, Capture::default().sink());
+        let ready = async {
+            while !marker.join("ready").exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            r = run => panic!("the container ended by itself: {r:?}"),
+            () = ready => {}
+        }
+    });
+    // The future is dropped: SIGTERM (ignored by `sleep` as pid 1), then
+    // SIGKILL after the default grace.
+    wait_for("the container to be stopped", || {
+        processes_using(s.path()).is_empty()
+    });
+    drop(rt);
+    assert_nothing_left(s.path(), &s.path().join("run"));
+}
+
+/// Two store roots run a container of the same name at the same time: each
+/// gets its own cgroup.
+#[test]
+fn same_container_name_in_two_roots_at_once() {
+    require_containers!();
+    let s = Scratch::new();
+    let marker = s.layer("marker");
+    let mut running = Vec::new();
+    for root in ["root1", "root2"] {
+        let shim = Shim::new(env!("CARGO_BIN_EXE_kiln"), s.path().join(root).join("run"));
+        let mut spec = ContainerSpec::new(
+            s.rootfs(vec![s.path().join("base")], root),
+            sh(&format!(
+                "touch /m/{root}; while [ ! -e /m/go ]; do sleep 0.05; done; cat /proc/self/cgroup"
+            )),
+        );
+        if !s.path().join("base").exists() {
+            s.busybox_layer("base");
+        }
+        spec.rootfs.lower = vec![s.path().join("base")];
+        spec.name = Some("same".into());
+        spec.limits.memory_bytes = Some(64 << 20);
+        spec.mounts.push(Mount {
+            target: "/m".into(),
+            source: MountSource::Bind(marker.clone()),
+            readonly: false,
+        });
+        let cap = Capture::default();
+        let p = shim
+            .start(&spec, ShimOptions::default(), cap.sink())
+            .unwrap();
+        running.push((
+            p,
+            cap,
+            Runtime::new(s.path().join(root).join("run")).unwrap(),
+        ));
+    }
+    wait_for("both containers", || {
+        marker.join("root1").exists() && marker.join("root2").exists()
+    });
+    let names: Vec<String> = running
+        .iter()
+        .map(|(_, _, rt)| rt.cgroup_name("same"))
+        .collect();
+    assert_ne!(names[0], names[1]);
+    for name in &names {
+        assert!(!cgroups_with_prefix(name).is_empty(), "no cgroup {name}");
+    }
+    std::fs::write(marker.join("go"), "").unwrap();
+    for ((p, cap, _), name) in running.into_iter().zip(&names) {
+        assert_eq!(p.wait().unwrap(), 0, "{}", cap.err());
+        // Every hierarchy the container was put in (v1 controllers and/or
+        // v2, depending on the host) names its own root's cgroup.
+        let out = cap.out();
+        let placed: Vec<&str> = out.lines().filter(|l| l.contains("/kiln/")).collect();
+        assert!(!placed.is_empty(), "{out}");
+        assert!(
+            placed.iter().all(|l| l.ends_with(&format!("/{name}"))),
+            "{out}"
+        );
+        assert!(cgroups_with_prefix(name).is_empty(), "cgroup {name} left");
     }
 }

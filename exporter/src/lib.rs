@@ -9,14 +9,18 @@
 //! - [`image::build_image`] writes config and manifest (OCI or Docker media
 //!   types) to the content store; `SOURCE_DATE_EPOCH` makes them
 //!   reproducible.
+//! - [`cache_export`] parses `--cache-to` / `--cache-from` and writes a
+//!   build cache (records + layer blobs) as an OCI layout or inline in an
+//!   image config (`exporter/CACHE.md`).
 //! - [`layout`] writes images already in the store as an OCI layout or a
 //!   docker-archive (`kiln save` uses it too); [`rootfs`] writes the final
 //!   filesystem (`type=local`, `type=tar`).
 #![deny(missing_docs)]
 
 mod blobs;
+pub mod cache_export;
 pub mod compression;
-mod dest;
+pub mod dest;
 pub mod export;
 pub mod image;
 pub mod layer;

@@ -1,7 +1,7 @@
 //! `-o` / `--output` as buildx spells it, parsed once into [`Output`]
 //! before any bytes move: `type=oci,dest=out.tar,compression=zstd`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::compression::{Compression, CompressionKind};
 use crate::image::ImageOptions;
@@ -120,7 +120,36 @@ fn split_csv(spec: &str) -> Result<Vec<String>, String> {
     Ok(fields)
 }
 
-fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
+/// `key=value` options in the order given.
+pub(crate) type Options = Vec<(String, String)>;
+
+/// `type=X,k=v,...` → (the type if given, the other options in order);
+/// an option without `=` or given twice is an error.
+pub(crate) fn split_options(spec: &str) -> Result<(Option<String>, Options), String> {
+    let mut kind = None;
+    let mut opts: Vec<(String, String)> = Vec::new();
+    for field in split_csv(spec)? {
+        let field = field.trim();
+        if field.is_empty() {
+            continue;
+        }
+        let Some((k, v)) = field.split_once('=') else {
+            return Err(format!("option {field:?} has no value (expected key=value)"));
+        };
+        if k == "type" {
+            if kind.replace(v.to_string()).is_some() {
+                return Err("type given twice".into());
+            }
+        } else if opts.iter().any(|(seen, _)| seen == k) {
+            return Err(format!("option {k} given twice"));
+        } else {
+            opts.push((k.to_string(), v.to_string()));
+        }
+    }
+    Ok((kind, opts))
+}
+
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -132,38 +161,22 @@ const TYPES: &str = "image, registry, oci, docker, local, tar";
 
 impl Output {
     /// Parse one `--output` value. A bare path (no `=`) is `type=local`
-    /// as in buildx; `-` is not supported (no stdout output).
+    /// as in buildx, and a bare `-` is `type=tar` to standard output.
     pub fn parse(spec: &str) -> Result<Output, OutputError> {
         Self::parse_inner(spec).map_err(|message| OutputError { spec: spec.to_string(), message })
     }
 
     fn parse_inner(spec: &str) -> Result<Output, String> {
         if !spec.contains('=') {
-            if spec.is_empty() || spec == "-" {
-                return Err("expected type=...,dest=... (output to stdout is not supported)".into());
+            if spec.is_empty() {
+                return Err("expected type=...,dest=...".into());
+            }
+            if spec == "-" {
+                return Ok(Output::Tar { dest: PathBuf::from("-") });
             }
             return Ok(Output::Local { dest: PathBuf::from(spec) });
         }
-        let mut kind = None;
-        let mut opts: Vec<(String, String)> = Vec::new();
-        for field in split_csv(spec)? {
-            let field = field.trim();
-            if field.is_empty() {
-                continue;
-            }
-            let Some((k, v)) = field.split_once('=') else {
-                return Err(format!("option {field:?} has no value (expected key=value)"));
-            };
-            if k == "type" {
-                if kind.replace(v.to_string()).is_some() {
-                    return Err("type given twice".into());
-                }
-            } else if opts.iter().any(|(seen, _)| seen == k) {
-                return Err(format!("option {k} given twice"));
-            } else {
-                opts.push((k.to_string(), v.to_string()));
-            }
-        }
+        let (kind, opts) = split_options(spec)?;
         let kind = kind.ok_or_else(|| format!("missing type= (one of {TYPES})"))?;
         let allowed: &[&str] = match kind.as_str() {
             "image" | "registry" => &["name", "push", "compression", "compression-level", "force-compression", "oci-mediatypes", "rewrite-timestamp"],
@@ -179,7 +192,7 @@ impl Output {
         let dest = || -> Result<PathBuf, String> {
             match get("dest") {
                 None | Some("") => Err(format!("type={kind} needs dest=")),
-                Some("-") => Err("dest=- (stdout) is not supported; give a file".into()),
+                Some("-") if kind == "local" => Err("type=local writes a directory; dest=- (standard output) needs type=tar, oci or docker".into()),
                 Some(d) => Ok(PathBuf::from(d)),
             }
         };
@@ -209,7 +222,7 @@ impl Output {
                 let dest = dest()?;
                 let as_tar = match get("tar") {
                     Some(v) => parse_bool("tar", v)?,
-                    None => dest.extension().is_some_and(|e| e == "tar"),
+                    None => dest.extension().is_some_and(|e| e == "tar") || dest == Path::new("-"),
                 };
                 Output::Oci { dest: if as_tar { OciDest::Tar(dest) } else { OciDest::Dir(dest) }, name, image }
             }
@@ -273,6 +286,10 @@ mod tests {
         assert_eq!(Output::parse("type=tar,dest=fs.tar").unwrap(), Output::Tar { dest: "fs.tar".into() });
         let Output::Docker { image, .. } = Output::parse("type=docker,dest=d.tar,rewrite-timestamp=true").unwrap() else { panic!() };
         assert_eq!(image.rewrite_timestamp, Some(true));
+        // Standard output, as buildx spells it.
+        assert_eq!(Output::parse("-").unwrap(), Output::Tar { dest: "-".into() });
+        let Output::Oci { dest, .. } = Output::parse("type=oci,dest=-").unwrap() else { panic!() };
+        assert_eq!(dest, OciDest::Tar("-".into()));
     }
 
     #[test]
@@ -281,6 +298,7 @@ mod tests {
         assert!(err("type=floppy,dest=x").contains("unknown output type \"floppy\""), "{}", err("type=floppy"));
         assert!(err("type=local,dest=x,compression=gzip").contains("unknown option \"compression\" for type=local"));
         assert!(err("type=oci").contains("needs dest="));
+        assert!(err("type=local,dest=-").contains("needs type=tar, oci or docker"));
         assert!(err("type=oci,dest=x,compression=lz4").contains("expected gzip, zstd or uncompressed"));
         assert!(err("type=oci,dest=x,compression=gzip,compression-level=12").contains("0 to 9"));
         assert!(err("type=oci,dest=x,compression-level=fast").contains("expected a number"));

@@ -379,6 +379,27 @@ pub struct CopyAction {
     pub allow_empty_wildcard: bool,
 }
 
+impl CopyAction {
+    /// A COPY of `sources` from input `src_input` to `dest` with Docker's
+    /// defaults: no chown/chmod, symlinked sources followed, missing
+    /// destination parents created, a glob matching nothing is an error.
+    pub fn new(src_input: usize, sources: Vec<String>, dest: impl Into<String>) -> CopyAction {
+        CopyAction {
+            src_input,
+            sources,
+            dest: dest.into(),
+            owner: None,
+            mode: None,
+            parents: false,
+            exclude: vec![],
+            extract_archives: false,
+            follow_symlinks: true,
+            create_dest_path: true,
+            allow_empty_wildcard: false,
+        }
+    }
+}
+
 /// Put inputs on top of each other in order: the result's layers are the
 /// first input's layers followed by each next input's layers.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -859,17 +859,13 @@ fn copy_action(
     extract: bool,
 ) -> FileAction {
     FileAction::Copy(CopyAction {
-        src_input,
-        sources,
-        dest: dest.to_string(),
         owner: owner.clone(),
         mode,
         parents: cp.parents,
         exclude,
         extract_archives: extract,
-        follow_symlinks: true,
-        create_dest_path: true,
         allow_empty_wildcard: true,
+        ..CopyAction::new(src_input, sources, dest)
     })
 }
 

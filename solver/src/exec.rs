@@ -12,7 +12,7 @@
 //! again when the op ends, whichever way it ends.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -29,18 +29,10 @@ use crate::worker::{ExecRequest, HostMount, HostMountSource, LogSink, LogStream}
 const LOG_TAIL_LINES: usize = 20;
 
 /// Temporary host directories removed when the op ends (also on cancel):
-/// paths outside the store (secrets) and store scratch dirs (which the next
-/// store open also removes if the process dies).
+/// store scratch dirs and secret dirs, which the next store open also
+/// removes if the process dies (see `kiln_cache::check`).
 #[derive(Default)]
-struct Scratch(Vec<PathBuf>, Vec<kiln_cache::check::ScratchDir>);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
+struct Scratch(Vec<kiln_cache::check::ScratchDir>);
 
 /// Collects output: forwards each line as an event and keeps the last few.
 struct LogCollector {
@@ -269,19 +261,7 @@ fn bind_source(inner: &Inner, computed: &Computed, source: &str, scratch: &mut S
             let copy_root = temp_dir(inner, scratch)?;
             let upper = copy_root.join("fs");
             std::fs::create_dir(&upper)?;
-            let copy = CopyAction {
-                src_input: 0,
-                sources: vec![source.to_string()],
-                dest: "/".into(),
-                owner: None,
-                mode: None,
-                parents: false,
-                exclude: vec![],
-                extract_archives: false,
-                follow_symlinks: true,
-                create_dest_path: true,
-                allow_empty_wildcard: false,
-            };
+            let copy = CopyAction::new(0, vec![source.to_string()], "/");
             crate::fileop::apply(&[], &upper, std::slice::from_ref(&tree), &[FileAction::Copy(copy)])?;
             Ok(HostMountSource::Bind(upper))
         }
@@ -345,14 +325,18 @@ impl CacheMountLock {
     }
 }
 
-/// `<store>/cache-mounts/<sanitized id>`, created with uid/gid/mode.
+/// `<store>/cache-mounts/<sanitized id>`, created with uid/gid/mode and
+/// marked used (under the GC lock, so a collection cannot remove it in
+/// between; the solve's lease then keeps it).
 fn cache_mount_dir(inner: &Inner, id: &str, uid: u32, gid: u32, mode: u32) -> anyhow::Result<PathBuf> {
+    let _gc = kiln_cache::lease::gc_guard(&inner.store)?;
     let dir = inner.store.root().join("cache-mounts").join(cache_mount_name(id));
     if !dir.is_dir() {
         std::fs::create_dir_all(&dir)?;
         std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(if mode == 0 { 0o755 } else { mode }))?;
     }
+    kiln_cache::lease::mark_used(&dir)?;
     Ok(dir)
 }
 
@@ -360,19 +344,19 @@ fn cache_mount_dir(inner: &Inner, id: &str, uid: u32, gid: u32, mode: u32) -> an
 fn temp_dir(inner: &Inner, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
     let dir = inner.store.scratch_dir()?;
     let path = dir.path().to_path_buf();
-    scratch.1.push(dir);
+    scratch.0.push(dir);
     Ok(path)
 }
 
 /// Write a secret into a private directory outside the store (on tmpfs
-/// when `/dev/shm` is there), readable only as `mode` by `uid:gid`.
+/// when `/dev/shm` is there), readable only as `mode` by `uid:gid`. The
+/// directory is named after this process and locked, so if kiln is killed
+/// the next kiln start removes it.
 fn write_secret(value: &[u8], uid: u32, gid: u32, mode: u32, scratch: &mut Scratch) -> anyhow::Result<PathBuf> {
     use std::io::Write;
-    let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let dir = base.join(kiln_cache::fsutil::unique_name("kiln-secret-"));
-    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-    scratch.0.push(dir.clone());
-    let file = dir.join("secret");
+    let dir = kiln_cache::check::ScratchDir::for_secret()?;
+    let file = dir.path().join("secret");
+    scratch.0.push(dir);
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file)?;
     f.write_all(value)?;
     drop(f);

@@ -34,5 +34,5 @@ pub mod worker;
 
 pub use error::SolveError;
 pub use events::{Event, EventSink};
-pub use solver::{SolveOutput, SolveRequest, Solver};
-pub use worker::{ExecRequest, Executor, HostMount, HostMountSource, ImageSource, LogSink, LogStream, ResolvedImage};
+pub use solver::{SolveOutput, SolveRequest, SolvedStep, Solver};
+pub use worker::{CacheImport, ExecRequest, Executor, HostMount, HostMountSource, ImageSource, LogSink, LogStream, ResolvedImage};

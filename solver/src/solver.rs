@@ -2,8 +2,10 @@
 //!
 //! Every op becomes a shared future that waits for its inputs, computes its
 //! key (see [`crate::cachekey`]), and then either loads its result from the
-//! cache index or computes it. Independent ops therefore run concurrently;
-//! a semaphore bounds how many compute at once (the cores by default).
+//! cache index, or (on a miss) from an imported cache
+//! ([`SolveRequest::cache_import`], `--cache-from`), or computes it.
+//! Independent ops therefore run concurrently; a semaphore bounds how many
+//! compute at once (the cores by default).
 //! Futures for the same key are shared through an in-flight map — also
 //! across concurrent solves on one [`Solver`] — so identical work runs once.
 //! The map holds weak handles: when every solve waiting on a computation
@@ -40,7 +42,7 @@ use crate::cachekey;
 use crate::error::SolveError;
 use crate::events::{Event, EventSink};
 use crate::tree::{LocalContext, SourceTree};
-use crate::worker::{Executor, ImageSource, ResolvedImage};
+use crate::worker::{CacheImport, Executor, ImageSource, ResolvedImage};
 
 /// What one build asks for.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +59,8 @@ pub struct SolveRequest {
     pub no_cache: bool,
     /// Where progress events go.
     pub events: EventSink,
+    /// `--cache-from`: asked on a local cache miss before executing.
+    pub cache_import: Option<Arc<dyn CacheImport>>,
 }
 
 /// What a successful solve produced.
@@ -66,6 +70,18 @@ pub struct SolveOutput {
     pub layers: Vec<String>,
     /// The target op's cache key.
     pub key: String,
+    /// Every RUN/COPY-like step the solve needed (executed or cached), in
+    /// graph order: what `--cache-to` exports.
+    pub steps: Vec<SolvedStep>,
+}
+
+/// One step's cache key and result, for exporting the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SolvedStep {
+    /// The step's cache key.
+    pub key: String,
+    /// Snapshot ids of its result, bottom first.
+    pub layers: Vec<String>,
 }
 
 /// The result of one op.
@@ -124,6 +140,7 @@ struct SolveCtx {
     no_cache: bool,
     events: EventSink,
     contexts: Mutex<Vec<Arc<LocalContext>>>,
+    cache_import: Option<Arc<dyn CacheImport>>,
 }
 
 impl Solver {
@@ -163,12 +180,13 @@ impl Solver {
     /// Run `req.definition` and return the target's snapshot chain. The
     /// first failing op cancels the others; its error names it.
     pub async fn solve(&self, req: SolveRequest) -> Result<SolveOutput, SolveError> {
-        // Pruning waits until no solve runs (and solves wait for a prune).
+        // Garbage collection keeps what this solve uses until it ends.
         let store = self.inner.store.clone();
-        let _build_lock = tokio::task::spawn_blocking(move || crate::gc::lock_shared(&store))
+        let _lease = tokio::task::spawn_blocking(move || kiln_cache::lease::Lease::new(&store, "solve"))
             .await
-            .ok()
-            .and_then(|r| r.ok());
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| format!("{e:#}")))
+            .map_err(|e| SolveError { op: "build cache".into(), line: None, message: format!("taking a lease: {e}"), log_tail: vec![] })?;
         let ctx = Arc::new(SolveCtx {
             def: req.definition,
             locals: req.locals,
@@ -176,6 +194,7 @@ impl Solver {
             no_cache: req.no_cache,
             events: req.events,
             contexts: Mutex::new(Vec::new()),
+            cache_import: req.cache_import,
         });
         let n = ctx.def.ops.len();
         let graph_error = |message: String| SolveError { op: "build graph".into(), line: None, message, log_tail: vec![] };
@@ -216,9 +235,23 @@ impl Solver {
             }
         }
         result?;
+        let mut steps: Vec<SolvedStep> = Vec::new();
+        for (i, fut) in futures.iter().enumerate() {
+            let Some(fut) = fut else { continue };
+            if !matches!(ctx.def.ops[i].op, Op::Exec(_) | Op::File(_)) {
+                continue;
+            }
+            // Already finished: this only reads the shared result.
+            let computed = fut.clone().await?;
+            if let Output::Layers(layers) = &computed.output
+                && !steps.iter().any(|s| s.key == computed.key)
+            {
+                steps.push(SolvedStep { key: computed.key.clone(), layers: layers.clone() });
+            }
+        }
         let target = futures[ctx.def.target].clone().expect("target is needed").await?;
         match &target.output {
-            Output::Layers(layers) => Ok(SolveOutput { layers: layers.clone(), key: target.key.clone() }),
+            Output::Layers(layers) => Ok(SolveOutput { layers: layers.clone(), key: target.key.clone(), steps }),
             Output::Context(_) => Err(graph_error("the target is a build context, not a filesystem".into())),
         }
     }
@@ -259,11 +292,13 @@ fn dedup<T: Clone + Send + Sync + 'static>(
 }
 
 impl Inner {
-    /// The cached chain for `key`, if every snapshot of it still exists.
+    /// The cached chain for `key`, if every snapshot of it still exists;
+    /// they are marked used, so garbage collection keeps them while the
+    /// solve's lease lives.
     fn cached(&self, key: &str) -> Option<Vec<String>> {
         let bytes = self.store.index.get(key).ok()??;
         let record: CacheRecord = serde_json::from_slice(&bytes).ok()?;
-        record.layers.iter().all(|id| self.store.snapshots.exists(id)).then_some(record.layers)
+        kiln_cache::lease::use_snapshots(&self.store, &record.layers).ok()?.then_some(record.layers)
     }
 
     fn remember(&self, key: &str, layers: &[String]) -> anyhow::Result<()> {
@@ -340,6 +375,7 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
             Ok(Arc::new(Computed { key: vertex, output: Output::Context(context) }))
         }
         Op::Source(SourceOp::Image { reference, platform }) => {
+            let (again_ref, again_platform) = (reference.clone(), platform.clone());
             let (reference, platform) = (reference.clone(), platform.clone());
             let images = inner.images.clone();
             let events = ctx.events.clone();
@@ -365,7 +401,16 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
                 }
                 .boxed()
             });
-            let image = work.await?;
+            let mut image = work.await?;
+            // Mark the layers used (so GC keeps them); if a collection took
+            // one since it was resolved, resolve (unpack) again.
+            if !kiln_cache::lease::use_snapshots(&inner.store, &image.layers).unwrap_or(false) {
+                let again = inner.images.resolve(&again_ref, &again_platform).await;
+                image = Arc::new(again.map_err(|e| fail(format!("resolving image {again_ref}: {e:#}")))?);
+                if !kiln_cache::lease::use_snapshots(&inner.store, &image.layers).map_err(|e| fail(format!("{e:#}")))? {
+                    return Err(fail(format!("image {again_ref}: its layers were removed while in use")));
+                }
+            }
             let key = cachekey::image_key(&node.op.definition_digest(), &image.manifest_digest);
             Ok(Arc::new(Computed { key, output: Output::Layers(image.layers.clone()) }))
         }
@@ -473,6 +518,25 @@ async fn compute(
         if let Some(layers) = inner.cached(&key) {
             ctx.events.send(Event::Cached { vertex, name });
             return Ok(Output::Layers(layers));
+        }
+        // Still under the key lock: concurrent imports fetch a layer once.
+        if let Some(import) = &ctx.cache_import {
+            match import.load(&key).await {
+                Ok(Some(layers)) => {
+                    if let Err(e) = inner.remember(&key, &layers) {
+                        tracing::warn!("recording imported cache key {key}: {e:#}");
+                    }
+                    ctx.events.send(Event::Cached { vertex, name });
+                    return Ok(Output::Layers(layers));
+                }
+                Ok(None) => {}
+                // A broken import costs time, not the build: the step runs.
+                Err(e) => ctx.events.send(Event::Log {
+                    vertex: vertex.clone(),
+                    stream: "stderr".into(),
+                    line: format!("warning: cannot use the imported cache for this step, running it: {e:#}"),
+                }),
+            }
         }
     }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");

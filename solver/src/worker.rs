@@ -99,3 +99,13 @@ pub trait ImageSource: Send + Sync {
     /// into snapshots, and describe it.
     async fn resolve(&self, reference: &str, platform: &Platform) -> anyhow::Result<ResolvedImage>;
 }
+
+/// Results imported from a shared cache (`--cache-from`): consulted on a
+/// local cache miss, before a step executes.
+#[async_trait::async_trait]
+pub trait CacheImport: Send + Sync + std::fmt::Debug {
+    /// If the imported cache holds `key`, make its layers local snapshots
+    /// (fetching only the blobs the store lacks) and return their ids,
+    /// bottom first; `None` when the key is not in the cache.
+    async fn load(&self, key: &str) -> anyhow::Result<Option<Vec<String>>>;
+}

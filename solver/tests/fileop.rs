@@ -88,19 +88,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
 }
 
 fn cp(sources: &[&str], dest: &str) -> CopyAction {
-    CopyAction {
-        src_input: 1,
-        sources: sources.iter().map(|s| s.to_string()).collect(),
-        dest: dest.into(),
-        owner: None,
-        mode: None,
-        parents: false,
-        exclude: vec![],
-        extract_archives: false,
-        follow_symlinks: true,
-        create_dest_path: true,
-        allow_empty_wildcard: false,
-    }
+    CopyAction::new(1, sources.iter().map(|s| s.to_string()).collect(), dest)
 }
 
 /// (sources, dest, exact content of the new layer)

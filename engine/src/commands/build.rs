@@ -1,7 +1,8 @@
 //! `kiln build [-f FILE] [-t NAME:TAG]... [--build-arg K=V]... [--target S]
 //! [--no-cache] [--pull] [--progress auto|tty|plain|json] [--platform P]
 //! [--secret id=ID,src=PATH|env=VAR] [--network default|none|host]
-//! [--label K=V] [--iidfile F] [-o OUTPUT] CONTEXT`
+//! [--label K=V] [--iidfile F] [-o OUTPUT] [--cache-to SPEC]...
+//! [--cache-from SPEC]... CONTEXT`
 //!
 //! CONTEXT is a directory, a tarball, or `-` (a Dockerfile or a tar on
 //! stdin). Flags are parsed here; lowering, solving and exporting are
@@ -64,6 +65,12 @@ pub struct Args {
     /// Write the image ID here.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
+    /// Cap on the store root's size (every byte, as `du -sb`), e.g. `10GB`:
+    /// least recently used cache is removed after the build to fit.
+    /// Default: `KILN_GC_KEEP_STORAGE`, else `gc.keep_storage` in
+    /// `<root>/config.json`, else no cap.
+    #[arg(long, value_name = "SIZE")]
+    pub keep_storage: Option<String>,
     /// Output (buildx syntax, e.g. `type=oci,dest=out.tar`); default: the
     /// local image store.
     #[arg(short = 'o', long)]
@@ -72,6 +79,14 @@ pub struct Args {
     /// `outline`, `targets` or `check` (append `,format=json` for JSON).
     #[arg(long, value_name = "METHOD[,format=json]", default_value = "build")]
     pub call: String,
+    /// Export the build cache: `type=registry,ref=REF[,mode=min|max]`,
+    /// `type=local,dest=DIR[,mode=..]` or `type=inline` (repeatable).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+    /// Import a build cache: `type=registry,ref=REF`, `type=local,src=DIR`
+    /// or a bare `REF` (a cache or an image with an inline cache; repeatable).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
     /// Directory, tarball, or `-` for stdin.
     pub context: String,
 }
@@ -154,6 +169,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let labels = key_values("--label", &args.labels, false)?;
     let secrets = read_secrets(&args.secret)?;
     let output = args.output.as_deref().map(kiln_exporter::Output::parse).transpose()?;
+    let mut cache = crate::remote_cache::CacheOptions::parse(&args.cache_to, &args.cache_from, None)?;
 
     let call = parse_call(&args.call)?;
     let (context, dockerfile_bytes, dockerfile_name, _tmp) = prepare_context(&args.context, args.file.as_deref())?;
@@ -164,11 +180,13 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 
     let store = Arc::new(Store::open(&global.root)?);
     let registry = Arc::new(Registry::from_global(global)?);
+    cache.registry = Some(registry.clone());
     let images: Arc<dyn ImageSource> = if args.pull {
-        Arc::new(PullAlways { store: store.clone(), registry })
+        Arc::new(PullAlways { store: store.clone(), registry: registry.clone() })
     } else {
-        Arc::new(StoreImageSource::new(store.clone(), registry))
+        Arc::new(StoreImageSource::new(store.clone(), registry.clone()))
     };
+    let push = output.clone();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let solver = new_solver(store, images.clone())?;
 
@@ -208,6 +226,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         output,
         iidfile: args.iidfile.clone(),
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
+        cache,
+        keep_storage: args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
     };
     let result = rt.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -222,7 +242,28 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
             eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
         }
     }
+    for line in rt.block_on(push_output(&registry, solver.store(), push.as_ref(), &args.tags))? {
+        eprintln!("{line}");
+    }
     Ok(0)
+}
+
+/// `-o type=registry` (or `type=image,push=true`): push the built image
+/// under each of its names (`name=` and `-t`); returns the line `kiln push`
+/// prints for each. Nothing for other outputs.
+pub(crate) async fn push_output(
+    registry: &Registry,
+    store: &Store,
+    output: Option<&kiln_exporter::Output>,
+    tags: &[String],
+) -> anyhow::Result<Vec<String>> {
+    let Some(kiln_exporter::Output::Image { names, push: true, .. }) = output else { return Ok(Vec::new()) };
+    let mut lines = Vec::new();
+    for name in tags.iter().chain(names) {
+        let pushed = super::push::push_local(registry, store, name).await?;
+        lines.push(super::push::summary(&pushed));
+    }
+    Ok(lines)
 }
 
 /// `K=V` flags into a map (`K` alone takes the value from the environment

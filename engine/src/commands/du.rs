@@ -1,4 +1,6 @@
-//! `kiln du`: how much the build cache uses.
+//! `kiln du`: how much the build cache uses, and how many bytes the whole
+//! store root takes — the number the disk cap counts, equal to what
+//! `du -sb <root>` prints.
 
 use crate::config::Global;
 
@@ -6,11 +8,23 @@ use crate::config::Global;
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
-/// Print build-cache usage.
+/// Print build-cache usage, then the root's bytes by top-level directory.
 pub fn run(global: &Global, _args: Args) -> anyhow::Result<i32> {
     let store = kiln_cache::Store::open(&global.root)?;
     print(&kiln_solver::gc::usage(&store)?);
+    print_root(&kiln_cache::usage::root_usage(store.root())?);
     Ok(0)
+}
+
+/// Print the store root's bytes as `kiln du` does: per top-level entry,
+/// then the total that the disk cap counts (equal to `du -sb <root>`).
+pub fn print_root(root: &kiln_cache::usage::RootUsage) {
+    println!();
+    println!("{:<28} {:>23}", "STORE ROOT", "BYTES");
+    for (name, bytes) in &root.parts {
+        println!("{name:<28} {bytes:>23}");
+    }
+    println!("Root total: {} bytes ({})", root.total, human(root.total));
 }
 
 /// Print `u` as `kiln du` does.

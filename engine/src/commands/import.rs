@@ -33,6 +33,12 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 /// Store `file` as the single layer of a new image named `name` (the
 /// layer is unpacked too, which also checks it is safe).
 pub fn import_rootfs(store: &Store, file: &Path, name: &str) -> anyhow::Result<ImageRecord> {
+    import_rootfs_as(store, file, name, file)
+}
+
+/// [`import_rootfs`] of `file`, which the image's history and errors call
+/// `shown` (the daemon imports an upload under the client's file name).
+pub fn import_rootfs_as(store: &Store, file: &Path, name: &str, shown: &Path) -> anyhow::Result<ImageRecord> {
     let name = kiln_cache::images::normalize_reference(name)?;
     let open = || std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()));
     let mut reader = BufReader::new(open()?);
@@ -41,7 +47,7 @@ pub fn import_rootfs(store: &Store, file: &Path, name: &str) -> anyhow::Result<I
     let (digest, size) = store.content.put_reader(&mut reader, None, None)?;
     let blob = BlobRecord { media_type: media_type.to_string(), digest, size };
     let snapshot =
-        unpack_layer_snapshot(store, &blob, None).map_err(|e| e.context(format!("importing {}", file.display())))?;
+        unpack_layer_snapshot(store, &blob, None).map_err(|e| e.context(format!("importing {}", shown.display())))?;
     let diff_id = format!("sha256:{}", snapshot.trim_start_matches("sha256-"));
     let created = now_rfc3339();
     let config = json!({
@@ -50,7 +56,7 @@ pub fn import_rootfs(store: &Store, file: &Path, name: &str) -> anyhow::Result<I
         "os": "linux",
         "config": { "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-        "history": [{ "created": created, "created_by": format!("kiln import {}", file.display()) }],
+        "history": [{ "created": created, "created_by": format!("kiln import {}", shown.display()) }],
     });
     name_image(store, &name, &serde_json::to_vec(&config)?, &[blob])
 }

@@ -37,22 +37,28 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 /// Load every image in `input` into `store` (blobs verified, layers
 /// unpacked); returns the named images.
 pub fn load(store: &Store, input: &Path, tag: Option<&str>) -> anyhow::Result<Vec<ImageRecord>> {
+    load_as(store, input, tag, input)
+}
+
+/// [`load`] of `input`, which errors call `shown` (the daemon loads an
+/// upload under the client's file name).
+pub fn load_as(store: &Store, input: &Path, tag: Option<&str>, shown: &Path) -> anyhow::Result<Vec<ImageRecord>> {
     let meta = std::fs::metadata(input).map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?;
     let records = if meta.is_dir() {
         load_dir(store, input, tag)
     } else {
         let scratch = store.scratch_dir()?;
-        extract(input, scratch.path())?;
+        extract(input, scratch.path(), shown)?;
         load_dir(store, scratch.path(), tag)
     }
-    .map_err(|e| e.context(format!("loading {}", input.display())))?;
+    .map_err(|e| e.context(format!("loading {}", shown.display())))?;
     for record in &records {
         open_image(store, record)?.unpack_layers(store)?;
     }
     Ok(records)
 }
 
-fn extract(archive: &Path, into: &Path) -> anyhow::Result<()> {
+fn extract(archive: &Path, into: &Path, shown: &Path) -> anyhow::Result<()> {
     let mut reader = BufReader::new(std::fs::File::open(archive)?);
     let stream: Box<dyn Read> = match detect_compression(&mut reader)? {
         Compression::None => Box::new(reader),
@@ -63,7 +69,7 @@ fn extract(archive: &Path, into: &Path) -> anyhow::Result<()> {
     tar.set_preserve_permissions(false);
     tar.set_preserve_ownerships(false);
     // tar's unpack refuses `..` and writes through symlinks leading out.
-    tar.unpack(into).map_err(|e| anyhow::anyhow!("{}: not a readable tar archive: {e}", archive.display()))
+    tar.unpack(into).map_err(|e| anyhow::anyhow!("{}: not a readable tar archive: {e}", shown.display()))
 }
 
 fn load_dir(store: &Store, dir: &Path, tag: Option<&str>) -> anyhow::Result<Vec<ImageRecord>> {

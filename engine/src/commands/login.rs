@@ -26,8 +26,18 @@ pub struct Args {
 
 /// Log in.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
-    let password = match (args.password, args.password_stdin) {
-        (Some(p), false) => p,
+    let password = password(&args)?;
+    let server = server(&args.server);
+    let registry = Registry::from_global(global)?;
+    super::pull::runtime()?.block_on(registry.login(server, &args.username, &password))?;
+    println!("Login succeeded ({})", registry.config().auth_file.display());
+    Ok(0)
+}
+
+/// The password from `-p` or stdin (`--password-stdin`).
+pub fn password(args: &Args) -> anyhow::Result<String> {
+    let password = match (&args.password, args.password_stdin) {
+        (Some(p), false) => p.clone(),
         (None, true) => {
             let mut p = String::new();
             std::io::stdin().read_to_string(&mut p)?;
@@ -36,9 +46,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         _ => anyhow::bail!("kiln login: give the password with -p PASSWORD or --password-stdin"),
     };
     anyhow::ensure!(!password.is_empty(), "kiln login: empty password");
-    let server = args.server.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
-    let registry = Registry::from_global(global)?;
-    super::pull::runtime()?.block_on(registry.login(server, &args.username, &password))?;
-    println!("Login succeeded ({})", registry.config().auth_file.display());
-    Ok(0)
+    Ok(password)
+}
+
+/// The registry host of a `kiln login` argument (scheme and trailing `/` dropped).
+pub fn server(arg: &str) -> &str {
+    arg.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/')
 }

@@ -6,15 +6,20 @@
 //! container's changes go to a throw-away upper directory: every container
 //! is removed when it exits (`--rm` is accepted for compatibility).
 
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_frontend::image::ImageConfig;
 
 use crate::config::Global;
+use crate::runtime::tty::{RawMode, WindowSize};
 use crate::runtime::{
-    ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Runtime, Stdin, Stdio,
+    ContainerSpec, Limits, Mount, MountSource, NetworkMode, Output, Rootfs, Running, Runtime,
+    Stdin, Stdio,
 };
 
 /// `kiln run` flags.
@@ -26,7 +31,8 @@ pub struct Args {
     /// Keep stdin open: the container reads kiln's stdin.
     #[arg(short = 'i', long)]
     pub interactive: bool,
-    /// Allocate a pseudo-terminal (not supported yet).
+    /// Allocate a pseudo-terminal (with `-i`: kiln's terminal goes raw and
+    /// is the container's input).
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Set an environment variable, `KEY=VALUE` (or `KEY` to copy kiln's).
@@ -96,10 +102,9 @@ pub fn resolve_image(global: &Global, image: &str) -> anyhow::Result<ImageRootfs
 
 /// Run the container; returns its exit code.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
-    if args.tty {
-        bail!("kiln run -t: pseudo-terminals are not supported yet (run without -t)");
-    }
     let mut rest = args.args.clone();
+    // Held until the container exits: GC keeps the image's layers.
+    let mut _lease = None;
     let image = match &args.rootfs {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--rootfs {}: not a directory", dir.display());
@@ -114,6 +119,8 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
                 "kiln run: give an IMAGE (or --rootfs DIR)"
             );
             let name = rest.remove(0);
+            let store = kiln_cache::Store::open(&global.root)?;
+            _lease = Some(kiln_cache::lease::Lease::new(&store, "run")?);
             resolve_image(global, &name)?
         }
     };
@@ -169,6 +176,9 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         hostname: args.hostname.clone().unwrap_or_default(),
         limits,
     };
+    if args.tty {
+        return run_on_terminal(global, &spec, args.interactive);
+    }
     let stdio = Stdio {
         stdin: if args.interactive {
             Stdin::Inherit
@@ -177,26 +187,267 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         },
         output: Output::Inherit,
     };
-    run_forwarding_signals(&runtime, &spec, stdio)
+    let sup = Supervision {
+        grace: STOP_GRACE,
+        parent: None,
+    };
+    run_supervised(&runtime, &spec, stdio, sup, |_| Ok(()))
+}
+
+/// `kiln run -t`: the container runs on a pty in a shim (a process of its
+/// own, as for every container kiln's builder and daemon run); this
+/// process copies between the pty and its own stdin/stdout, with its
+/// terminal raw (with `-i`) and window size changes passed on.
+fn run_on_terminal(
+    global: &Global,
+    spec: &ContainerSpec,
+    interactive: bool,
+) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("locating the kiln executable")?;
+    let shim = crate::executor::Shim::new(exe, global.root.join("run"));
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let size = WindowSize::of(stdin.as_fd())
+        .or_else(|| WindowSize::of(stdout.as_fd()))
+        .unwrap_or_default();
+    let opts = crate::executor::ShimOptions {
+        tty: Some(size),
+        grace: STOP_GRACE,
+        ..Default::default()
+    };
+    // The shim's own messages (the container's output is on the pty).
+    let log: crate::runtime::LogSink = std::sync::Arc::new(|_, bytes: &[u8]| {
+        let _ = std::io::stderr().write_all(bytes);
+    });
+    forward_signals();
+    let winch = winch_pipe()?;
+    let mut process = shim.start(spec, opts, log)?;
+    if let Some(pid) = process.shim_pid() {
+        // The shim forwards them to the container (and enforces the grace).
+        CONTAINER_PID.store(pid as i32, Ordering::SeqCst);
+    }
+    let master = process
+        .take_terminal()
+        .context("the shim sent no terminal")?;
+    let raw = if interactive {
+        RawMode::enable(stdin.as_fd()).ok()
+    } else {
+        RawMode::output_only(stdout.as_fd()).ok()
+    };
+    let copied = copy_terminal(&master, interactive, &winch);
+    drop(raw);
+    drop(master);
+    let code = process.wait();
+    CONTAINER_PID.store(0, Ordering::SeqCst);
+    copied?;
+    code
+}
+
+/// Copy the pty `master` to stdout (and stdin to it, if `input`) until the
+/// container closes it; on SIGWINCH (a byte on `winch`), pass the size of
+/// our terminal on.
+fn copy_terminal(master: &OwnedFd, mut input: bool, winch: &OwnedFd) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut out = std::io::stdout().lock();
+    loop {
+        let mut fds = vec![
+            libc::pollfd {
+                fd: master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: winch.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if input {
+            fds.push(libc::pollfd {
+                fd: 0,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: poll(2) on valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e).context("poll");
+        }
+        if fds[1].revents != 0 {
+            let _ = nix::unistd::read(winch.as_raw_fd(), &mut buf);
+            let stdin = std::io::stdin();
+            if let Some(size) = WindowSize::of(stdin.as_fd()) {
+                let _ = size.apply(master.as_fd());
+            }
+        }
+        if input && fds[2].revents != 0 {
+            match nix::unistd::read(0, &mut buf) {
+                Ok(0) | Err(_) => input = false,
+                Ok(n) => write_all_fd(master, &buf[..n])
+                    .context("writing to the container's terminal")?,
+            }
+        }
+        if fds[0].revents != 0 {
+            match nix::unistd::read(master.as_raw_fd(), &mut buf) {
+                // EIO: every process on the slave side is gone.
+                Ok(0) | Err(nix::errno::Errno::EIO) => break,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e).context("reading the container's terminal"),
+                Ok(n) => {
+                    out.write_all(&buf[..n])?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_all_fd(fd: &OwnedFd, mut data: &[u8]) -> anyhow::Result<()> {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Write end of the pipe the SIGWINCH handler pokes (-1 = none).
+static WINCH_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_winch(_: libc::c_int) {
+    let fd = WINCH_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe just drops it.
+        unsafe { libc::write(fd, [0u8].as_ptr().cast(), 1) };
+    }
+}
+
+/// A pipe that receives a byte on every SIGWINCH; returns its read end.
+fn winch_pipe() -> anyhow::Result<OwnedFd> {
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+            .context("pipe")?;
+    // Lives as long as the process: the handler may run any time.
+    WINCH_FD.store(std::os::fd::IntoRawFd::into_raw_fd(write), Ordering::SeqCst);
+    // SAFETY: installing a handler that only calls async-signal-safe code.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_winch as extern "C" fn(libc::c_int) as usize;
+        act.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGWINCH, &act, std::ptr::null_mut());
+    }
+    Ok(read)
+}
+
+/// How long a container gets between a forwarded SIGTERM (or SIGINT,
+/// SIGHUP, SIGQUIT) and SIGKILL, as `docker stop`.
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How [`run_supervised`] stops its container.
+pub(crate) struct Supervision {
+    /// After the first forwarded terminating signal, the container gets
+    /// this long to exit before it is killed.
+    pub grace: Duration,
+    /// A pidfd of the process that asked for this container: when it dies,
+    /// the container is stopped as if SIGTERM had arrived.
+    pub parent: Option<OwnedFd>,
 }
 
 /// Run `spec` to the end with SIGINT/SIGTERM/SIGHUP/SIGQUIT forwarded to
-/// the container; returns its exit code. The calling process must have a
-/// single thread (see [`Runtime::start`]); `kiln run` and the container
-/// shim do.
-pub(crate) fn run_forwarding_signals(
+/// the container, which is SIGKILLed if it is still there `sup.grace`
+/// after the first of them; returns its exit code. `started` runs once the
+/// container's process runs. The calling process must have a single
+/// thread (see [`Runtime::start`]); `kiln run` and the container shim do.
+pub(crate) fn run_supervised(
     runtime: &Runtime,
     spec: &ContainerSpec,
     stdio: Stdio,
+    mut sup: Supervision,
+    started: impl FnOnce(&mut Running) -> anyhow::Result<()>,
 ) -> anyhow::Result<i32> {
     forward_signals();
-    let running = runtime.start(spec, stdio)?;
-    if let Some(pid) = running.pid() {
-        CONTAINER_PID.store(pid, Ordering::SeqCst);
-    }
-    let code = running.wait();
+    let mut running = runtime.start(spec, stdio)?;
+    let pid = running.pid().context("the container has no process")?;
+    CONTAINER_PID.store(pid, Ordering::SeqCst);
+    let result = started(&mut running).and_then(|()| supervise(pid, &mut sup));
     CONTAINER_PID.store(0, Ordering::SeqCst);
-    code
+    // On error `running` drops, which kills the container and cleans up.
+    result?;
+    running.wait()
+}
+
+/// Wait until process `pid` (our child) exits, stopping it as `sup` says.
+fn supervise(pid: i32, sup: &mut Supervision) -> anyhow::Result<()> {
+    let child = pidfd_open(pid).context("pidfd_open of the container")?;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let stop = STOP_SIGNAL.load(Ordering::SeqCst);
+        if stop != 0 && deadline.is_none() {
+            // The handler may have run before the pid was known.
+            if !FORWARDED.swap(true, Ordering::SeqCst) {
+                // SAFETY: kill(2) of our own unreaped child.
+                unsafe { libc::kill(pid, stop) };
+            }
+            deadline = Some(Instant::now() + sup.grace);
+        }
+        let timeout = match deadline {
+            None => -1,
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32,
+        };
+        let mut fds = vec![libc::pollfd {
+            fd: child.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(parent) = &sup.parent {
+            fds.push(libc::pollfd {
+                fd: parent.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: poll(2) on valid pollfds; a signal interrupts it (EINTR).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n > 0 && fds[0].revents != 0 {
+            return Ok(());
+        }
+        if n > 0 && fds.get(1).is_some_and(|p| p.revents != 0) {
+            tracing::info!("the process that started the container died: stopping it");
+            sup.parent = None;
+            let _ =
+                STOP_SIGNAL.compare_exchange(0, libc::SIGTERM, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        if n == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::info!("the container outlived its stop grace period: killing it");
+            // SAFETY: kill(2) of our own unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Now just wait for it to go.
+            deadline = Some(Instant::now() + Duration::from_secs(3600 * 24 * 365));
+        }
+    }
+}
+
+/// `pidfd_open(2)`: an fd that becomes readable when process `pid` exits.
+pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with no flags; returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The argv: entrypoint (flag or image) + CMD (given or image's).
@@ -223,7 +474,7 @@ fn command_line(
 }
 
 /// `HOST:CTR[:ro|rw]`.
-fn parse_volume(v: &str) -> anyhow::Result<Mount> {
+pub(crate) fn parse_volume(v: &str) -> anyhow::Result<Mount> {
     let parts: Vec<&str> = v.split(':').collect();
     let (host, target, readonly) = match parts.as_slice() {
         [h, c] => (h, c, false),
@@ -264,11 +515,19 @@ pub fn parse_bytes(s: &str) -> anyhow::Result<i64> {
 /// Host pid of the running container (0 = none), for the signal handler.
 static CONTAINER_PID: AtomicI32 = AtomicI32::new(0);
 
+/// The first terminating signal received (0 = none yet).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Whether a terminating signal already reached the container.
+static FORWARDED: AtomicBool = AtomicBool::new(false);
+
 extern "C" fn forward(sig: libc::c_int) {
+    let _ = STOP_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
     let pid = CONTAINER_PID.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe.
         unsafe { libc::kill(pid, sig) };
+        FORWARDED.store(true, Ordering::SeqCst);
     }
 }
 

@@ -1,4 +1,4 @@
-//! `kiln save -o FILE [--format docker|oci] IMAGE...`: images from the
+//! `kiln save [-o FILE] [--format docker|oci] IMAGE...`: images from the
 //! local store as a docker-archive (the default, for `docker load`) or an
 //! OCI image layout (a tar if FILE ends in `.tar`, else a directory),
 //! written by the same code as `-o type=docker` / `-o type=oci`.
@@ -13,7 +13,8 @@ use kiln_exporter::{NamedImage, OciDest, save_docker, save_oci};
 use crate::config::Global;
 
 /// Archive formats `kiln save` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// docker-archive (`docker load` / `podman load`).
     Docker,
@@ -24,8 +25,9 @@ pub enum Format {
 /// `kiln save` flags.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to write (must not exist; written beside and renamed).
-    #[arg(short, long, value_name = "FILE")]
+    /// Where to write (must not exist; written beside and renamed); `-`,
+    /// the default, is standard output as with `docker save`.
+    #[arg(short, long, value_name = "FILE", default_value = "-")]
     pub output: PathBuf,
     /// Archive format.
     #[arg(long, value_enum, default_value = "docker")]
@@ -38,8 +40,38 @@ pub struct Args {
 /// Save; prints what was written.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
+    let saved = save(&store, &args.images, args.format, &args.output)?;
+    // The archive itself may be on stdout: then the summary goes to stderr.
+    if to_stdout(&args.output) {
+        eprintln!("{}", summary(saved, &args.output));
+    } else {
+        println!("{}", summary(saved, &args.output));
+    }
+    Ok(0)
+}
+
+/// Whether `-o` means standard output (`-`, the default).
+pub fn to_stdout(output: &std::path::Path) -> bool {
+    output == std::path::Path::new("-")
+}
+
+/// What `kiln save` prints after writing `count` images to `output`.
+pub fn summary(count: usize, output: &std::path::Path) -> String {
+    format!("saved {count} image(s) to {}", output.display())
+}
+
+/// Whether `kiln save --format format -o output` writes a directory (an
+/// OCI layout whose name does not end in `.tar`, and not stdout) rather
+/// than a file.
+pub fn writes_dir(format: Format, output: &std::path::Path) -> bool {
+    format == Format::Oci && !output.extension().is_some_and(|e| e == "tar") && !to_stdout(output)
+}
+
+/// Write `queries` (names, IDs or digests) from `store` to `output`;
+/// returns how many images were written.
+pub fn save(store: &Store, queries: &[String], format: Format, output: &std::path::Path) -> anyhow::Result<usize> {
     let mut images = Vec::new();
-    for query in &args.images {
+    for query in queries {
         let record = store.images.resolve(query)?;
         // Named like `docker save`: by the name asked for; an ID or digest
         // carries no name.
@@ -50,19 +82,18 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         });
     }
     let mtime = source_date_epoch()?.unwrap_or(0);
-    match args.format {
-        Format::Docker => save_docker(&store, &images, &args.output, mtime)?,
+    match format {
+        Format::Docker => save_docker(store, &images, output, mtime)?,
         Format::Oci => {
-            let dest = if args.output.extension().is_some_and(|e| e == "tar") {
-                OciDest::Tar(args.output.clone())
+            let dest = if writes_dir(format, output) {
+                OciDest::Dir(output.to_path_buf())
             } else {
-                OciDest::Dir(args.output.clone())
+                OciDest::Tar(output.to_path_buf())
             };
-            save_oci(&store, &images, &dest, mtime)?
+            save_oci(store, &images, &dest, mtime)?
         }
     }
-    println!("saved {} image(s) to {}", images.len(), args.output.display());
-    Ok(0)
+    Ok(images.len())
 }
 
 /// `SOURCE_DATE_EPOCH` from the environment, if set.

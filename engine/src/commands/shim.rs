@@ -3,19 +3,31 @@
 //! libcontainer must clone the container from a process with one thread
 //! (see [`crate::runtime::Runtime::start`]); kiln's builder and daemon have
 //! many, so they run each container through this subcommand (see
-//! [`crate::executor::Shim`]). Protocol: the [`ContainerSpec`] as JSON on
-//! stdin; the container's stdout/stderr are this process's; the result is
-//! one line on the fd given by `--status-fd`: `exit <code>` or
-//! `error <message>`. SIGTERM (and SIGINT/SIGHUP/SIGQUIT) are forwarded to
-//! the container, which is then reaped and cleaned up as usual.
+//! [`crate::executor::Shim`], which speaks this protocol):
+//! - the [`ContainerSpec`] as JSON on the fd given by `--spec-fd`, closed
+//!   after it;
+//! - the container's stdin is this process's with `--stdin`, else
+//!   `/dev/null`; its stdout/stderr are this process's; with `--tty ROWSxCOLS`
+//!   all three are a pty instead;
+//! - on the `--status-fd` socket (SOCK_SEQPACKET), one message per event:
+//!   `started <pid>` (with the pty master attached under `--tty`) once the
+//!   container runs, then `exit <code>` or `error <message>`;
+//! - SIGTERM (and SIGINT/SIGHUP/SIGQUIT) are forwarded to the container,
+//!   which gets `--grace-ms` to exit before it is SIGKILLed; the same
+//!   happens when the process `--parent-pid` dies. The container's process
+//!   dies with this one (`PR_SET_PDEATHSIG`), and a shim killed while
+//!   starting one leaves state that the next kiln's sweep removes.
 
-use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 
+use super::run::{Supervision, pidfd_open, run_supervised};
 use crate::config::Global;
+use crate::runtime::tty::{WindowSize, send_with_fd};
 use crate::runtime::{ContainerSpec, Output, Runtime, Stdin, Stdio};
 
 /// Flags of `kiln __container-shim`.
@@ -24,41 +36,100 @@ pub struct Args {
     /// The runtime's state directory (`<root>/run`).
     #[arg(long)]
     pub state_root: PathBuf,
-    /// Inherited fd receiving the result line.
+    /// Inherited unix socket (SOCK_SEQPACKET) receiving the status messages.
     #[arg(long)]
     pub status_fd: i32,
+    /// Inherited fd to read the JSON container spec from.
+    #[arg(long)]
+    pub spec_fd: i32,
+    /// The process this shim works for; the container is stopped when it dies.
+    #[arg(long)]
+    pub parent_pid: Option<i32>,
+    /// Milliseconds between a forwarded SIGTERM and SIGKILL.
+    #[arg(long, default_value_t = 10_000)]
+    pub grace_ms: u64,
+    /// The container reads this process's stdin (else `/dev/null`).
+    #[arg(long)]
+    pub stdin: bool,
+    /// Run on a pseudo-terminal of this size, `ROWSxCOLS` (`0x0` = unknown).
+    #[arg(long, value_name = "ROWSxCOLS")]
+    pub tty: Option<String>,
 }
 
 /// Run the container; the process exits with its exit code (125 when it
 /// could not be run).
 pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
-    // SAFETY: the parent passed this fd to us for exactly this purpose.
-    let mut status = unsafe { std::fs::File::from_raw_fd(args.status_fd) };
-    // Keep it out of the container.
-    // SAFETY: fcntl on an fd we own.
-    unsafe { libc::fcntl(args.status_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let result = run_spec(&args.state_root);
+    // SAFETY: the parent passed these fds to us for exactly this purpose.
+    let status = unsafe { OwnedFd::from_raw_fd(args.status_fd) };
+    // SAFETY: as above.
+    let spec_fd = unsafe { OwnedFd::from_raw_fd(args.spec_fd) };
+    // Keep them out of the container.
+    for fd in [args.status_fd, args.spec_fd] {
+        // SAFETY: fcntl on fds we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    let result = run_spec(&args, spec_fd, status.as_fd());
     let (line, code) = match result {
-        Ok(code) => (format!("exit {code}\n"), code),
-        Err(e) => (format!("error {e:#}\n"), 125),
+        Ok(code) => (format!("exit {code}"), code),
+        Err(e) => (format!("error {e:#}"), 125),
     };
-    status
-        .write_all(line.as_bytes())
-        .context("writing the shim status")?;
+    send_with_fd(status.as_fd(), line.as_bytes(), None).context("writing the shim status")?;
     Ok(code)
 }
 
-fn run_spec(state_root: &std::path::Path) -> anyhow::Result<i32> {
+fn run_spec(args: &Args, spec_fd: OwnedFd, status: BorrowedFd<'_>) -> anyhow::Result<i32> {
+    let parent = match args.parent_pid {
+        Some(pid) => {
+            let fd = pidfd_open(pid).ok();
+            // Reparented already: the parent died before we could watch it.
+            anyhow::ensure!(
+                fd.is_some() && nix::unistd::getppid().as_raw() == pid,
+                "the process that started this shim is gone"
+            );
+            fd
+        }
+        None => None,
+    };
     let mut json = Vec::new();
-    std::io::stdin()
+    std::fs::File::from(spec_fd)
         .read_to_end(&mut json)
-        .context("reading the container spec from stdin")?;
+        .context("reading the container spec")?;
     let spec: ContainerSpec =
         serde_json::from_slice(&json).context("parsing the container spec")?;
-    let runtime = Runtime::new(state_root)?;
-    let stdio = Stdio {
-        stdin: Stdin::Null,
-        output: Output::Inherit,
+    let runtime = Runtime::new(&args.state_root)?;
+    let output = match &args.tty {
+        Some(size) => Output::Terminal(parse_size(size)?),
+        None => Output::Inherit,
     };
-    super::run::run_forwarding_signals(&runtime, &spec, stdio)
+    let stdio = Stdio {
+        stdin: if args.stdin {
+            Stdin::Inherit
+        } else {
+            Stdin::Null
+        },
+        output,
+    };
+    let sup = Supervision {
+        grace: Duration::from_millis(args.grace_ms),
+        parent,
+    };
+    run_supervised(&runtime, &spec, stdio, sup, |running| {
+        let pid = running.pid().unwrap_or(0);
+        // Sent, then closed here: the caller holds the only master.
+        let master = running.take_terminal();
+        send_with_fd(
+            status,
+            format!("started {pid}").as_bytes(),
+            master.as_ref().map(|m| m.as_fd()),
+        )
+    })
+}
+
+/// `ROWSxCOLS`.
+fn parse_size(s: &str) -> anyhow::Result<WindowSize> {
+    let parsed = s
+        .split_once('x')
+        .and_then(|(r, c)| Some((r.parse().ok()?, c.parse().ok()?)));
+    let (rows, cols) = parsed.with_context(|| format!("--tty {s:?}: expected ROWSxCOLS"))?;
+    Ok(WindowSize { rows, cols })
 }

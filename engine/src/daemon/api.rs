@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::State;
-use super::containers::{RunRequest, container_spec, run_streamed};
+use super::containers::{ContainerIo, RunRequest, leased_spec, run_streamed};
+use crate::runtime::tty::WindowSize;
 use super::build::{BuildLine, BuildOptions};
 use super::context;
-use super::web::{ApiError, ApiResult, MAX_UPLOAD_BODY, Query, json_response, ok_json, read_body, read_json, streaming};
+use super::web::{ApiError, ApiResult, MAX_ARCHIVE_UPLOAD, MAX_UPLOAD_BODY, Query, file_chunks, json_response, ok_json, read_body, read_json, receive_to_file, streaming};
 use crate::commands;
 use crate::registry::manifest::parse_platform;
 use crate::runtime::LogStream;
@@ -76,6 +77,13 @@ pub struct DiskUsage {
     pub unreferenced_snapshots: usize,
     /// Bytes of cache mounts.
     pub cache_mount_bytes: u64,
+    /// Every byte under the store root by top-level entry, and in total
+    /// (as `du -sb`).
+    #[serde(default)]
+    pub root_parts: Vec<(String, u64)>,
+    /// See `root_parts`.
+    #[serde(default)]
+    pub root_total: u64,
 }
 
 /// `POST /v1/system/prune` body (see `kiln prune`).
@@ -135,7 +143,7 @@ pub const MAX_BUILD_REQUEST: usize = 64 << 20;
 /// Dispatch `/v1/<rest>`.
 pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> ApiResult {
     let method = req.method().clone();
-    let _query = Query::parse(req.uri().query())?;
+    let query = Query::parse(req.uri().query())?;
     match (&method, rest.as_str()) {
         (&Method::GET | &Method::HEAD, "_ping") => Ok(hyper::Response::builder()
             .header("Kiln-Api-Version", API_VERSION)
@@ -154,8 +162,13 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
         }
         (&Method::GET, "system/df") => {
             let store = state.store.clone();
-            let u = blocking(move || kiln_solver::gc::usage(&store)).await?;
+            let (u, root) = blocking(move || {
+                anyhow::Ok((kiln_solver::gc::usage(&store)?, kiln_cache::usage::root_usage(store.root())?))
+            })
+            .await?;
             ok_json(&DiskUsage {
+                root_parts: root.parts,
+                root_total: root.total,
                 records: u.records,
                 snapshots: u.snapshots,
                 snapshot_bytes: u.snapshot_bytes,
@@ -193,7 +206,12 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
             let bytes = read_body(req.into_body(), MAX_BUILD_REQUEST).await?;
             build(state, super::web::parse_json(&bytes)?).await
         }
+        (&Method::POST, "containers/run") if is_upgrade(&req, ATTACH_PROTOCOL) => run_attached(state, req).await,
         (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "images/import") => import(state, &query, req.into_body()).await,
+        (&Method::POST, "images/load") => load(state, &query, req.into_body()).await,
+        (&Method::POST, "images/save") => save(state, read_json(req.into_body()).await?).await,
+        (&Method::POST, "auth") => login(state, read_json(req.into_body()).await?).await,
         (_, path) if path.starts_with("images/") => {
             let name = &path["images/".len()..];
             if let (&Method::GET, Some(name)) = (&method, name.strip_suffix("/json")) {
@@ -234,6 +252,16 @@ fn not_found(method: &Method, rest: &str) -> ApiError {
     ApiError::not_found(format!("no route {method} /v1/{rest} (see docs/API.md)"))
 }
 
+/// Whether `req` asks to switch to `protocol` (`Connection: Upgrade`).
+fn is_upgrade(req: &Request<Incoming>, protocol: &str) -> bool {
+    let has = |name: http::header::HeaderName, value: &str| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(value)))
+        })
+    };
+    has(http::header::CONNECTION, "upgrade") && has(http::header::UPGRADE, protocol)
+}
+
 /// Run blocking store work off the async threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
@@ -272,46 +300,173 @@ async fn push(state: Arc<State>, name: &str) -> ApiResult {
 /// Run a container and stream its output as JSON lines; the last line is
 /// the exit code. A client that goes away kills its container.
 async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
+    if body.interactive || body.tty {
+        return Err(ApiError::bad_request(format!(
+            "run: interactive and tty runs need an upgraded connection (send Connection: Upgrade and Upgrade: {ATTACH_PROTOCOL})"
+        )));
+    }
     let store = state.store.clone();
-    let spec = blocking(move || container_spec(&store, &body)).await?;
+    let (spec, lease) = blocking(move || leased_spec(&store, &body)).await?;
     let (response, mut lines) = streaming("application/x-ndjson");
+    let gone = lines.clone();
+    let mut events = run_events(state, spec, lease, ContainerIo::default(), async move {
+        gone.closed().await;
+        tracing::info!("run: client went away");
+    });
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            lines.send(&event).await;
+        }
+    });
+    Ok(response)
+}
+
+/// The `Upgrade` protocol of interactive runs.
+pub const ATTACH_PROTOCOL: &str = "kiln-attach";
+
+/// A line the client sends on an upgraded run connection.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachInput {
+    /// Bytes for the container's stdin (base64).
+    Stdin(String),
+    /// The client's stdin ended: close the container's.
+    StdinEof,
+    /// The client's terminal has a new size, `[rows, cols]`.
+    Resize([u16; 2]),
+}
+
+/// `POST /v1/containers/run` with `Upgrade: kiln-attach`: after `101`, the
+/// daemon sends [`RunEvent`] lines and reads [`AttachInput`] lines. The
+/// client closing the connection stops the container.
+async fn run_attached(state: Arc<State>, mut req: Request<Incoming>) -> ApiResult {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let upgrade = hyper::upgrade::on(&mut req);
+    let body: RunRequest = read_json(req.into_body()).await?;
+    let request = body.clone();
+    let store = state.store.clone();
+    let (spec, lease) = blocking(move || leased_spec(&store, &request)).await?;
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(u) => u,
+            Err(e) => return tracing::warn!("run: the connection was not upgraded: {e}"),
+        };
+        let (read, mut write) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let (stdin_tx, stdin_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let (resize_tx, resize_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        let tty = body.tty.then(|| {
+            let [rows, cols] = body.console_size.unwrap_or_default();
+            WindowSize { rows, cols }
+        });
+        let io = ContainerIo { stdin: body.interactive.then_some(stdin_rx), tty, resize: Some(resize_rx) };
+        let input = tokio::spawn(async move {
+            let mut stdin = Some(stdin_tx);
+            let mut reader = tokio::io::BufReader::new(read);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match (&mut reader).take(MAX_ATTACH_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if line.len() > MAX_ATTACH_LINE {
+                    tracing::warn!("run: an input line longer than {MAX_ATTACH_LINE} bytes: closing");
+                    break;
+                }
+                match serde_json::from_slice::<AttachInput>(&line) {
+                    Ok(AttachInput::Stdin(data)) => {
+                        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else { break };
+                        if let Some(tx) = &stdin {
+                            let _ = tx.send(bytes.into()).await;
+                        }
+                    }
+                    Ok(AttachInput::StdinEof) => stdin = None,
+                    Ok(AttachInput::Resize([rows, cols])) => {
+                        let _ = resize_tx.send(WindowSize { rows, cols });
+                    }
+                    Err(e) => {
+                        tracing::warn!("run: malformed input line: {e}");
+                        break;
+                    }
+                }
+            }
+            let _ = gone_tx.send(());
+        });
+        let gone = async move {
+            let _ = gone_rx.await;
+            tracing::info!("run: client went away");
+        };
+        let mut events = run_events(state, spec, lease, io, gone);
+        while let Some(event) = events.recv().await {
+            let mut line = serde_json::to_vec(&event).unwrap_or_default();
+            line.push(b'\n');
+            if write.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+        let _ = write.shutdown().await;
+        input.abort();
+    });
+    Ok(hyper::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "Upgrade")
+        .header(http::header::UPGRADE, ATTACH_PROTOCOL)
+        .body(super::web::full(""))
+        .expect("static response"))
+}
+
+/// The longest [`AttachInput`] line accepted (bytes).
+const MAX_ATTACH_LINE: usize = 1 << 20;
+
+/// Run `spec` and turn what happens into [`RunEvent`]s: output, then
+/// `Exit` or `Error` last. The container is stopped when `gone` resolves or
+/// the daemon cancels running work; `lease` is held until it exited.
+fn run_events(
+    state: Arc<State>,
+    spec: crate::runtime::ContainerSpec,
+    lease: kiln_cache::lease::Lease,
+    io: ContainerIo,
+    gone: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<RunEvent> {
+    let (events, rx) = tokio::sync::mpsc::unbounded_channel();
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let gone = lines.clone();
+        let _lease = lease;
         let cancel = {
             let state = state.clone();
             async move {
                 tokio::select! {
-                    _ = gone.closed() => tracing::info!("run: client went away"),
+                    _ = gone => {}
                     _ = state.cancelled() => {}
                 }
             }
         };
-        let runner = run_streamed(state.runtime.clone(), spec, out_tx, cancel);
+        let event = |(stream, bytes): super::containers::OutputChunk| {
+            let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            match stream {
+                LogStream::Stdout => RunEvent::Stdout(data),
+                LogStream::Stderr => RunEvent::Stderr(data),
+            }
+        };
+        let runner = run_streamed(state.shim.clone(), spec, io, out_tx, cancel);
         tokio::pin!(runner);
         let result = loop {
             tokio::select! {
-                Some((stream, bytes)) = out_rx.recv() => {
-                    let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
-                    let event = match stream { LogStream::Stdout => RunEvent::Stdout(data), LogStream::Stderr => RunEvent::Stderr(data) };
-                    lines.send(&event).await;
-                }
+                Some(chunk) = out_rx.recv() => { let _ = events.send(event(chunk)); }
                 result = &mut runner => break result,
             }
         };
         // Output sent before the exit must reach the client first.
-        while let Ok((stream, bytes)) = out_rx.try_recv() {
-            let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
-            let event = match stream { LogStream::Stdout => RunEvent::Stdout(data), LogStream::Stderr => RunEvent::Stderr(data) };
-            lines.send(&event).await;
+        while let Ok(chunk) = out_rx.try_recv() {
+            let _ = events.send(event(chunk));
         }
-        let last = match result {
+        let _ = events.send(match result {
             Ok(code) => RunEvent::Exit(code),
             Err(e) => RunEvent::Error(format!("{e:#}")),
-        };
-        lines.send(&last).await;
+        });
     });
-    Ok(response)
+    rx
 }
 
 /// Lay out the context, then build, streaming [`BuildLine`]s. A client that
@@ -339,11 +494,145 @@ async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
             lines.send(&BuildLine::Event(event)).await;
         }
         let last = match result {
-            Ok(image_id) => BuildLine::Result { image_id },
+            Ok(done) => match done.artifact {
+                Some(artifact) => match send_artifact(&mut lines, artifact).await {
+                    Ok(()) => BuildLine::Result { image_id: done.image_id, pushed: done.pushed },
+                    Err(e) => BuildLine::Error(format!("sending the output: {e:#}")),
+                },
+                None => BuildLine::Result { image_id: done.image_id, pushed: done.pushed },
+            },
             Err(e) => BuildLine::Error(format!("{e:#}")),
         };
         lines.send(&last).await;
         drop(dir);
     });
     Ok(response)
+}
+
+/// Stream a staged output to the client as [`BuildLine::Output`] lines.
+async fn send_artifact(lines: &mut super::web::LineSender, artifact: super::build::Artifact) -> anyhow::Result<()> {
+    let mut chunks = file_chunks(artifact.file.clone(), OUTPUT_CHUNK, artifact);
+    while let Some(chunk) = chunks.recv().await {
+        let data = base64::engine::general_purpose::STANDARD.encode(chunk?);
+        anyhow::ensure!(lines.send(&BuildLine::Output(data)).await, "the client went away");
+    }
+    Ok(())
+}
+
+/// Bytes of output per [`BuildLine::Output`] line (before base64).
+const OUTPUT_CHUNK: usize = 512 << 10;
+
+/// An archive upload written to a file in a new scratch directory
+/// (removed when the returned directory is dropped).
+async fn receive_upload(state: &State, body: Incoming) -> Result<(tempfile::TempDir, std::path::PathBuf), ApiError> {
+    let scratch = super::build::context_dir(state).map_err(ApiError::from)?;
+    let file = scratch.path().join("upload");
+    receive_to_file(body, &file, MAX_ARCHIVE_UPLOAD).await?;
+    Ok((scratch, file))
+}
+
+/// `POST /v1/images/import?reference=NAME&source=FILE`: the body is the
+/// rootfs tarball; `source` is the client's file name (for the history).
+async fn import(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
+    let reference = query.get("reference").filter(|r| !r.is_empty()).ok_or_else(|| ApiError::bad_request("import: reference is required"))?.to_string();
+    let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
+    let (scratch, file) = receive_upload(&state, body).await?;
+    let store = state.store.clone();
+    let record = blocking(move || {
+        let _scratch = scratch;
+        commands::import::import_rootfs_as(&store, &file, &reference, &source)
+    })
+    .await?;
+    ok_json(&record)
+}
+
+/// `POST /v1/images/load?tag=NAME&source=FILE`: the body is an OCI layout
+/// or docker-archive tar (a directory input is tarred by the client).
+async fn load(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
+    let tag = query.get("tag").filter(|t| !t.is_empty()).map(str::to_string);
+    let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
+    let (scratch, file) = receive_upload(&state, body).await?;
+    let store = state.store.clone();
+    let records = blocking(move || {
+        let _scratch = scratch;
+        commands::load::load_as(&store, &file, tag.as_deref(), &source)
+    })
+    .await?;
+    ok_json(&records)
+}
+
+/// `POST /v1/images/save` body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveRequest {
+    /// Names, IDs or digests.
+    pub images: Vec<String>,
+    /// Archive format.
+    pub format: commands::save::Format,
+    /// Write an OCI layout directory (sent back as a tar) instead of a tar.
+    #[serde(default)]
+    pub dir: bool,
+}
+
+/// Save into a scratch place, then stream it: the archive itself, or a tar
+/// of the OCI layout directory.
+async fn save(state: Arc<State>, body: SaveRequest) -> ApiResult {
+    if body.images.is_empty() {
+        return Err(ApiError::bad_request("save: images is empty"));
+    }
+    let scratch = super::build::context_dir(&state).map_err(ApiError::from)?;
+    let store = state.store.clone();
+    let (file, scratch) = blocking(move || {
+        let out = scratch.path().join(if body.dir { "layout" } else { "archive.tar" });
+        commands::save::save(&store, &body.images, body.format, &out)?;
+        let file = if body.dir {
+            let tarred = scratch.path().join("layout.tar");
+            super::build::tar_dir(&out, &tarred)?;
+            tarred
+        } else {
+            out
+        };
+        Ok((file, scratch))
+    })
+    .await?;
+    let (response, mut sink) = streaming("application/x-tar");
+    let mut chunks = file_chunks(file, OUTPUT_CHUNK, scratch);
+    tokio::spawn(async move {
+        while let Some(chunk) = chunks.recv().await {
+            match chunk {
+                Ok(bytes) => {
+                    if !sink.send_raw(bytes).await {
+                        return tracing::info!("save: client went away");
+                    }
+                }
+                // The client sees a short archive and fails.
+                Err(e) => return tracing::warn!("save: reading the archive: {e}"),
+            }
+        }
+    });
+    Ok(response)
+}
+
+/// `POST /v1/auth` body (`kiln login`). The password is never logged.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// Registry host.
+    pub server: String,
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+/// `POST /v1/auth` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LoginResult {
+    /// The daemon's credentials file, where the login was stored.
+    pub auth_file: String,
+}
+
+async fn login(state: Arc<State>, body: LoginRequest) -> ApiResult {
+    state.registry.login(&body.server, &body.username, &body.password).await?;
+    ok_json(&LoginResult { auth_file: state.registry.config().auth_file.display().to_string() })
 }

@@ -5,7 +5,7 @@
 //! builds share the cache and identical steps run once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -13,6 +13,7 @@ use base64::Engine as _;
 use kiln_frontend::Platform;
 use kiln_frontend::graph::{NetworkMode, Op};
 use kiln_frontend::lower::{LowerOptions, lower, parse_platform};
+use kiln_exporter::{OciDest, Output};
 use kiln_solver::{Event, EventSink, ImageSource, Solver};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -54,6 +55,20 @@ pub struct BuildOptions {
     pub secrets: BTreeMap<String, String>,
     /// `SOURCE_DATE_EPOCH`.
     pub source_date_epoch: Option<i64>,
+    /// `--cache-to` values (a `type=local` path is on the daemon's host).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache_to: Vec<String>,
+    /// `--cache-from` values (a `type=local` path is on the daemon's host).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cache_from: Vec<String>,
+    /// `-o` as given to `kiln build` (buildx syntax). `type=image` and
+    /// `type=registry` act on the daemon; the destinations of `local`,
+    /// `tar`, `oci` and `docker` are the client's: the daemon writes them
+    /// to a scratch place and streams them back ([`BuildLine::Output`]).
+    pub output: Option<String>,
+    /// `--keep-storage` (e.g. `10GB`): the cache size to collect down to
+    /// after the build; default: the daemon's own setting.
+    pub keep_storage: Option<String>,
 }
 
 /// One line of the `/v1/build` stream.
@@ -62,10 +77,18 @@ pub struct BuildOptions {
 pub enum BuildLine {
     /// A solver progress event, as the embedded renderers get it.
     Event(Event),
+    /// The next piece (base64) of a client-side output, sent after the
+    /// build and before its result: the file itself for `tar`, `docker`
+    /// and `oci` tars, a tar of the directory for `local` and OCI
+    /// directories.
+    Output(String),
     /// The build succeeded (last line): the image ID, if an image was made.
     Result {
         /// `sha256:` of the image config.
         image_id: Option<String>,
+        /// For `type=registry`: what was pushed, one `kiln push` line each.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pushed: Vec<String>,
     },
     /// The build failed (last line).
     Error(String),
@@ -77,14 +100,71 @@ pub fn shared_solver(store: Arc<kiln_cache::Store>, registry: Arc<crate::registr
     Ok(Arc::new(crate::build::new_solver(store, images)?))
 }
 
+/// What a build made.
+pub struct BuildDone {
+    /// The image ID, if an image was made.
+    pub image_id: Option<String>,
+    /// A client-side output waiting to be sent back.
+    pub artifact: Option<Artifact>,
+    /// For `type=registry`: the `kiln push` line of each name pushed.
+    pub pushed: Vec<String>,
+}
+
+/// A client-side output staged on the daemon (removed on drop): one file
+/// to stream back as it is (a directory output is tarred first).
+pub struct Artifact {
+    _dir: tempfile::TempDir,
+    /// The file to send.
+    pub file: PathBuf,
+}
+
+/// An output whose destination is on the client, redirected into
+/// `scratch`; returns the redirected output, where it writes, and whether
+/// that is a directory. `None` for outputs that stay on the daemon.
+fn stage_output(output: &Output, scratch: &Path) -> Option<(Output, PathBuf, bool)> {
+    let file = scratch.join("output");
+    let staged = match output.clone() {
+        Output::Image { .. } => return None,
+        Output::Oci { dest, name, image } => {
+            let is_dir = matches!(dest, OciDest::Dir(_));
+            let dest = if is_dir { OciDest::Dir(file.clone()) } else { OciDest::Tar(file.clone()) };
+            return Some((Output::Oci { dest, name, image }, file, is_dir));
+        }
+        Output::Docker { name, image, .. } => (Output::Docker { dest: file.clone(), name, image }, false),
+        Output::Local { .. } => (Output::Local { dest: file.clone() }, true),
+        Output::Tar { .. } => (Output::Tar { dest: file.clone() }, false),
+    };
+    Some((staged.0, file, staged.1))
+}
+
+/// Tar `dir` (symlinks kept as links) into `into`.
+pub fn tar_dir(dir: &Path, into: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::create(into).with_context(|| format!("creating {}", into.display()))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+    tar.follow_symlinks(false);
+    tar.mode(tar::HeaderMode::Complete);
+    tar.append_dir_all(".", dir).with_context(|| format!("archiving {}", dir.display()))?;
+    tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
+}
+
 /// Lower and build `opts` on the context at `context_dir`, sending events
-/// to `events`; returns the image ID.
+/// to `events`.
 pub async fn run_build(
     state: &State,
     opts: BuildOptions,
     context_dir: PathBuf,
     events: mpsc::UnboundedSender<Event>,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<BuildDone> {
+    let output = opts.output.as_deref().map(Output::parse).transpose()?;
+    let scratch = match &output {
+        Some(o) if !matches!(o, Output::Image { .. }) => Some(context_dir_in(state.store.root())?),
+        _ => None,
+    };
+    let staged = match (&output, &scratch) {
+        (Some(o), Some(dir)) => stage_output(o, dir.path()),
+        _ => None,
+    };
     let host = Platform::default();
     let platform = match &opts.platform {
         Some(p) if !p.is_empty() => parse_platform(p).map_err(|e| anyhow::anyhow!("platform: {e}"))?,
@@ -142,18 +222,45 @@ pub async fn run_build(
         no_cache: opts.no_cache,
         labels: opts.labels.clone(),
         tags: opts.tags.clone(),
-        output: None,
+        output: staged.as_ref().map(|(o, _, _)| o.clone()).or(output),
         iidfile: None,
         source_date_epoch: opts.source_date_epoch,
+        cache: crate::remote_cache::CacheOptions::parse(&opts.cache_to, &opts.cache_from, Some(state.registry.clone()))?,
+        keep_storage: opts.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
     };
+    let push = request.output.clone();
     let result = build(&solver, request, EventSink(Some(events))).await?;
-    Ok(result.image_id())
+    let pushed = crate::commands::build::push_output(&state.registry, &state.store, push.as_ref(), &opts.tags).await?;
+    let artifact = match (staged, scratch) {
+        (Some((_, written, is_dir)), Some(dir)) => Some(
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Artifact> {
+                let file = if is_dir {
+                    let tarred = dir.path().join("output.tar");
+                    tar_dir(&written, &tarred)?;
+                    tarred
+                } else {
+                    written
+                };
+                Ok(Artifact { _dir: dir, file })
+            })
+            .await
+            .context("output task")??,
+        ),
+        _ => None,
+    };
+    Ok(BuildDone { image_id: result.image_id(), artifact, pushed })
 }
 
 /// A fresh directory for one build's context (Docker's tar contexts),
 /// removed on drop.
 pub fn context_dir(state: &State) -> anyhow::Result<tempfile::TempDir> {
-    let parent = state.store.root().join("daemon").join("tmp");
+    context_dir_in(state.store.root())
+}
+
+/// A fresh scratch directory under the daemon's part of the store root
+/// `root` (emptied when the daemon starts), removed on drop.
+fn context_dir_in(root: &Path) -> anyhow::Result<tempfile::TempDir> {
+    let parent = root.join("daemon").join("tmp");
     std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
     Ok(tempfile::tempdir_in(parent)?)
 }

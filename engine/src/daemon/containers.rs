@@ -13,7 +13,11 @@ use kiln_frontend::image::ImageConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs, Runtime, Stdio};
+use std::os::fd::AsFd;
+
+use crate::executor::{Shim, ShimOptions, ShimStopper};
+use crate::runtime::tty::WindowSize;
+use crate::runtime::{ContainerSpec, Limits, LogStream, NetworkMode, Rootfs};
 
 /// What to run: the fields `kiln run` and `docker run` share.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -41,6 +45,16 @@ pub struct RunRequest {
     pub hostname: Option<String>,
     /// Container name.
     pub name: Option<String>,
+    /// Bind mounts `HOST:CONTAINER[:ro|rw]`; host paths are the daemon
+    /// machine's (as with docker) and must be absolute.
+    pub volumes: Vec<String>,
+    /// Stream the client's stdin to the container (`-i`; needs an
+    /// upgraded connection, see `docs/API.md`).
+    pub interactive: bool,
+    /// Run on a pseudo-terminal (`-t`; needs an upgraded connection).
+    pub tty: bool,
+    /// The terminal's initial size, `[rows, cols]`.
+    pub console_size: Option<[u16; 2]>,
 }
 
 /// A chunk of container output.
@@ -51,12 +65,26 @@ pub type OutputChunk = (LogStream, Bytes);
 pub fn image_rootfs(store: &Store, image: &str) -> anyhow::Result<(Vec<std::path::PathBuf>, ImageConfig)> {
     let record = store.images.resolve(image)?;
     let local = crate::image_source::open_image(store, &record)?;
-    let layers = local.unpack_layers(store)?.iter().map(|id| store.snapshots.path(id)).collect();
+    // Marked used, so a caller's lease keeps them from garbage collection;
+    // unpacked again if a collection took one in between.
+    let mut ids = local.unpack_layers(store)?;
+    if !kiln_cache::lease::use_snapshots(store, &ids)? {
+        ids = local.unpack_layers(store)?;
+        anyhow::ensure!(kiln_cache::lease::use_snapshots(store, &ids)?, "image {image}: layers removed while starting");
+    }
+    let layers = ids.iter().map(|id| store.snapshots.path(id)).collect();
     let config: ImageConfig = match local.config_json.get("config") {
         Some(c) if !c.is_null() => serde_json::from_value(c.clone()).context("image config")?,
         _ => ImageConfig::default(),
     };
     Ok((layers, config))
+}
+
+/// [`container_spec`] under a new lease of `store`, to hold until the
+/// container exits: garbage collection then keeps its layers (blocking).
+pub fn leased_spec(store: &Store, req: &RunRequest) -> anyhow::Result<(ContainerSpec, kiln_cache::lease::Lease)> {
+    let lease = kiln_cache::lease::Lease::new(store, "run")?;
+    Ok((container_spec(store, req)?, lease))
 }
 
 /// Build the container spec for `req` (blocking: may unpack layers).
@@ -84,6 +112,17 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
         "default" | "bridge" => NetworkMode::Default,
         other => anyhow::bail!("network {other:?}: expected none, host or default"),
     };
+    if let Some(c) = req.cpus.filter(|c| !(*c > 0.0)) {
+        anyhow::bail!("cpus {c}: must be greater than 0");
+    }
+    let mounts = req
+        .volumes
+        .iter()
+        .map(|v| {
+            anyhow::ensure!(v.starts_with('/'), "-v {v:?}: the host path must be absolute (it is a path on the daemon's machine)");
+            crate::commands::run::parse_volume(v)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(ContainerSpec {
         name: req.name.clone(),
         rootfs: Rootfs::throwaway(layers),
@@ -91,55 +130,91 @@ pub fn container_spec(store: &Store, req: &RunRequest) -> anyhow::Result<Contain
         env,
         cwd: req.workdir.clone().unwrap_or_else(|| config.working_dir.clone()),
         user: req.user.clone().unwrap_or_else(|| config.user.clone()),
-        mounts: Vec::new(),
+        mounts,
         network,
         hostname: req.hostname.clone().unwrap_or_default(),
         limits: Limits { memory_bytes: req.memory_bytes, cpus: req.cpus },
     })
 }
 
-/// Run `spec` to the end, sending its output to `output`; returns the exit
-/// code. When `cancel` resolves first (the client went away, the daemon is
-/// shutting down) the container is killed and this returns an error.
+/// How a container's standard streams are attached beyond its output.
+#[derive(Default)]
+pub struct ContainerIo {
+    /// Bytes for the container's stdin; when the sender goes, stdin is
+    /// closed. `None`: stdin is `/dev/null`.
+    pub stdin: Option<mpsc::Receiver<Bytes>>,
+    /// Run on a pseudo-terminal of this size; all output then arrives as
+    /// stdout.
+    pub tty: Option<WindowSize>,
+    /// New sizes for the terminal.
+    pub resize: Option<mpsc::UnboundedReceiver<WindowSize>>,
+}
+
+/// Run `spec` to the end in a container shim (`kiln __container-shim`, a
+/// single-threaded process: see [`crate::executor`]), sending its output to
+/// `output`; returns the exit code. When `cancel` resolves first (the
+/// client went away, the daemon is shutting down) the container is stopped
+/// (SIGTERM, SIGKILL after a grace period) and this returns an error.
 pub async fn run_streamed(
-    runtime: Runtime,
+    shim: Shim,
     spec: ContainerSpec,
+    io: ContainerIo,
     output: mpsc::UnboundedSender<OutputChunk>,
     cancel: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<i32> {
-    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let stopper = ShimStopper::default();
+    let opts = ShimOptions { stdin: io.stdin.is_some(), tty: io.tty, stopper: stopper.clone(), ..Default::default() };
     let sink: crate::runtime::LogSink = Arc::new(move |stream, bytes: &[u8]| {
         let _ = output.send((stream, Bytes::copy_from_slice(bytes)));
     });
     let task = tokio::task::spawn_blocking(move || -> anyhow::Result<i32> {
-        let running = runtime.start(&spec, Stdio::stream(sink))?;
-        if let Some(pid) = running.pid() {
-            let _ = pid_tx.send(pid);
+        let mut process = shim.start(&spec, opts, sink.clone())?;
+        let mut terminal_reader = None;
+        if let Some(terminal) = process.take_terminal() {
+            if let Some(input) = io.stdin {
+                spawn_input(input, std::fs::File::from(terminal.try_clone()?));
+            }
+            if let Some(mut sizes) = io.resize {
+                let terminal = terminal.try_clone()?;
+                std::thread::spawn(move || {
+                    while let Some(size) = sizes.blocking_recv() {
+                        let _ = size.apply(terminal.as_fd());
+                    }
+                });
+            }
+            // All of a terminal's output is stdout; it ends with EIO once the container is gone.
+            terminal_reader = Some(crate::executor::spawn_reader(terminal, LogStream::Stdout, sink));
+        } else if let (Some(stdin), Some(input)) = (process.take_stdin(), io.stdin) {
+            spawn_input(input, stdin);
         }
-        running.wait()
+        let code = process.wait();
+        if let Some(reader) = terminal_reader {
+            let _ = reader.join();
+        }
+        code
     });
     tokio::pin!(task);
-    tokio::pin!(cancel);
-    let mut pid = None;
-    let mut pid_rx = Some(pid_rx);
-    loop {
-        tokio::select! {
-            done = &mut task => return done.context("container task")?,
-            got = async { pid_rx.as_mut().unwrap().await }, if pid_rx.is_some() => {
-                pid_rx = None;
-                pid = got.ok();
-            }
-            _ = &mut cancel => {
-                if let Some(pid) = pid {
-                    tracing::info!(pid, "cancelled: killing the container");
-                    // SAFETY: plain kill(2) of the container's first process.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                let _ = (&mut task).await;
-                anyhow::bail!("cancelled");
-            }
+    tokio::select! {
+        done = &mut task => done.context("container task")?,
+        _ = cancel => {
+            tracing::info!("cancelled: stopping the container");
+            stopper.stop();
+            let _ = task.await;
+            anyhow::bail!("cancelled")
         }
     }
+}
+
+/// Copy what arrives on `input` into `to` until the sender goes (then
+/// `to` is closed: the container sees the end of its stdin).
+fn spawn_input(mut input: mpsc::Receiver<Bytes>, mut to: impl std::io::Write + Send + 'static) {
+    std::thread::spawn(move || {
+        while let Some(bytes) = input.blocking_recv() {
+            if to.write_all(&bytes).and_then(|()| to.flush()).is_err() {
+                break;
+            }
+        }
+    });
 }
 
 /// One container created through the Docker API.
@@ -162,6 +237,64 @@ pub struct Container {
     pub removed: watch::Sender<bool>,
     /// Kills the running container (set by start).
     pub kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Its output so far (`docker logs`).
+    pub log: ContainerLog,
+    /// Its stdin (`docker run -i`): the sending end, taken by an attach
+    /// with `stdin=1`, and the receiving end, taken by start.
+    pub stdin: Mutex<(Option<mpsc::Sender<Bytes>>, Option<mpsc::Receiver<Bytes>>)>,
+    /// Terminal sizes (`POST /containers/{id}/resize`); start takes the receiver.
+    pub resize: (mpsc::UnboundedSender<WindowSize>, Mutex<Option<mpsc::UnboundedReceiver<WindowSize>>>),
+}
+
+/// What a container wrote, in order, for `docker logs`; beyond
+/// [`ContainerLog::LIMIT`] bytes the oldest output is dropped.
+#[derive(Default)]
+pub struct ContainerLog {
+    chunks: Mutex<LogChunks>,
+    /// The sequence number the next chunk gets (followers wait on it).
+    next: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct LogChunks {
+    /// Sequence number of the first chunk kept.
+    first: u64,
+    chunks: std::collections::VecDeque<OutputChunk>,
+    bytes: usize,
+}
+
+impl ContainerLog {
+    /// Bytes of output kept per container.
+    pub const LIMIT: usize = 16 << 20;
+
+    /// Append a chunk.
+    pub fn push(&self, chunk: &OutputChunk) {
+        let mut log = self.chunks.lock().unwrap();
+        log.bytes += chunk.1.len();
+        log.chunks.push_back(chunk.clone());
+        while log.bytes > Self::LIMIT {
+            let Some(old) = log.chunks.pop_front() else { break };
+            log.bytes -= old.1.len();
+            log.first += 1;
+        }
+        let next = log.first + log.chunks.len() as u64;
+        drop(log);
+        self.next.send_replace(next);
+    }
+
+    /// The chunks from sequence number `from` on (or the oldest kept), and
+    /// the sequence number after them.
+    pub fn since(&self, from: u64) -> (Vec<OutputChunk>, u64) {
+        let log = self.chunks.lock().unwrap();
+        let skip = from.saturating_sub(log.first) as usize;
+        let chunks: Vec<OutputChunk> = log.chunks.iter().skip(skip).cloned().collect();
+        (chunks, log.first + log.chunks.len() as u64)
+    }
+
+    /// Changes whenever a chunk is appended.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.next.subscribe()
+    }
 }
 
 /// The daemon's containers, by ID.
@@ -173,6 +306,14 @@ impl ContainerTable {
     pub fn create(&self, name: Option<String>, request: RunRequest, auto_remove: bool) -> Arc<Container> {
         let id = random_hex(32);
         let name = format!("/{}", name.unwrap_or_else(|| format!("kiln_{}", &id[..12])));
+        let stdin = match request.interactive {
+            true => {
+                let (tx, rx) = mpsc::channel(16);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let (resize_tx, resize_rx) = mpsc::unbounded_channel();
         let container = Arc::new(Container {
             id: id.clone(),
             name,
@@ -183,6 +324,9 @@ impl ContainerTable {
             started: Mutex::new(false),
             removed: watch::channel(false).0,
             kill: Mutex::new(None),
+            log: ContainerLog::default(),
+            stdin: Mutex::new(stdin),
+            resize: (resize_tx, Mutex::new(Some(resize_rx))),
         });
         self.0.lock().unwrap().insert(id, container.clone());
         container

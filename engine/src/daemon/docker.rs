@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::State;
 use super::api::{blocking, pull_image};
-use super::containers::{Container, RunRequest, container_spec, run_streamed};
+use super::containers::{Container, RunRequest, leased_spec, run_streamed};
 use super::web::{ApiError, ApiResult, Query, empty, full, json_response, ok_json, read_body, streaming, MAX_JSON_BODY, parse_json};
 use crate::commands;
 use crate::runtime::LogStream;
@@ -342,13 +342,11 @@ async fn containers_create(state: &State, query: &Query, body: Value) -> ApiResu
         cpus: (nano_cpus > 0).then(|| nano_cpus as f64 / 1e9),
         hostname: nonempty("Hostname"),
         name: None,
+        volumes: string_list(host.get("Binds"))?.unwrap_or_default(),
+        interactive: body.get("OpenStdin").and_then(Value::as_bool).unwrap_or(false),
+        tty: body.get("Tty").and_then(Value::as_bool).unwrap_or(false),
+        console_size: host.get("ConsoleSize").and_then(|c| serde_json::from_value::<[u16; 2]>(c.clone()).ok()).filter(|[r, c]| *r > 0 && *c > 0),
     };
-    if host.get("Binds").and_then(Value::as_array).is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::bad_request("create: bind mounts (-v) are not supported by kiln's Docker API"));
-    }
-    if body.get("Tty").and_then(Value::as_bool) == Some(true) {
-        return Err(ApiError::bad_request("create: Tty (-t) is not supported by kiln yet"));
-    }
     let (store, owned) = (state.store.clone(), image.to_string());
     blocking(move || store.images.resolve(&owned)).await.map_err(|e| {
         if e.status == StatusCode::NOT_FOUND { ApiError::not_found(format!("No such image: {image}")) } else { e }
@@ -370,12 +368,27 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
             *container.attach.lock().unwrap() = Some(tx);
             let want_stdout = query.flag("stdout");
             let want_stderr = query.flag("stderr");
+            // With a tty, output is the terminal's raw bytes, not frames.
+            let tty = container.request.tty;
+            let stdin = if query.flag("stdin") { container.stdin.lock().unwrap().0.take() } else { None };
             tokio::spawn(async move {
                 let upgraded = match upgrade.await {
                     Ok(u) => u,
                     Err(e) => return tracing::warn!("attach: the connection was not upgraded: {e}"),
                 };
-                let mut io = TokioIo::new(upgraded);
+                let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+                // The client's stdin until it half-closes (docker's CloseWrite).
+                let input = stdin.map(|stdin| {
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = vec![0u8; 32 << 10];
+                        while let Ok(n) = read.read(&mut buf).await {
+                            if n == 0 || stdin.send(bytes::Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                });
                 while let Some((stream, bytes)) = rx.recv().await {
                     let (kind, wanted) = match stream {
                         LogStream::Stdout => (1u8, want_stdout),
@@ -384,19 +397,32 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
                     if !wanted {
                         continue;
                     }
-                    if io.write_all(&frame_header(kind, bytes.len())).await.is_err() || io.write_all(&bytes).await.is_err() {
+                    let header_ok = tty || write.write_all(&frame_header(kind, bytes.len())).await.is_ok();
+                    if !header_ok || write.write_all(&bytes).await.is_err() {
                         break;
                     }
                 }
-                let _ = io.shutdown().await;
+                let _ = write.shutdown().await;
+                if let Some(input) = input {
+                    input.abort();
+                }
             });
+            let content_type = if tty { "application/vnd.docker.raw-stream" } else { "application/vnd.docker.multiplexed-stream" };
             Ok(hyper::Response::builder()
                 .status(StatusCode::SWITCHING_PROTOCOLS)
                 .header(header::CONNECTION, "Upgrade")
                 .header(header::UPGRADE, "tcp")
-                .header(header::CONTENT_TYPE, "application/vnd.docker.multiplexed-stream")
+                .header(header::CONTENT_TYPE, content_type)
                 .body(full(""))
                 .expect("static response"))
+        }
+        (&Method::POST, "resize") => {
+            let size = |key: &str| query.get(key).and_then(|v| v.parse::<u16>().ok());
+            let (Some(rows), Some(cols)) = (size("h"), size("w")) else {
+                return Err(ApiError::bad_request("resize: h and w must be numbers of rows and columns"));
+            };
+            let _ = container.resize.0.send(crate::runtime::tty::WindowSize { rows, cols });
+            Ok(empty(StatusCode::OK))
         }
         (&Method::POST, "start") => start(state, container).await,
         (&Method::POST, "wait") => {
@@ -417,6 +443,7 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
             Ok(response)
         }
         (&Method::GET, "json") => ok_json(&inspect_container(&container)),
+        (&Method::GET, "logs") => logs(container, query),
         (&Method::DELETE, "") => {
             let running = *container.started.lock().unwrap() && container.exit.borrow().is_none();
             if running && !query.flag("force") {
@@ -430,6 +457,89 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
         }
         _ => Err(ApiError::not_found(format!("page not found: {method} /containers/{rest}"))),
     }
+}
+
+/// `GET /containers/{id}/logs?stdout=1&stderr=1&follow=1&tail=N`: the
+/// output so far as a multiplexed stream; with `follow`, then what comes
+/// until the container exits.
+fn logs(container: Arc<Container>, query: &Query) -> ApiResult {
+    let (want_stdout, want_stderr, follow) = (query.flag("stdout"), query.flag("stderr"), query.flag("follow"));
+    if !want_stdout && !want_stderr {
+        return Err(ApiError::bad_request("logs: you must choose at least one stream (stdout=1 or stderr=1)"));
+    }
+    if query.flag("timestamps") {
+        return Err(ApiError::bad_request("logs: timestamps are not supported by kiln"));
+    }
+    let tail = match query.get("tail").filter(|t| !t.is_empty() && *t != "all") {
+        Some(n) => Some(n.parse::<usize>().map_err(|_| ApiError::bad_request(format!("logs: tail={n:?}: expected a number or all")))?),
+        None => None,
+    };
+    let wanted = move |stream: &LogStream| match stream {
+        LogStream::Stdout => want_stdout,
+        LogStream::Stderr => want_stderr,
+    };
+    let (response, mut sink) = streaming("application/vnd.docker.multiplexed-stream");
+    tokio::spawn(async move {
+        let mut changed = container.log.subscribe();
+        let mut exit = container.exit.subscribe();
+        let (chunks, mut next) = container.log.since(0);
+        let mut chunks: Vec<_> = chunks.into_iter().filter(|(s, _)| wanted(s)).collect();
+        if let Some(n) = tail {
+            chunks = last_lines(chunks, n);
+        }
+        for chunk in chunks {
+            if !send_frame(&mut sink, &chunk).await {
+                return;
+            }
+        }
+        while follow {
+            let exited = exit.borrow_and_update().is_some();
+            let (more, after) = container.log.since(next);
+            next = after;
+            for chunk in more.iter().filter(|(s, _)| wanted(s)) {
+                if !send_frame(&mut sink, chunk).await {
+                    return;
+                }
+            }
+            if exited {
+                break;
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = exit.changed() => {}
+                _ = sink.closed() => return,
+            }
+        }
+    });
+    Ok(response)
+}
+
+/// The chunks holding the last `n` lines (per docker's `--tail`).
+fn last_lines(chunks: Vec<super::containers::OutputChunk>, n: usize) -> Vec<super::containers::OutputChunk> {
+    let mut lines: Vec<super::containers::OutputChunk> = Vec::new();
+    for (stream, bytes) in chunks {
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            match lines.last_mut() {
+                // Continue a line this stream left unfinished.
+                Some((s, last)) if *s == stream && last.last() != Some(&b'\n') => {
+                    *last = [&last[..], piece].concat().into();
+                }
+                _ => lines.push((stream, bytes::Bytes::copy_from_slice(piece))),
+            }
+        }
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+async fn send_frame(sink: &mut super::web::LineSender, (stream, bytes): &super::containers::OutputChunk) -> bool {
+    let kind = match stream {
+        LogStream::Stdout => 1u8,
+        LogStream::Stderr => 2u8,
+    };
+    let mut frame = frame_header(kind, bytes.len()).to_vec();
+    frame.extend_from_slice(bytes);
+    sink.send_raw(frame.into()).await
 }
 
 /// Docker's 8-byte frame header: stream (1 stdout, 2 stderr), three zero
@@ -448,18 +558,40 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
         *started = true;
     }
     let (store, request) = (state.store.clone(), container.request.clone());
-    let spec = match blocking(move || container_spec(&store, &request)).await {
-        Ok(spec) => spec,
+    // The lease is held until the container exits: GC keeps its layers.
+    let (spec, lease) = match blocking(move || leased_spec(&store, &request)).await {
+        Ok(spec_and_lease) => spec_and_lease,
         Err(e) => {
             *container.started.lock().unwrap() = false;
             return Err(e);
         }
     };
-    // Output goes to the attached client, or nowhere.
-    let output = container.attach.lock().unwrap().take().unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().0);
+    // Output goes to the container's log and to the attached client, if any.
+    let attached = container.attach.lock().unwrap().take();
+    let (output, mut output_rx) = tokio::sync::mpsc::unbounded_channel::<super::containers::OutputChunk>();
+    let logger = {
+        let container = container.clone();
+        tokio::spawn(async move {
+            while let Some(chunk) = output_rx.recv().await {
+                container.log.push(&chunk);
+                if let Some(attached) = &attached {
+                    let _ = attached.send(chunk);
+                }
+            }
+        })
+    };
+    let io = super::containers::ContainerIo {
+        stdin: container.stdin.lock().unwrap().1.take(),
+        tty: container.request.tty.then(|| {
+            let [rows, cols] = container.request.console_size.unwrap_or_default();
+            crate::runtime::tty::WindowSize { rows, cols }
+        }),
+        resize: container.resize.1.lock().unwrap().take(),
+    };
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     *container.kill.lock().unwrap() = Some(kill_tx);
     tokio::spawn(async move {
+        let _lease = lease;
         let cancel = {
             let state = state.clone();
             async move {
@@ -469,13 +601,15 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
                 }
             }
         };
-        let code = match run_streamed(state.runtime.clone(), spec, output, cancel).await {
+        let code = match run_streamed(state.shim.clone(), spec, io, output, cancel).await {
             Ok(code) => code,
             Err(e) => {
                 tracing::warn!(id = %container.id, "container failed: {e:#}");
                 125
             }
         };
+        // All output is logged before the exit shows.
+        let _ = logger.await;
         tracing::info!(id = %container.id, code, "container exited");
         container.exit.send_replace(Some(code));
         if container.auto_remove {
@@ -513,8 +647,8 @@ fn inspect_container(c: &Container) -> Value {
             "Cmd": c.request.cmd,
             "Entrypoint": c.request.entrypoint,
             "Env": c.request.env,
-            "Tty": false,
-            "OpenStdin": false,
+            "Tty": c.request.tty,
+            "OpenStdin": c.request.interactive,
         },
         "HostConfig": { "AutoRemove": c.auto_remove },
     })
@@ -557,6 +691,14 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         platform: query.get("platform").filter(|p| !p.is_empty()).map(str::to_string),
         secrets: Default::default(),
         source_date_epoch: None,
+        cache_to: Vec::new(),
+        // docker build --cache-from: a JSON list of image references.
+        cache_from: match query.get("cachefrom").filter(|v| !v.is_empty()) {
+            Some(v) => serde_json::from_str(v).map_err(|e| ApiError::bad_request(format!("build: cachefrom: {e}")))?,
+            None => Vec::new(),
+        },
+        output: None,
+        keep_storage: None,
     };
     let dir = super::build::context_dir(&state).map_err(ApiError::from)?;
     let path = dir.path().to_path_buf();
@@ -579,7 +721,8 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let mut plain = crate::progress::Plain::new();
         let gone = lines.clone();
-        let work = super::build::run_build(&state, opts, dir.path().to_path_buf(), tx);
+        let context = dir.path().to_path_buf();
+        let work = async { super::build::run_build(&state, opts, context, tx).await.map(|done| done.image_id) };
         tokio::pin!(work);
         let result = loop {
             tokio::select! {

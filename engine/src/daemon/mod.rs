@@ -53,8 +53,8 @@ pub struct State {
     pub store: Arc<Store>,
     /// Registry access (mirrors, insecure hosts, credentials from the root).
     pub registry: Arc<Registry>,
-    /// Runs containers.
-    pub runtime: Runtime,
+    /// Runs containers, each in a single-threaded container shim process.
+    pub shim: crate::executor::Shim,
     /// Containers created through the Docker API.
     pub containers: containers::ContainerTable,
     /// The solver every build shares (one cache, identical steps run once).
@@ -121,6 +121,7 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
         Ok(n) => tracing::info!(containers = n, "removed leftovers of containers from a previous run"),
         Err(e) => tracing::warn!("sweeping old containers: {e:#}"),
     }
+    let shim = crate::executor::Shim::find(runtime.state_root())?;
     let registry = Arc::new(Registry::from_global(global)?);
     // Contexts of earlier runs (and of builds a crash interrupted) go.
     let _ = std::fs::remove_dir_all(global.root.join("daemon").join("tmp"));
@@ -130,7 +131,7 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
     let state = Arc::new(State {
         store,
         registry,
-        runtime,
+        shim,
         containers: Default::default(),
         solver,
         contexts,

@@ -100,6 +100,64 @@ pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> 
     }
 }
 
+/// The largest archive upload (`import`, `load`) accepted (64 GiB; these
+/// go to disk as they arrive, not to memory).
+pub const MAX_ARCHIVE_UPLOAD: u64 = 64 << 30;
+
+/// Write the body to a new file at `path` as it arrives, refusing more
+/// than `limit` bytes with 413; returns the number of bytes.
+pub async fn receive_to_file(mut body: Incoming, path: &std::path::Path, limit: u64) -> Result<u64, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let internal = |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", path.display()));
+    let mut file = tokio::fs::File::create(path).await.map_err(internal)?;
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        let Some(data) = frame.data_ref() else { continue };
+        total += data.len() as u64;
+        if total > limit {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than the limit of {limit} bytes")));
+        }
+        file.write_all(data).await.map_err(internal)?;
+    }
+    file.flush().await.map_err(internal)?;
+    Ok(total)
+}
+
+/// The file at `path` in chunks of at most `chunk` bytes, read on a
+/// blocking thread; `keep` (e.g. the temp dir holding the file) is
+/// dropped once the file has been read.
+pub fn file_chunks(
+    path: std::path::PathBuf,
+    chunk: usize,
+    keep: impl Send + 'static,
+) -> tokio::sync::mpsc::Receiver<std::io::Result<Bytes>> {
+    use std::io::Read;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let _keep = keep;
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => return drop(tx.blocking_send(Err(e))),
+        };
+        loop {
+            let mut buf = vec![0u8; chunk];
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return drop(tx.blocking_send(Err(e))),
+            }
+        }
+    });
+    rx
+}
+
 /// Parse a JSON request body (at most [`MAX_JSON_BODY`]); an empty body is
 /// read as `{}`.
 pub async fn read_json<T: serde::de::DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {

@@ -34,6 +34,7 @@
 //! registries).
 
 pub mod auth;
+pub mod cache;
 pub mod manifest;
 
 use std::io::{Read, Write};
@@ -531,6 +532,28 @@ impl Registry {
     /// has are not uploaded again.
     pub async fn push(&self, store: &Store, manifest_digest: &str, reference: &str) -> anyhow::Result<PushedImage> {
         let name = normalize_reference(reference)?;
+        let bytes = store.content.read(manifest_digest)?;
+        let bad = |reason: String| RegistryError::BadManifest { reference: name.clone(), reason };
+        let Manifest::Image { media_type, config, layers } = Manifest::parse(&bytes, None).map_err(bad)? else {
+            return Err(bad("pushing an index is not supported; push a single-platform image".into()).into());
+        };
+        let blobs: Vec<Descriptor> = std::iter::once(config).chain(layers).collect();
+        self.push_blobs_and_manifest(store, &name, manifest_digest, bytes, &media_type, blobs).await
+    }
+
+    /// Upload `blobs` (from the store; skipping those the registry has,
+    /// mounting from another repository where it can), then the manifest
+    /// `bytes` of `media_type` as `name` (normalized).
+    async fn push_blobs_and_manifest(
+        &self,
+        store: &Store,
+        name: &str,
+        manifest_digest: &str,
+        bytes: Vec<u8>,
+        media_type: &str,
+        blobs: Vec<Descriptor>,
+    ) -> anyhow::Result<PushedImage> {
+        let name = name.to_string();
         let parsed = to_oci_reference(&name);
         let host = if parsed.registry() == "docker.io" { "index.docker.io" } else { parsed.registry() };
         let target = match parsed.tag() {
@@ -539,19 +562,13 @@ impl Registry {
         };
         let label = parsed.registry().to_string();
         let classify = |e: OciDistributionError| classify(e, &name, &label);
-
-        let bytes = store.content.read(manifest_digest)?;
         let bad = |reason: String| RegistryError::BadManifest { reference: name.clone(), reason };
-        let Manifest::Image { media_type, config, layers } = Manifest::parse(&bytes, None).map_err(bad)? else {
-            return Err(bad("pushing an index is not supported; push a single-platform image".into()).into());
-        };
 
         let auth = auth::credentials_for(&self.config.auth_file, host)?;
         self.client(host).auth(&target, &auth, RegistryOperation::Push).await.map_err(classify)?;
         // Separate tokens for HEAD (pull scope) on registries with token auth.
         self.client(host).auth(&target, &auth, RegistryOperation::Pull).await.map_err(classify)?;
 
-        let blobs: Vec<Descriptor> = std::iter::once(config).chain(layers).collect();
         let mount_sources = mount_sources(store, parsed.registry(), parsed.repository());
         let outcomes: Vec<BlobPush> = futures::stream::iter(blobs)
             .map(|blob| {
@@ -582,7 +599,7 @@ impl Registry {
             .try_collect()
             .await?;
 
-        let content_type = http::HeaderValue::from_str(&media_type)
+        let content_type = http::HeaderValue::from_str(media_type)
             .map_err(|_| bad(format!("media type {media_type:?} is not a valid header value")))?;
         self.client(host).push_manifest_raw(&target, bytes, content_type).await.map_err(classify)?;
         let count = |kind| outcomes.iter().filter(|o| **o == kind).count();

@@ -23,6 +23,7 @@ mod netns;
 pub mod overlay;
 mod spec;
 mod stubs;
+pub mod tty;
 pub mod user;
 mod workload;
 
@@ -162,6 +163,10 @@ pub enum Output {
     Inherit,
     /// Chunks as they arrive, tagged with their stream.
     Stream(LogSink),
+    /// A pseudo-terminal of this initial size, opened inside the
+    /// container: its stdin, stdout and stderr are the slave; the master is
+    /// [`Running::take_terminal`] (the [`Stdin`] setting is ignored).
+    Terminal(tty::WindowSize),
 }
 
 /// The container's standard streams.
@@ -187,6 +192,9 @@ impl Stdio {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     state_root: PathBuf,
+    /// Short hash of the state root: cgroups are `/kiln/<tag>-<id>`, so two
+    /// store roots running containers of the same name never share one.
+    cgroup_tag: String,
     /// `KILN_RUNTIME_TIMING=1`: print how long each phase took (to stderr).
     timing: bool,
 }
@@ -195,12 +203,17 @@ impl Runtime {
     /// Use `state_root` (e.g. `<kiln root>/run`) for container state, and
     /// clean up whatever containers of dead kiln processes left there.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let state_root: PathBuf = state_root.into();
+        let containers = state_root.join("containers");
+        std::fs::create_dir_all(&containers)
+            .with_context(|| format!("creating {}", containers.display()))?;
+        let canonical = std::fs::canonicalize(&state_root)
+            .with_context(|| format!("resolving {}", state_root.display()))?;
         let rt = Runtime {
-            state_root: state_root.into(),
+            cgroup_tag: cgroup_tag(&canonical),
+            state_root,
             timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some(),
         };
-        std::fs::create_dir_all(rt.containers_dir())
-            .with_context(|| format!("creating {}", rt.containers_dir().display()))?;
         std::fs::create_dir_all(rt.libcontainer_dir())
             .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
         rt.sweep()?;
@@ -251,14 +264,14 @@ impl Runtime {
                 cleaned += 1;
                 continue;
             };
-            #[allow(deprecated)] // a plain fd lock; nix's Flock wrapper would own the File
-            if nix::fcntl::flock(
-                lock.as_raw_fd(),
-                nix::fcntl::FlockArg::LockExclusiveNonblock,
-            )
-            .is_err()
-            {
-                continue;
+            if !try_lock(&lock) {
+                // Held. Normally by a live owner; but when the owner was
+                // killed while libcontainer was starting the container, its
+                // cloned children (which inherited the locked fd) wait
+                // forever for a "start" that never comes. Kill them.
+                if owner_alive(&dir) || !self.kill_orphans(&id, &dir.join("lock"), &lock) {
+                    continue;
+                }
             }
             let stubs = read_stub_record(&dir);
             self.cleanup_state(&id, stubs.as_ref().map(|(u, s)| (u.as_path(), s)))?;
@@ -274,6 +287,33 @@ impl Runtime {
             }
         }
         Ok(cleaned)
+    }
+
+    /// Kill the processes of container `id` whose owner is dead: those
+    /// holding its lock file open and those in its cgroup. True once the
+    /// lock could be taken (within two seconds).
+    fn kill_orphans(&self, id: &str, lock_path: &Path, lock: &File) -> bool {
+        let cgroup = self.cgroup_name(id);
+        for _ in 0..20 {
+            for pid in processes_holding(lock_path)
+                .into_iter()
+                .chain(processes_in_cgroup(&cgroup))
+            {
+                tracing::info!(pid, id, "killing an orphan of a dead kiln process");
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if try_lock(lock) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The cgroup (relative to each hierarchy's root) of container `id`:
+    /// `kiln/<hash of the state root>-<id>`.
+    pub fn cgroup_name(&self, id: &str) -> String {
+        format!("kiln/{}-{id}", self.cgroup_tag)
     }
 
     /// The state directory given to [`Runtime::new`].
@@ -309,8 +349,10 @@ impl Runtime {
         #[allow(deprecated)]
         nix::fcntl::flock(lock.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive)
             .context("locking container state")?;
+        // Before the sweep lock is released: a sweep never sees a locked
+        // container without its owner record.
+        std::fs::write(dir.join("owner"), owner_record())?;
         drop(creating);
-        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
         let mut running = Running {
             runtime: self.clone(),
             id,
@@ -321,6 +363,7 @@ impl Runtime {
             container: None,
             pid: None,
             readers: Vec::new(),
+            terminal: None,
             detacher: None,
             clock: Clock::new(self.timing),
             _lock: lock,
@@ -341,7 +384,7 @@ impl Runtime {
     /// whose processes are all gone. False if anything is left (then use
     /// libcontainer's own delete).
     fn remove_stopped_container(&self, id: &str) -> bool {
-        remove_cgroups(id) && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
+        remove_cgroups(&self.cgroup_name(id)) && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
     }
 
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
@@ -355,7 +398,7 @@ impl Runtime {
         // after a crash its killed processes may take a moment to be reaped
         // (by their new parent, not us): give them a second.
         for _ in 0..10 {
-            if remove_cgroups(id) {
+            if remove_cgroups(&self.cgroup_name(id)) {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -384,31 +427,141 @@ impl Runtime {
     }
 }
 
-/// Remove the (empty) cgroup directories `/kiln/<id>` in every cgroup
-/// hierarchy; false if one could not be removed.
-fn remove_cgroups(id: &str) -> bool {
+/// The mount points of the cgroup hierarchies (v1 controllers and/or v2).
+fn cgroup_mounts() -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
+        return Vec::new();
     };
-    let mut all_gone = true;
+    let mut out = Vec::new();
     for line in info.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
         };
         let fstype = right.split(' ').next().unwrap_or("");
         let fields: Vec<&str> = left.split(' ').collect();
-        if !(fstype == "cgroup" || fstype == "cgroup2") || fields.len() < 5 || fields[3] != "/" {
-            continue;
+        if (fstype == "cgroup" || fstype == "cgroup2") && fields.len() >= 5 && fields[3] == "/" {
+            out.push(PathBuf::from(fields[4]));
         }
-        // The spec's cgroupsPath is /kiln/<id> in every hierarchy.
-        let dir = Path::new(fields[4]).join("kiln").join(id);
-        match std::fs::remove_dir(&dir) {
+    }
+    out
+}
+
+/// Remove the (empty) cgroup directories `name` (e.g. `kiln/<tag>-<id>`)
+/// in every cgroup hierarchy; false if one could not be removed.
+fn remove_cgroups(name: &str) -> bool {
+    let mut all_gone = true;
+    for mount in cgroup_mounts() {
+        match std::fs::remove_dir(mount.join(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(_) => all_gone = false,
         }
     }
     all_gone
+}
+
+/// Pids in cgroup `name` in any hierarchy.
+fn processes_in_cgroup(name: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = cgroup_mounts()
+        .iter()
+        .filter_map(|m| std::fs::read_to_string(m.join(name).join("cgroup.procs")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Pids of the processes that have `path` open (found through /proc/*/fd).
+fn processes_holding(path: &Path) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(path) else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::metadata(fd.path())
+                .is_ok_and(|m| m.dev() == target.dev() && m.ino() == target.ino())
+        });
+        if holds {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Take an exclusive flock on `lock` without waiting; true if taken.
+fn try_lock(lock: &File) -> bool {
+    #[allow(deprecated)] // a plain fd lock; nix's Flock wrapper would own the File
+    nix::fcntl::flock(
+        lock.as_raw_fd(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .is_ok()
+}
+
+/// A process's start time (clock ticks after boot, field 22 of
+/// `/proc/<pid>/stat`); `None` if it is gone or a zombie.
+fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: skip past the last ')'.
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    // `rest` starts at field 3 (state), so field 22 is at index 19.
+    fields.get(19)?.parse().ok()
+}
+
+/// The content of a container's `owner` file: this process's pid and start time.
+fn owner_record() -> String {
+    let pid = std::process::id() as i32;
+    format!("{pid} {}", process_start_time(pid).unwrap_or(0))
+}
+
+/// Whether the process recorded in `<dir>/owner` still runs (the same
+/// process: pid and start time match, so a recycled pid does not count).
+fn owner_alive(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("owner")) else {
+        // Written while the sweep lock is held, before it is released: a
+        // locked container without one was made by an older kiln.
+        return true;
+    };
+    let mut parts = text.split_whitespace();
+    let (Some(pid), Some(start)) = (
+        parts.next().and_then(|p| p.parse::<i32>().ok()),
+        parts.next().and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        return false;
+    };
+    process_start_time(pid) == Some(start)
+}
+
+/// A short stable hash of a state directory path, for cgroup names.
+fn cgroup_tag(state_root: &Path) -> String {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let digest = sha2::Sha256::digest(state_root.as_os_str().as_bytes());
+    hex::encode(&digest[..4])
 }
 
 /// Kill and delete a libcontainer container (state dir and cgroup); if its
@@ -439,6 +592,8 @@ pub struct Running {
     container: Option<Container>,
     pid: Option<Pid>,
     readers: Vec<std::thread::JoinHandle<()>>,
+    /// The pty master, with [`Output::Terminal`], until taken.
+    terminal: Option<OwnedFd>,
     detacher: Option<std::thread::JoinHandle<()>>,
     clock: Clock,
     _lock: File,
@@ -454,6 +609,13 @@ impl Running {
     /// Host pid of the container's first process.
     pub fn pid(&self) -> Option<i32> {
         self.pid.map(|p| p.as_raw())
+    }
+
+    /// The pty master of a container started with [`Output::Terminal`]
+    /// (once): what is written to it is the container's input, what is
+    /// read from it its output; resize it with [`tty::WindowSize::apply`].
+    pub fn take_terminal(&mut self) -> Option<OwnedFd> {
+        self.terminal.take()
     }
 
     /// Send `signal` to the container's first process.
@@ -592,7 +754,7 @@ impl Running {
             .as_ref()
             .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
         let config = spec::build(&spec::SpecInput {
-            id: &self.id,
+            cgroup: &format!("/{}", self.runtime.cgroup_name(&self.id)),
             rootfs: &rootfs,
             args: &spec.args,
             env: &spec.env,
@@ -604,6 +766,7 @@ impl Running {
             mounts: &mounts,
             netns_path,
             limits: &spec.limits,
+            terminal: matches!(stdio.output, Output::Terminal(_)),
         });
         let bundle = self.dir.join("bundle");
         std::fs::create_dir(&bundle)?;
@@ -615,7 +778,15 @@ impl Running {
             .with_root_path(self.runtime.libcontainer_dir())
             .context("libcontainer state dir")?
             .with_executor(workload::ExecveExecutor);
-        if stdio.stdin == Stdin::Null {
+        let console = match stdio.output {
+            Output::Terminal(size) => {
+                let sock = self.dir.join("console.sock");
+                builder = builder.with_console_socket(Some(&sock));
+                Some((tty::listen_console(&self.dir, "console.sock")?, size))
+            }
+            _ => None,
+        };
+        if stdio.stdin == Stdin::Null && console.is_none() {
             builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
         }
         if let Output::Stream(sink) = &stdio.output {
@@ -629,7 +800,7 @@ impl Running {
                 self.readers.push(spawn_reader(read, stream, sink.clone()));
             }
         }
-        let mut container = builder
+        let container = builder
             .as_init(&bundle)
             .with_systemd(false)
             .with_detach(true)
@@ -638,6 +809,17 @@ impl Running {
         self.clock.mark("libcontainer create");
         drop(netns);
         self.pid = container.pid();
+        // Kept in `self` first so a failure below still cleans up.
+        self.container = Some(container);
+        if let Some((listener, size)) = console {
+            // Sized before the process runs, so it never sees 0x0.
+            let master = tty::accept_console(&listener)?;
+            if size != tty::WindowSize::default() {
+                size.apply(master.as_fd())?;
+            }
+            self.terminal = Some(master);
+        }
+        let container = self.container.as_mut().expect("just set");
         // The container's mount namespace now holds its own copies of the
         // overlay and layer mounts (private: nothing propagates between
         // them). Detach the host's copies while the container runs: an
@@ -651,9 +833,9 @@ impl Running {
                 }
             }
         }));
-        let started = container.start();
-        self.container = Some(container);
-        started.map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
+        container
+            .start()
+            .map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
         self.clock.mark("start");
         Ok(())
     }

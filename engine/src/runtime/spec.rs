@@ -113,8 +113,8 @@ const READONLY_PATHS: &[&str] = &[
 
 /// Everything the spec needs that the caller decided.
 pub struct SpecInput<'a> {
-    /// Container id (also names the cgroup).
-    pub id: &'a str,
+    /// cgroups path, e.g. `/kiln/<tag>-<id>`.
+    pub cgroup: &'a str,
     /// The mounted rootfs.
     pub rootfs: &'a Path,
     /// argv.
@@ -137,6 +137,8 @@ pub struct SpecInput<'a> {
     pub netns_path: Option<String>,
     /// Resource limits.
     pub limits: &'a Limits,
+    /// Give the process a pseudo-terminal.
+    pub terminal: bool,
 }
 
 /// Build the runtime spec as JSON.
@@ -213,7 +215,7 @@ pub fn build(input: &SpecInput<'_>) -> Value {
     json!({
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": false,
+            "terminal": input.terminal,
             "user": {"uid": input.user.uid, "gid": input.user.gid, "additionalGids": input.user.additional_gids},
             "args": input.args,
             "env": env,
@@ -233,7 +235,7 @@ pub fn build(input: &SpecInput<'_>) -> Value {
             // applies it recursively); kiln
             // detaches its host copies of the rootfs while the container runs.
             "rootfsPropagation": "private",
-            "cgroupsPath": format!("/kiln/{}", input.id),
+            "cgroupsPath": input.cgroup,
             "resources": resources,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,

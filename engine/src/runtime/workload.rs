@@ -6,7 +6,8 @@
 //! global environment lock. The container is cloned from a multi-threaded
 //! process; if another thread held that lock at clone time, the child
 //! waits on it forever. This executor never touches the process
-//! environment: it builds `envp` from the spec and calls `execve`.
+//! environment: it builds `envp` from the spec and calls `execve`. It also
+//! ties the container's life to its starter's with `PR_SET_PDEATHSIG`.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -67,6 +68,16 @@ impl Executor for ExecveExecutor {
     }
 
     fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        // libcontainer calls this in the container's init, after switching
+        // to the container's user (which would clear it) and before waiting
+        // for "start". From here on the container dies with the process
+        // that started it: its parent, since libcontainer clones the init as
+        // a sibling of its intermediate child (kiln or its shim). It
+        // survives execve (except of a set-user-ID binary). An init whose
+        // starter died before this point waits for a start that never
+        // comes: the sweep kills it.
+        // SAFETY: prctl(2) with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
         let (args, env) = process_parts(spec).ok_or_else(|| {
             ExecutorValidationError::ArgValidationError("no command to run".into())
         })?;

@@ -20,6 +20,8 @@ pub struct Daemon {
     pub root: PathBuf,
     /// The socket.
     pub socket: PathBuf,
+    /// Extra environment of the daemon process.
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -36,8 +38,14 @@ impl Daemon {
 
     /// Start a daemon in `dir` serving `root`.
     pub fn start_on(dir: tempfile::TempDir, root: PathBuf, extra: &[&str]) -> Daemon {
+        Self::start_env(dir, root, extra, &[])
+    }
+
+    /// [`Daemon::start_on`] with extra environment variables for the daemon.
+    pub fn start_env(dir: tempfile::TempDir, root: PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = dir.path().join("kiln.sock");
-        let mut daemon = Daemon { dir, root, socket, child: None };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut daemon = Daemon { dir, root, socket, env, child: None };
         daemon.spawn(extra);
         daemon
     }
@@ -52,6 +60,7 @@ impl Daemon {
             .arg(format!("unix://{}", self.socket.display()))
             .args(extra)
             .env("KILN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -124,6 +133,11 @@ impl Daemon {
         Command::new(env!("CARGO_BIN_EXE_kiln")).arg("--host").arg(self.host()).args(args).output().unwrap()
     }
 
+    /// [`Daemon::client`] run in the directory `cwd`.
+    pub fn client_in(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kiln")).current_dir(cwd).arg("--host").arg(self.host()).args(args).output().unwrap()
+    }
+
     /// [`Daemon::client`] with `SOURCE_DATE_EPOCH=0`, for comparable image IDs.
     pub fn client_reproducible(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -170,6 +184,15 @@ pub fn parse_response(out: &[u8]) -> (u16, String, Vec<u8>) {
     let head = String::from_utf8_lossy(&out[..end]).into_owned();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, head, out[end + 4..].to_vec())
+}
+
+/// Write `files` (relative name, text) under `dir`, creating directories.
+pub fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (name, text) in files {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
 }
 
 /// stdout as a string.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use kiln_engine::runtime::{LogSink, LogStream, Rootfs, Runtime};
+use kiln_engine::executor::{Shim, ShimOptions, ShimProcess};
+use kiln_engine::runtime::{ContainerSpec, LogSink, LogStream, Rootfs, Runtime};
 
 /// Why a test cannot run here, if it cannot.
 pub fn skip_reason() -> Option<String> {
@@ -19,8 +20,7 @@ pub fn skip_reason() -> Option<String> {
     None
 }
 
-/// Skip the test (with a message) unless containers can run here; else
-/// hold the suite-wide lock for the rest of the test.
+/// Skip the test (with a message) unless containers can run here.
 #[macro_export]
 macro_rules! require_containers {
     () => {
@@ -28,15 +28,15 @@ macro_rules! require_containers {
             println!("skipped: containers unavailable because {why}");
             return;
         }
-        let _serial = runtime_common::serial();
     };
 }
 
-/// Tests run one at a time: libcontainer 0.7's cloned child exits through
-/// `std::process::exit`, which takes a std-internal mutex that threads also
-/// take when they start or exit; a test thread finishing at the moment of
-/// another test's clone can leave that child hung. (Known runtime issue,
-/// see the report; this lowers its odds in the suite, it does not fix it.)
+/// For the few tests that start containers in this (multi-threaded) test
+/// process instead of through the shim: one at a time. libcontainer 0.7's
+/// cloned child exits through `std::process::exit`, which takes a
+/// std-internal mutex that threads also take when they start or exit; a
+/// test thread finishing at the moment of the clone can leave that child
+/// hung (the reason for the shim).
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -64,6 +64,23 @@ impl Scratch {
     /// A runtime whose state lives in this scratch dir.
     pub fn runtime(&self) -> Runtime {
         Runtime::new(self.path().join("run")).unwrap()
+    }
+
+    /// A shim (the `kiln` binary under test) with state in this scratch dir.
+    pub fn shim(&self) -> Shim {
+        Shim::new(env!("CARGO_BIN_EXE_kiln"), self.path().join("run"))
+    }
+
+    /// Run `spec` to the end in a shim; its exit code.
+    pub fn run(&self, spec: &ContainerSpec, sink: LogSink) -> anyhow::Result<i32> {
+        self.shim()
+            .start(spec, ShimOptions::default(), sink)?
+            .wait()
+    }
+
+    /// Start `spec` in a shim.
+    pub fn start(&self, spec: &ContainerSpec, sink: LogSink, opts: ShimOptions) -> ShimProcess {
+        self.shim().start(spec, opts, sink).unwrap()
     }
 
     /// A layer directory `name` with busybox, its applets and a small /etc.
@@ -181,4 +198,105 @@ pub fn mounts_below(dir: &Path) -> Vec<String> {
         .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
         .filter(|p| p.starts_with(&me))
         .collect()
+}
+
+/// Processes (pid, name) that have a file open, their cwd or their root
+/// at or below `dir`: leftovers of containers run from there.
+pub fn processes_using(dir: &Path) -> Vec<(i32, String)> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me || is_dead(pid) {
+            continue;
+        }
+        let proc_dir = e.path();
+        let mut links: Vec<PathBuf> = ["cwd", "root"].iter().map(|l| proc_dir.join(l)).collect();
+        if let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        if links
+            .iter()
+            .any(|l| std::fs::read_link(l).is_ok_and(|t| t.starts_with(dir)))
+        {
+            let name = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+            out.push((pid, name.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// Gone, or a zombie waiting to be reaped by someone else.
+pub fn is_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// Cgroup directories (in any hierarchy) whose path relative to the
+/// hierarchy's root starts with `prefix` (e.g. `kiln/<tag>-`).
+pub fn cgroups_with_prefix(prefix: &str) -> Vec<PathBuf> {
+    let (parent, start) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut out = Vec::new();
+    for line in info.lines().filter(|l| l.contains(" - cgroup")) {
+        let Some(mount) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(Path::new(mount).join(parent)) else {
+            continue;
+        };
+        out.extend(
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(start))
+                .map(|e| e.path()),
+        );
+    }
+    out
+}
+
+/// Poll `f` until it holds; panics after 15 s.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Assert that nothing of the containers run with state under `state_root`
+/// (inside scratch dir `scratch`) is left: no state, mounts, processes or
+/// cgroups.
+pub fn assert_nothing_left(scratch: &Path, state_root: &Path) {
+    // Sweeps what dead owners left (killing their orphans) ...
+    let rt = Runtime::new(state_root).unwrap();
+    // ... while live shims finish cleaning up (they hold their lock file).
+    wait_for("leftover processes to exit", || {
+        processes_using(scratch).is_empty()
+    });
+    let prefix = rt.cgroup_name("");
+    for sub in ["containers", "libcontainer"] {
+        let left: Vec<_> = std::fs::read_dir(state_root.join(sub))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{sub} state left: {left:?}");
+    }
+    assert!(
+        mounts_below(scratch).is_empty(),
+        "mounts left: {:?}",
+        mounts_below(scratch)
+    );
+    let cgroups = cgroups_with_prefix(&prefix);
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }

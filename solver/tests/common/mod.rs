@@ -236,19 +236,7 @@ impl Graph {
 
 /// A COPY action reading input 1 (Docker's defaults).
 pub fn copy(sources: &[&str], dest: &str) -> CopyAction {
-    CopyAction {
-        src_input: 1,
-        sources: sources.iter().map(|s| s.to_string()).collect(),
-        dest: dest.into(),
-        owner: None,
-        mode: None,
-        parents: false,
-        exclude: vec![],
-        extract_archives: false,
-        follow_symlinks: true,
-        create_dest_path: true,
-        allow_empty_wildcard: false,
-    }
+    CopyAction::new(1, sources.iter().map(|s| s.to_string()).collect(), dest)
 }
 
 pub fn locals(ctx: &Path) -> HashMap<String, PathBuf> {
