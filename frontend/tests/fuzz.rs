@@ -2,7 +2,7 @@
 //! input. Proptest drives random bytes and random Dockerfile-ish token soup.
 //! Case counts are modest here; run longer locally with e.g.
 //! `PROPTEST_CASES=200000 cargo test --release -p kiln-frontend --test fuzz`.
-//! (cargo-fuzz needs a nightly toolchain, which this project does not use.)
+//! Coverage-guided cargo-fuzz targets for the same code live in `fuzz/` (see its README).
 
 use kiln_frontend::parser;
 use kiln_frontend::shell::{EnvList, Lex};
