@@ -385,8 +385,16 @@ impl Runtime {
     /// whose processes are all gone. False if anything is left (then use
     /// libcontainer's own delete).
     fn remove_stopped_container(&self, id: &str) -> bool {
-        remove_cgroups(&self.cgroup_name(id))
-            && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
+        // A cgroup whose last task was just reaped can still be busy for a
+        // moment on a loaded host: retry briefly before the heavy fallback.
+        let name = self.cgroup_name(id);
+        let removed = (0..10).any(|attempt| {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            remove_cgroups(&name)
+        });
+        removed && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
     }
 
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
@@ -399,11 +407,11 @@ impl Runtime {
         // libcontainer can leave the cgroup behind when creation fails, and
         // after a crash its killed processes may take a moment to be reaped
         // (by their new parent, not us): give them a second.
-        for _ in 0..10 {
+        for _ in 0..50 {
             if remove_cgroups(&self.cgroup_name(id)) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let dir = self.containers_dir().join(id);
         // Usually none: the host's copies were detached while it ran.
