@@ -48,28 +48,38 @@ grep -q '"/bin/true"' "$work/bundle/config.json" || { echo "could not rewrite ru
 
 now_us() { echo $(( $(date +%s%N) / 1000 )); }
 
-# time_runs NAME CMD... : runs CMD N times (after 3 warm-ups), prints the median in microseconds.
-time_runs() {
-    local name=$1; shift
-    local samples=() i t0 t1
-    for i in 1 2 3; do "$@" "warm$i" >/dev/null; done
-    for i in $(seq 1 "$N"); do
-        t0=$(now_us)
-        "$@" "run$i" >/dev/null
-        t1=$(now_us)
-        samples+=($((t1 - t0)))
-    done
-    printf '%s\n' "${samples[@]}" | sort -n | awk -v n="$N" '{a[NR]=$1} END {print (n % 2) ? a[(n+1)/2] : int((a[n/2] + a[n/2+1]) / 2)}'
+# median < numbers, one a line
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2] + a[NR/2+1]) / 2)}'; }
+
+# time_one CMD... : runs CMD once, prints its wall time in microseconds.
+time_one() {
+    local t0 t1
+    t0=$(now_us)
+    "$@" >/dev/null
+    t1=$(now_us)
+    echo $((t1 - t0))
 }
 
 run_runc() { "$RUNC" --root "$work/runc-state" run -b "$work/bundle" "bench-$1"; }
 run_kiln() { "$KILN" --root "$work/kiln" run --rm --network none --name "bench-$1" --rootfs "$rootfs" /bin/true; }
 
-runc_us=$(time_runs runc run_runc)
-kiln_us=$(time_runs kiln run_kiln)
+# 3 warm-ups each, then N rounds; runc and kiln alternate within a round,
+# so both see the same background load (this host is shared).
+for i in 1 2 3; do run_runc "warm$i" >/dev/null; run_kiln "warm$i" >/dev/null; done
+runc_samples=() kiln_samples=()
+for i in $(seq 1 "$N"); do
+    runc_samples+=("$(time_one run_runc "run$i")")
+    kiln_samples+=("$(time_one run_kiln "run$i")")
+done
+runc_us=$(printf '%s\n' "${runc_samples[@]}" | median)
+kiln_us=$(printf '%s\n' "${kiln_samples[@]}" | median)
 ratio=$(awk -v k="$kiln_us" -v r="$runc_us" 'BEGIN {printf "%.2f", k / r}')
+# The fastest run of each: the least disturbed by other processes.
+runc_min=$(printf '%s\n' "${runc_samples[@]}" | sort -n | head -1)
+kiln_min=$(printf '%s\n' "${kiln_samples[@]}" | sort -n | head -1)
 
-echo "N=$N, /bin/true start-to-exit, median"
+echo "N=$N, /bin/true start-to-exit, median (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
 echo "runc run:              $((runc_us / 1000)).$(printf '%03d' $((runc_us % 1000))) ms"
 echo "kiln run --rootfs:     $((kiln_us / 1000)).$(printf '%03d' $((kiln_us % 1000))) ms"
 echo "ratio kiln/runc:       ${ratio}x (target <= 0.60x)"
+echo "fastest run:           runc $((runc_min / 1000)).$(printf '%03d' $((runc_min % 1000))) ms, kiln $((kiln_min / 1000)).$(printf '%03d' $((kiln_min % 1000))) ms ($(awk -v k="$kiln_min" -v r="$runc_min" 'BEGIN {printf "%.2f", k / r}')x)"

@@ -300,7 +300,8 @@ impl Runtime {
                 .chain(processes_in_cgroup(&cgroup))
             {
                 tracing::info!(pid, id, "killing an orphan of a dead kiln process");
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
             if try_lock(lock) {
@@ -384,7 +385,16 @@ impl Runtime {
     /// whose processes are all gone. False if anything is left (then use
     /// libcontainer's own delete).
     fn remove_stopped_container(&self, id: &str) -> bool {
-        remove_cgroups(&self.cgroup_name(id)) && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
+        // A cgroup whose last task was just reaped can still be busy for a
+        // moment on a loaded host: retry briefly before the heavy fallback.
+        let name = self.cgroup_name(id);
+        let removed = (0..10).any(|attempt| {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            remove_cgroups(&name)
+        });
+        removed && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
     }
 
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
@@ -397,18 +407,24 @@ impl Runtime {
         // libcontainer can leave the cgroup behind when creation fails, and
         // after a crash its killed processes may take a moment to be reaped
         // (by their new parent, not us): give them a second.
-        for _ in 0..10 {
+        for _ in 0..50 {
             if remove_cgroups(&self.cgroup_name(id)) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let dir = self.containers_dir().join(id);
-        overlay::unmount_all_under(&dir)?;
-        let left = overlay::mounts_under(&dir)?;
-        if !left.is_empty() {
-            // Never recurse into a directory that still has a mount below it.
-            bail!("container {id}: could not unmount {}", left[0].display());
+        // Usually none: the host's copies were detached while it ran.
+        let mounted = overlay::mounts_under(&dir)?;
+        if !mounted.is_empty() {
+            for m in &mounted {
+                overlay::unmount(m)?;
+            }
+            let left = overlay::mounts_under(&dir)?;
+            if !left.is_empty() {
+                // Never recurse into a directory that still has a mount below it.
+                bail!("container {id}: could not unmount {}", left[0].display());
+            }
         }
         // After a crash the upperdir (an uncommitted snapshot under the
         // store's tmp/) may already be gone, removed by the store's own
@@ -427,8 +443,14 @@ impl Runtime {
     }
 }
 
-/// The mount points of the cgroup hierarchies (v1 controllers and/or v2).
-fn cgroup_mounts() -> Vec<PathBuf> {
+/// The mount points of the cgroup hierarchies (v1 controllers and/or v2),
+/// read once per process: the teardown of every container needs them.
+fn cgroup_mounts() -> &'static [PathBuf] {
+    static MOUNTS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+    MOUNTS.get_or_init(read_cgroup_mounts)
+}
+
+fn read_cgroup_mounts() -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -655,6 +677,13 @@ impl Running {
 
     fn setup(&mut self, spec: &ContainerSpec, stdio: Stdio) -> anyhow::Result<()> {
         anyhow::ensure!(!spec.args.is_empty(), "no command to run");
+        // The kernel takes milliseconds to make a network namespace: let a
+        // helper thread do it while this one mounts and prepares the rootfs
+        // (joined before the clone, which needs this process single-threaded).
+        let netns_job = match spec.network {
+            NetworkMode::Host => None,
+            NetworkMode::None | NetworkMode::Default => Some(netns::spawn_loopback_netns()),
+        };
         let rootfs = self.dir.join("rootfs");
         std::fs::create_dir(&rootfs)?;
         let (upper, work) = if spec.rootfs.upper.as_os_str().is_empty() {
@@ -745,10 +774,12 @@ impl Running {
         std::fs::write(&hosts_file, hosts_content(&hostname, spec.network))?;
         std::fs::write(&resolv_file, resolv_content(spec.network))?;
 
-        let netns = match spec.network {
-            NetworkMode::Host => None,
-            NetworkMode::None | NetworkMode::Default => Some(netns::new_loopback_netns()?),
-        };
+        let netns = netns_job
+            .map(|job| {
+                job.join()
+                    .map_err(|_| anyhow::anyhow!("network namespace helper thread panicked"))?
+            })
+            .transpose()?;
         self.clock.mark("netns");
         let netns_path = netns
             .as_ref()

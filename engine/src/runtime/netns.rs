@@ -8,8 +8,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::Context;
 
-/// Create a network namespace with `lo` up; returns an fd to it.
-pub fn new_loopback_netns() -> anyhow::Result<OwnedFd> {
+/// Start creating a network namespace with `lo` up; the thread's result
+/// is an fd to it.
+pub fn spawn_loopback_netns() -> std::thread::JoinHandle<anyhow::Result<OwnedFd>> {
     std::thread::spawn(|| -> anyhow::Result<OwnedFd> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .context("unshare(CLONE_NEWNET)")?;
@@ -18,8 +19,6 @@ pub fn new_loopback_netns() -> anyhow::Result<OwnedFd> {
         loopback_up().context("bringing up lo in the new network namespace")?;
         Ok(OwnedFd::from(ns))
     })
-    .join()
-    .map_err(|_| anyhow::anyhow!("network namespace helper thread panicked"))?
 }
 
 fn loopback_up() -> std::io::Result<()> {
