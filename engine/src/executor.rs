@@ -214,18 +214,34 @@ impl Shim {
     /// Run `spec` to the end in a shim, its output going to `log`; returns
     /// its exit code (128+N if killed by signal N). Dropping the future
     /// stops the container (see [`ShimStopper::stop`]).
+    ///
+    /// A start that timed out ([`StartTimedOut`]: nothing of the container
+    /// ran yet) is tried once more.
     pub async fn run(&self, spec: &ContainerSpec, log: LogSink) -> anyhow::Result<i32> {
-        let opts = ShimOptions::default();
-        let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
-        let shim = self.clone();
-        let spec = spec.clone();
-        let code = tokio::task::spawn_blocking(move || shim.start(&spec, opts, log)?.wait())
-            .await
-            .context("container shim task panicked")?;
-        stop_on_drop.0 = None;
-        code
+        for attempt in 0.. {
+            let opts = ShimOptions::default();
+            let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
+            let (shim, spec, log) = (self.clone(), spec.clone(), log.clone());
+            let code = tokio::task::spawn_blocking(move || shim.start(&spec, opts, log)?.wait())
+                .await
+                .context("container shim task panicked")?;
+            stop_on_drop.0 = None;
+            match code {
+                Err(e) if attempt == 0 && e.is::<StartTimedOut>() => {
+                    tracing::warn!("{e}; trying once more");
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
     }
 }
+
+/// The shim was ended by its start watchdog before the container's
+/// process ran (see `START_TIMEOUT_SECS` in `commands::run`).
+#[derive(Debug, thiserror::Error)]
+#[error("the container did not start within {} s (its starter was stopped)", crate::commands::run::START_TIMEOUT_SECS)]
+pub struct StartTimedOut;
 
 /// Stops the container if the [`Shim::run`] future is dropped.
 struct StopOnDrop(Option<ShimStopper>);
@@ -323,6 +339,7 @@ impl ShimProcess {
             anyhow::bail!("{msg}");
         }
         match status.map(|s| (s.code(), s.signal())) {
+            Some((_, Some(libc::SIGALRM))) if self.container_pid == 0 => Err(StartTimedOut.into()),
             Some((_, Some(sig))) => anyhow::bail!("container shim killed by signal {sig}"),
             other => anyhow::bail!(
                 "container shim exited with {:?} without a status",

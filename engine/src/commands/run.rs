@@ -362,6 +362,10 @@ pub(crate) struct Supervision {
     pub parent: Option<OwnedFd>,
 }
 
+/// Seconds a container may take to start before the starting process is
+/// ended by SIGALRM (a start takes tens of milliseconds).
+pub(crate) const START_TIMEOUT_SECS: u32 = 120;
+
 /// Run `spec` to the end with SIGINT/SIGTERM/SIGHUP/SIGQUIT forwarded to
 /// the container, which is SIGKILLed if it is still there `sup.grace`
 /// after the first of them; returns its exit code. `started` runs once the
@@ -375,7 +379,17 @@ pub(crate) fn run_supervised(
     started: impl FnOnce(&mut Running) -> anyhow::Result<()>,
 ) -> anyhow::Result<i32> {
     forward_signals();
-    let mut running = runtime.start(spec, stdio)?;
+    // A watchdog on the start: libcontainer waits on its children's
+    // messages with no timeout, and a child that died without a word would
+    // hang this process forever. SIGALRM's default action ends it instead
+    // (the shim's caller then sees a start that timed out). alarm(2) needs
+    // no thread, and fork clears it in the children.
+    // SAFETY: alarm(2) has no memory effects.
+    unsafe { libc::alarm(START_TIMEOUT_SECS) };
+    let started_or_not = runtime.start(spec, stdio);
+    // SAFETY: as above; 0 cancels it.
+    unsafe { libc::alarm(0) };
+    let mut running = started_or_not?;
     let pid = running.pid().context("the container has no process")?;
     CONTAINER_PID.store(pid, Ordering::SeqCst);
     let result = started(&mut running).and_then(|()| supervise(pid, &mut sup));
