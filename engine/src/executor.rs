@@ -115,8 +115,25 @@ impl Shim {
     /// Start `spec` in a new shim; returns once the container's process
     /// runs (blocking: call it from `spawn_blocking` in async code). Its
     /// stdout/stderr go to `log` (without a tty). Errors starting it (bad
-    /// spec, missing layer...) are returned here.
+    /// spec, missing layer...) are returned here. A start that timed out
+    /// ([`StartTimedOut`]: nothing of the container ran yet) is tried once
+    /// more.
     pub fn start(
+        &self,
+        spec: &ContainerSpec,
+        opts: ShimOptions,
+        log: LogSink,
+    ) -> anyhow::Result<ShimProcess> {
+        match self.start_once(spec, opts.clone(), log.clone()) {
+            Err(e) if e.is::<StartTimedOut>() => {
+                tracing::warn!("{e}; trying once more");
+                self.start_once(spec, opts, log)
+            }
+            other => other,
+        }
+    }
+
+    fn start_once(
         &self,
         spec: &ContainerSpec,
         opts: ShimOptions,
@@ -214,26 +231,16 @@ impl Shim {
     /// Run `spec` to the end in a shim, its output going to `log`; returns
     /// its exit code (128+N if killed by signal N). Dropping the future
     /// stops the container (see [`ShimStopper::stop`]).
-    ///
-    /// A start that timed out ([`StartTimedOut`]: nothing of the container
-    /// ran yet) is tried once more.
     pub async fn run(&self, spec: &ContainerSpec, log: LogSink) -> anyhow::Result<i32> {
-        for attempt in 0.. {
-            let opts = ShimOptions::default();
-            let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
-            let (shim, spec, log) = (self.clone(), spec.clone(), log.clone());
-            let code = tokio::task::spawn_blocking(move || shim.start(&spec, opts, log)?.wait())
-                .await
-                .context("container shim task panicked")?;
-            stop_on_drop.0 = None;
-            match code {
-                Err(e) if attempt == 0 && e.is::<StartTimedOut>() => {
-                    tracing::warn!("{e}; trying once more");
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the loop returns")
+        let opts = ShimOptions::default();
+        let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
+        let shim = self.clone();
+        let spec = spec.clone();
+        let code = tokio::task::spawn_blocking(move || shim.start(&spec, opts, log)?.wait())
+            .await
+            .context("container shim task panicked")?;
+        stop_on_drop.0 = None;
+        code
     }
 }
 

@@ -420,3 +420,27 @@ fn same_container_name_in_two_roots_at_once() {
         assert!(cgroups_with_prefix(name).is_empty(), "cgroup {name} left");
     }
 }
+
+/// A shim ended by its start watchdog (SIGALRM, before the container ran)
+/// is a [`StartTimedOut`]; `Shim::start` tries such a start once more and
+/// then gives up with that error. The "shim" here is a script that ends
+/// itself the way the watchdog would, counting its starts.
+#[test]
+fn a_start_that_timed_out_is_tried_once_more() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    let count = s.path().join("starts");
+    let fake = s.path().join("kiln");
+    std::fs::write(&fake, format!("#!/bin/sh\necho start >> {}\nkill -ALRM $$\n", count.display())).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let rootfs = s.rootfs(vec![s.layer("empty")], "a");
+    let spec = ContainerSpec::new(rootfs, sh("true"));
+    let cap = Capture::default();
+    let err = match Shim::new(&fake, s.path().join("run")).start(&spec, ShimOptions::default(), cap.sink()) {
+        Ok(_) => panic!("a shim that never starts cannot start a container"),
+        Err(e) => e,
+    };
+    assert!(err.is::<kiln_engine::executor::StartTimedOut>(), "{err:#}");
+    assert!(format!("{err}").contains("did not start within"), "{err:#}");
+    assert_eq!(std::fs::read_to_string(&count).unwrap(), "start\nstart\n", "tried exactly twice");
+}
