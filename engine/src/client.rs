@@ -718,7 +718,9 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     };
     let keep = vec![".dockerignore".to_string(), dockerfile_name.clone()];
     let scan_dir = dir.clone();
-    let entries = tokio::task::spawn_blocking(move || context::scan(&scan_dir, matcher.as_ref(), &keep)).await??;
+    let checksum_file = context::client_checksum_file(&scan_dir);
+    let entries =
+        tokio::task::spawn_blocking(move || context::scan(&scan_dir, matcher.as_ref(), &keep, checksum_file)).await??;
     let digests: Vec<String> = entries.iter().filter_map(|e| e.digest.clone()).collect();
     let missing: serde_json::Value = client
         .json(Method::POST, "/v1/build/context/missing", Some(&crate::daemon::api::MissingRequest { digests }))

@@ -19,7 +19,6 @@ use std::path::{Component, Path, PathBuf};
 use anyhow::Context as _;
 use kiln_cache::Store;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use super::web::ApiError;
 
@@ -248,13 +247,60 @@ pub fn unpack_tar(bytes: &[u8], dest: &Path) -> Result<(), ApiError> {
 }
 
 /// Client side: list `dir` (minus what `ignore` excludes; the Dockerfile and
-/// `.dockerignore` are always kept) with a digest per file.
-pub fn scan(dir: &Path, ignore: Option<&kiln_frontend::dockerignore::Matcher>, keep: &[String]) -> anyhow::Result<Vec<ContextEntry>> {
+/// `.dockerignore` are always kept) with a digest per file. Files are hashed
+/// in parallel, and a digest already known for an unchanged file (same
+/// inode, size, mtime, ctime; kept in `checksum_file` across builds, as
+/// embedded builds keep theirs) is not recomputed.
+pub fn scan(
+    dir: &Path,
+    ignore: Option<&kiln_frontend::dockerignore::Matcher>,
+    keep: &[String],
+    checksum_file: PathBuf,
+) -> anyhow::Result<Vec<ContextEntry>> {
+    use rayon::prelude::*;
+    let checksums = kiln_solver::tree::LocalContext::open("context", dir, &[], checksum_file)?;
     let mut out = Vec::new();
-    walk(dir, dir, ignore, keep, &mut out)?;
+    let mut files = Vec::new();
+    walk(dir, dir, ignore, keep, &mut out, &mut files)?;
+    let digests: Vec<(usize, String)> = files
+        .par_iter()
+        .map(|(index, host, meta)| {
+            let sha = checksums
+                .file_sha256(&out[*index].path, host, meta)
+                .with_context(|| format!("reading {}", host.display()))?;
+            Ok((*index, format!("sha256:{sha}")))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for (index, digest) in digests {
+        out[index].digest = Some(digest);
+    }
+    // A cache that cannot be written only costs hashing next time.
+    if let Err(e) = checksums.save_checksums() {
+        tracing::debug!("saving context checksums: {e:#}");
+    }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
+
+/// Where the client keeps the checksums of context `dir` between builds:
+/// `$XDG_CACHE_HOME/kiln/contexts/` (else `~/.cache/...`, else the temp
+/// dir), one file per context directory.
+pub fn client_checksum_file(dir: &Path) -> PathBuf {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let name = hex::encode(&sha2::Sha256::digest(canonical.as_os_str().as_bytes())[..12]);
+    let contexts = base.join("kiln").join("contexts");
+    let _ = std::fs::create_dir_all(&contexts);
+    contexts.join(format!("{name}.json"))
+}
+
+/// Files to hash: (index in the entry list, host path, metadata).
+type FilesToHash = Vec<(usize, PathBuf, std::fs::Metadata)>;
 
 fn walk(
     base: &Path,
@@ -262,6 +308,7 @@ fn walk(
     ignore: Option<&kiln_frontend::dockerignore::Matcher>,
     keep: &[String],
     out: &mut Vec<ContextEntry>,
+    files: &mut FilesToHash,
 ) -> anyhow::Result<()> {
     for item in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let item = item?;
@@ -274,7 +321,7 @@ fn walk(
             // An ignored directory may still hold re-included files: walk it,
             // but list it only if something inside is kept.
             let before = out.len();
-            walk(base, &path, ignore, keep, out)?;
+            walk(base, &path, ignore, keep, out, files)?;
             if !ignored || out.len() > before {
                 out.push(ContextEntry { path: rel, kind: EntryKind::Dir, mode, digest: None, target: None });
             }
@@ -287,11 +334,8 @@ fn walk(
             let target = std::fs::read_link(&path)?.to_string_lossy().into_owned();
             out.push(ContextEntry { path: rel, kind: EntryKind::Symlink, mode: 0o777, digest: None, target: Some(target) });
         } else if meta.is_file() {
-            let mut file = std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-            let mut hasher = sha2::Sha256::new();
-            std::io::copy(&mut file, &mut hasher)?;
-            let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
-            out.push(ContextEntry { path: rel, kind: EntryKind::File, mode, digest: Some(digest), target: None });
+            files.push((out.len(), path, meta));
+            out.push(ContextEntry { path: rel, kind: EntryKind::File, mode, digest: None, target: None });
         }
         // Sockets, fifos and devices are not part of a build context.
     }
@@ -322,6 +366,40 @@ pub fn blobs_tar(dir: &Path, entries: &[ContextEntry], wanted: &HashSet<String>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client's scan takes an unchanged file's digest from its
+    /// checksum file (the stored value is returned, not recomputed) and
+    /// hashes again once the file changed.
+    #[test]
+    fn scan_reuses_known_checksums_of_unchanged_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = tmp.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("sub")).unwrap();
+        std::fs::write(ctx.join("sub/a.txt"), "hello\n").unwrap();
+        std::fs::write(ctx.join("b.txt"), "other\n").unwrap();
+        let cache = tmp.path().join("checksums.json");
+        let digest_of = |entries: &[ContextEntry], path: &str| {
+            entries.iter().find(|e| e.path == path).and_then(|e| e.digest.clone()).unwrap()
+        };
+        let first = scan(&ctx, None, &[], cache.clone()).unwrap();
+        let real = "sha256:5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
+        assert_eq!(digest_of(&first, "sub/a.txt"), real);
+        // Plant a different value for the unchanged file: a scan that
+        // reads the file could not return it.
+        let planted = "0".repeat(64);
+        let text = std::fs::read_to_string(&cache).unwrap();
+        let real_hex = real.trim_start_matches("sha256:");
+        assert!(text.contains(real_hex), "{text}");
+        std::fs::write(&cache, text.replace(real_hex, &planted)).unwrap();
+        let second = scan(&ctx, None, &[], cache.clone()).unwrap();
+        assert_eq!(digest_of(&second, "sub/a.txt"), format!("sha256:{planted}"));
+        // Changed (size and ctime move): hashed again.
+        std::fs::write(ctx.join("sub/a.txt"), "hello again\n").unwrap();
+        let third = scan(&ctx, None, &[], cache).unwrap();
+        assert_ne!(digest_of(&third, "sub/a.txt"), format!("sha256:{planted}"));
+        assert_ne!(digest_of(&third, "sub/a.txt"), real);
+        assert_eq!(digest_of(&third, "b.txt"), digest_of(&first, "b.txt"));
+    }
 
     #[test]
     fn relative_paths() {
