@@ -296,7 +296,27 @@ pub fn client_checksum_file(dir: &Path) -> PathBuf {
     let name = hex::encode(&sha2::Sha256::digest(canonical.as_os_str().as_bytes())[..12]);
     let contexts = base.join("kiln").join("contexts");
     let _ = std::fs::create_dir_all(&contexts);
+    forget_old_contexts(&contexts, 256);
     contexts.join(format!("{name}.json"))
+}
+
+/// Keep the checksum files of the `keep` contexts built most recently
+/// (one-off contexts, like temp dirs, must not pile up).
+fn forget_old_contexts(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((e.metadata().ok()?.modified().ok()?, e.path()))
+        })
+        .collect();
+    if files.len() <= keep {
+        return;
+    }
+    files.sort();
+    for (_, path) in &files[..files.len() - keep] {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Files to hash: (index in the entry list, host path, metadata).
@@ -399,6 +419,22 @@ mod tests {
         assert_ne!(digest_of(&third, "sub/a.txt"), format!("sha256:{planted}"));
         assert_ne!(digest_of(&third, "sub/a.txt"), real);
         assert_eq!(digest_of(&third, "b.txt"), digest_of(&first, "b.txt"));
+    }
+
+    #[test]
+    fn only_the_newest_context_checksum_files_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..5u64 {
+            let f = tmp.path().join(format!("{i}.json"));
+            std::fs::write(&f, "{}").unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i);
+            std::fs::File::options().write(true).open(&f).unwrap().set_modified(t).unwrap();
+        }
+        forget_old_contexts(tmp.path(), 3);
+        let mut left: Vec<String> =
+            std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["2.json", "3.json", "4.json"]);
     }
 
     #[test]
