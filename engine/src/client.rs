@@ -321,11 +321,15 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
         Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
         Command::Import(args) => {
             std::fs::metadata(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-            let path = format!(
+            let mut path = format!(
                 "/v1/images/import?reference={}&source={}",
                 encode_query(&args.reference),
                 encode_query(&args.file.to_string_lossy())
             );
+            // The image's time is the client's, as in embedded mode.
+            if let Some(epoch) = commands::import::source_date_epoch() {
+                path.push_str(&format!("&source_date_epoch={epoch}"));
+            }
             let response = client.send(Method::POST, &path, file_body(args.file.clone()), Some("application/x-tar")).await?;
             let record: ImageRecord = read_json_answer(response).await?;
             println!("{}: imported {}", kiln_cache::images::familiar_name(&record.name), record.config_digest);

@@ -220,6 +220,21 @@ fn save_load_and_import_through_the_daemon() {
     let r = client(&["import", "nope.tar", "x:1"]);
     let e = local(&d.root, &["import", "nope.tar", "x:1"]);
     same(&r, &e, "import of a missing file");
+    // The client's SOURCE_DATE_EPOCH dates the image, as in embedded mode:
+    // the same tar gives the same image ID on both sides.
+    let r = ok(d.client_reproducible(&["import", work.join("rootfs.tar").to_str().unwrap(), "dated:1"]), "remote import at epoch 0");
+    let fresh_root = tempfile::tempdir().unwrap();
+    let e = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(fresh_root.path())
+        .args(["import", work.join("rootfs.tar").to_str().unwrap(), "dated:1"])
+        .env("SOURCE_DATE_EPOCH", "0")
+        .output()
+        .unwrap();
+    let e = ok(e, "embedded import at epoch 0");
+    assert_eq!(stdout(&r), stdout(&e), "image IDs differ");
+    let inspected = stdout(&ok(client(&["inspect", "dated:1"]), "inspect"));
+    assert!(inspected.contains("1970-01-01T00:00:00Z"), "{inspected}");
     scratch_is_empty(&d);
     scratch_is_empty(&d2);
 }

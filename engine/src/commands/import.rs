@@ -25,20 +25,23 @@ pub struct Args {
 /// Import; prints the image ID.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
-    let record = import_rootfs(&store, &args.file, &args.reference)?;
+    let record = import_rootfs_as(&store, &args.file, &args.reference, &args.file, source_date_epoch())?;
     println!("{}: imported {}", familiar_name(&record.name), record.config_digest);
     Ok(0)
 }
 
 /// Store `file` as the single layer of a new image named `name` (the
-/// layer is unpacked too, which also checks it is safe).
+/// layer is unpacked too, which also checks it is safe), created now or at
+/// `SOURCE_DATE_EPOCH`.
 pub fn import_rootfs(store: &Store, file: &Path, name: &str) -> anyhow::Result<ImageRecord> {
-    import_rootfs_as(store, file, name, file)
+    import_rootfs_as(store, file, name, file, source_date_epoch())
 }
 
 /// [`import_rootfs`] of `file`, which the image's history and errors call
-/// `shown` (the daemon imports an upload under the client's file name).
-pub fn import_rootfs_as(store: &Store, file: &Path, name: &str, shown: &Path) -> anyhow::Result<ImageRecord> {
+/// `shown` (the daemon imports an upload under the client's file name),
+/// created at `epoch` (seconds; `None`: now). The daemon passes the
+/// client's `SOURCE_DATE_EPOCH`.
+pub fn import_rootfs_as(store: &Store, file: &Path, name: &str, shown: &Path, epoch: Option<i64>) -> anyhow::Result<ImageRecord> {
     let name = kiln_cache::images::normalize_reference(name)?;
     let open = || std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()));
     let mut reader = BufReader::new(open()?);
@@ -49,7 +52,7 @@ pub fn import_rootfs_as(store: &Store, file: &Path, name: &str, shown: &Path) ->
     let snapshot =
         unpack_layer_snapshot(store, &blob, None).map_err(|e| e.context(format!("importing {}", shown.display())))?;
     let diff_id = format!("sha256:{}", snapshot.trim_start_matches("sha256-"));
-    let created = now_rfc3339();
+    let created = created_rfc3339(epoch);
     let config = json!({
         "created": created,
         "architecture": "amd64",
@@ -96,9 +99,14 @@ pub(crate) fn name_image(
     store.images.put(name, &Descriptor { media_type: OCI_MANIFEST.into(), digest, size: bytes.len() as u64 })
 }
 
-/// Now (or `SOURCE_DATE_EPOCH`) as RFC 3339 UTC.
-fn now_rfc3339() -> String {
-    let secs = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or_else(|| {
+/// `SOURCE_DATE_EPOCH` of this process, if set to a number.
+pub fn source_date_epoch() -> Option<i64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<i64>().ok())
+}
+
+/// `epoch` (else now) as RFC 3339 UTC.
+fn created_rfc3339(epoch: Option<i64>) -> String {
+    let secs = epoch.unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
     });
     kiln_exporter::time::rfc3339(secs)
@@ -108,11 +116,8 @@ fn now_rfc3339() -> String {
 mod tests {
     #[test]
     fn rfc3339_of_known_instants() {
-        // SAFETY-free: only this test reads the variable in this process's test binary.
-        unsafe { std::env::set_var("SOURCE_DATE_EPOCH", "1700000000") };
-        assert_eq!(super::now_rfc3339(), "2023-11-14T22:13:20Z");
-        unsafe { std::env::set_var("SOURCE_DATE_EPOCH", "0") };
-        assert_eq!(super::now_rfc3339(), "1970-01-01T00:00:00Z");
-        unsafe { std::env::remove_var("SOURCE_DATE_EPOCH") };
+        assert_eq!(super::created_rfc3339(Some(1_700_000_000)), "2023-11-14T22:13:20Z");
+        assert_eq!(super::created_rfc3339(Some(0)), "1970-01-01T00:00:00Z");
+        assert!(super::created_rfc3339(None).starts_with("20"));
     }
 }

@@ -552,11 +552,15 @@ async fn receive_upload(state: &State, body: Incoming) -> Result<(tempfile::Temp
 async fn import(state: Arc<State>, query: &Query, body: Incoming) -> ApiResult {
     let reference = query.get("reference").filter(|r| !r.is_empty()).ok_or_else(|| ApiError::bad_request("import: reference is required"))?.to_string();
     let source = std::path::PathBuf::from(query.get("source").unwrap_or("-"));
+    let epoch = match query.get("source_date_epoch").filter(|e| !e.is_empty()) {
+        Some(e) => Some(e.parse::<i64>().map_err(|_| ApiError::bad_request(format!("import: source_date_epoch {e:?}: expected seconds")))?),
+        None => None,
+    };
     let (scratch, file) = receive_upload(&state, body).await?;
     let store = state.store.clone();
     let record = blocking(move || {
         let _scratch = scratch;
-        commands::import::import_rootfs_as(&store, &file, &reference, &source)
+        commands::import::import_rootfs_as(&store, &file, &reference, &source, epoch)
     })
     .await?;
     ok_json(&record)
