@@ -75,8 +75,16 @@ impl ScratchDir {
     fn create_in(base: &Path, prefix: &str, mode: u32) -> anyhow::Result<ScratchDir> {
         use std::os::unix::fs::DirBuilderExt;
         let path = base.join(unique_name(prefix));
-        // Locked before it exists, so a sweep never sees it unlocked.
-        let lock = FileLock::exclusive(&base.join(format!("{}.lock", file_name(&path))))?;
+        // Locked before it exists, so a sweep never sees it unlocked. A
+        // sweep may take and remove the fresh lock file between our open
+        // and our flock: then lock the file that is there now.
+        let lock_path = base.join(format!("{}.lock", file_name(&path)));
+        let lock = loop {
+            let lock = FileLock::exclusive(&lock_path)?;
+            if crate::lock::still_named(&lock)? {
+                break lock;
+            }
+        };
         std::fs::DirBuilder::new().mode(mode).create(&path)?;
         Ok(ScratchDir { path, lock: Some(lock) })
     }
@@ -455,6 +463,38 @@ fn hash_file(path: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sweep running while scratch dirs are created never removes one
+    /// that is held, even when it takes a fresh lock file between the
+    /// creator's open and flock.
+    #[test]
+    fn sweeps_racing_with_creation_spare_held_scratch_dirs() {
+        let root = tempfile::tempdir().unwrap();
+        let base = scratch_root(root.path());
+        std::fs::create_dir_all(&base).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sweeper = {
+            let (base, stop) = (base.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    remove_stale_scratch(&base, "").unwrap();
+                }
+            })
+        };
+        let mut lost = 0;
+        for _ in 0..3000 {
+            let dir = ScratchDir::new(root.path()).unwrap();
+            // Give the sweeper a chance at it while it is held.
+            std::thread::yield_now();
+            remove_stale_scratch(&base, "").unwrap();
+            if !dir.path().is_dir() {
+                lost += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sweeper.join().unwrap();
+        assert_eq!(lost, 0, "held scratch dirs removed by a sweep");
+    }
 
     #[test]
     fn leftovers_of_dead_owners_go_live_ones_stay() {

@@ -124,7 +124,9 @@ impl Drop for TransientLock {
 }
 
 /// Whether `lock`'s path still names the file it locked.
-fn still_named(lock: &FileLock) -> std::io::Result<bool> {
+/// Whether the file `lock` holds is still the one named by its path (a
+/// sweeper may have removed it between our open and our flock).
+pub(crate) fn still_named(lock: &FileLock) -> std::io::Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let held = lock.file.metadata()?;
     match std::fs::metadata(&lock.path) {
