@@ -19,7 +19,7 @@
 //! container along (`PR_SET_PDEATHSIG`); a shim killed mid-start leaves
 //! state that the next [`Runtime::new`] sweeps.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -198,7 +198,7 @@ impl Shim {
             (child.stderr.take().map(OwnedFd::from), LogStream::Stderr),
         ]
         .into_iter()
-        .filter_map(|(fd, stream)| fd.map(|fd| spawn_reader(fd, stream, log.clone())))
+        .filter_map(|(fd, stream)| fd.map(|fd| crate::runtime::spawn_reader(fd, stream, log.clone())))
         .collect::<Vec<_>>();
         let mut process = ShimProcess {
             stdin: child.stdin.take(),
@@ -459,23 +459,6 @@ fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
             0,
         )
     };
-}
-
-/// A thread passing what `read` yields to `sink` as `stream`, until the
-/// end (or an error, such as EIO on a pty master whose container is gone).
-pub(crate) fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut f = std::fs::File::from(read);
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            match f.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => sink(stream, &buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-    })
 }
 
 /// Runs the solver's RUN steps as containers, each through a [`Shim`].

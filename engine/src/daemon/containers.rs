@@ -183,7 +183,7 @@ pub async fn run_streamed(
                 });
             }
             // All of a terminal's output is stdout; it ends with EIO once the container is gone.
-            terminal_reader = Some(crate::executor::spawn_reader(terminal, LogStream::Stdout, sink));
+            terminal_reader = Some(crate::runtime::spawn_reader(terminal, LogStream::Stdout, sink));
         } else if let (Some(stdin), Some(input)) = (process.take_stdin(), io.stdin) {
             spawn_input(input, stdin);
         }

@@ -967,7 +967,9 @@ impl Drop for Running {
     }
 }
 
-fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
+/// A thread passing what `read` yields to `sink` as `stream`, until the
+/// end (or an error, such as EIO on a pty master whose container is gone).
+pub(crate) fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = File::from(read);
         let mut buf = vec![0u8; 16 * 1024];
