@@ -97,15 +97,7 @@ impl Kiln {
     fn build(&self, case: &Case) -> Result<Built, String> {
         let mut c = self.cmd();
         c.args(["build", "--progress", "plain", "-t", &case.image_name()]);
-        for a in &case.build_args {
-            c.args(["--build-arg", a]);
-        }
-        if let Some(t) = &case.target {
-            c.args(["--target", t]);
-        }
-        for s in &case.secrets {
-            c.args(["--secret", s]);
-        }
+        c.args(case.shared_build_flags());
         c.arg(&case.dir);
         let context_before = context_digest(&case.dir);
         run(&mut c, "kiln build")?;
@@ -174,15 +166,7 @@ impl Buildah {
         c.args(["build", "--runtime", "runc", "--layers", "--format", "docker", "--quiet", "-t", &case.image_name()]);
         c.arg("-f").arg(case.buildah_dockerfile());
         c.args(&case.buildah_flags);
-        for a in &case.build_args {
-            c.args(["--build-arg", a]);
-        }
-        if let Some(t) = &case.target {
-            c.args(["--target", t]);
-        }
-        for s in &case.secrets {
-            c.args(["--secret", s]);
-        }
+        c.args(case.shared_build_flags());
         c.arg(&case.dir);
         run(&mut c, "buildah build")?;
         let layout = self.work.join(format!("buildah-{}", case.name));

@@ -40,6 +40,22 @@ impl Case {
         format!("equiv-{}", self.name)
     }
 
+    /// The flags both builders take alike: `--build-arg`, `--target`,
+    /// `--secret`.
+    pub fn shared_build_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        for a in &self.build_args {
+            flags.extend(["--build-arg".to_string(), a.clone()]);
+        }
+        if let Some(t) = &self.target {
+            flags.extend(["--target".to_string(), t.clone()]);
+        }
+        for s in &self.secrets {
+            flags.extend(["--secret".to_string(), s.clone()]);
+        }
+        flags
+    }
+
     /// The Dockerfile buildah builds: `Dockerfile.buildah` when buildah
     /// lacks a feature (it spells out what BuildKit does), else `Dockerfile`.
     pub fn buildah_dockerfile(&self) -> PathBuf {
