@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::compression::{Compression, CompressionKind};
+use crate::dest::STDOUT_DEST;
 use crate::image::ImageOptions;
 use crate::layer::LayerOptions;
 
@@ -172,7 +173,7 @@ impl Output {
                 return Err("expected type=...,dest=...".into());
             }
             if spec == "-" {
-                return Ok(Output::Tar { dest: PathBuf::from("-") });
+                return Ok(Output::Tar { dest: PathBuf::from(STDOUT_DEST) });
             }
             return Ok(Output::Local { dest: PathBuf::from(spec) });
         }
@@ -192,7 +193,7 @@ impl Output {
         let dest = || -> Result<PathBuf, String> {
             match get("dest") {
                 None | Some("") => Err(format!("type={kind} needs dest=")),
-                Some("-") if kind == "local" => Err("type=local writes a directory; dest=- (standard output) needs type=tar, oci or docker".into()),
+                Some(STDOUT_DEST) if kind == "local" => Err("type=local writes a directory; dest=- (standard output) needs type=tar, oci or docker".into()),
                 Some(d) => Ok(PathBuf::from(d)),
             }
         };
@@ -222,7 +223,7 @@ impl Output {
                 let dest = dest()?;
                 let as_tar = match get("tar") {
                     Some(v) => parse_bool("tar", v)?,
-                    None => dest.extension().is_some_and(|e| e == "tar") || dest == Path::new("-"),
+                    None => dest.extension().is_some_and(|e| e == "tar") || dest == Path::new(STDOUT_DEST),
                 };
                 Output::Oci { dest: if as_tar { OciDest::Tar(dest) } else { OciDest::Dir(dest) }, name, image }
             }

@@ -52,7 +52,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
 
 /// Whether `-o` means standard output (`-`, the default).
 pub fn to_stdout(output: &std::path::Path) -> bool {
-    output == std::path::Path::new("-")
+    output == std::path::Path::new(kiln_exporter::dest::STDOUT_DEST)
 }
 
 /// What `kiln save` prints after writing `count` images to `output`.
