@@ -9,7 +9,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{TestRegistry, have, kiln};
+use common::{TestRegistry, kiln};
 
 /// Cut the output at ANSI escape sequences (CSI `ESC [ ... final`) and
 /// carriage returns: each redraw of a line becomes a line of its own.
@@ -41,11 +41,7 @@ fn quoted(s: &str) -> String {
 
 #[test]
 fn auto_progress_is_a_live_view_on_a_terminal_and_plain_otherwise() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: tty progress because containers need root");
-        return;
-    }
-    if !have("script", "tty progress") || !have("docker-registry", "tty progress") {
+    if !common::can_run_containers("tty progress", &["script", "docker-registry"]) {
         return;
     }
     let reg = TestRegistry::with_busybox();

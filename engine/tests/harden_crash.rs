@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestRegistry, have, kiln};
+use common::{TestRegistry, kiln};
 
 /// xorshift64*: a tiny seeded generator, so a failing run can be replayed.
 struct Rng(u64);
@@ -117,11 +117,7 @@ fn check_is_consistent(root: &Path, what: &str) {
 /// Whether this machine can run `test` (root, a registry, skopeo); prints
 /// the skip line when not.
 fn can_run(test: &str) -> bool {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: {test} because containers need root");
-        return false;
-    }
-    have("docker-registry", test) && have("skopeo", test)
+    common::can_run_containers(test, &["docker-registry", "skopeo"])
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestRegistry, have, kiln, kiln_ok};
+use common::{TestRegistry, kiln, kiln_ok};
 
 /// Bytes each image's RUN step writes: compressible, so image blobs stay
 /// tiny while the build cache (snapshots) grows fast.
@@ -23,11 +23,7 @@ const LAYER_BYTES: u64 = 2_000_000;
 const CAP: u64 = 16_000_000;
 
 fn can_run(test: &str) -> bool {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: {test} because containers need root");
-        return false;
-    }
-    have("docker-registry", test) && have("skopeo", test) && have("du", test)
+    common::can_run_containers(test, &["docker-registry", "skopeo", "du"])
 }
 
 /// `du -sb` (with `-x`: a running container's rootfs mounted under the

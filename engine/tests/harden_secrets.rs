@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{TestRegistry, have};
+use common::TestRegistry;
 
 /// Every regular file under `dir` (not following symlinks).
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -60,11 +60,7 @@ fn leaks(paths: &[PathBuf], secrets: &[&str]) -> Vec<String> {
 
 #[test]
 fn secret_values_are_nowhere_in_the_store_outputs_or_log() {
-    if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: secrets test because containers need root");
-        return;
-    }
-    if !have("docker-registry", "secrets test") || !have("skopeo", "secrets test") {
+    if !common::can_run_containers("secrets test", &["docker-registry", "skopeo"]) {
         return;
     }
     let reg = TestRegistry::with_busybox();

@@ -30,6 +30,16 @@ pub fn have(tool: &str, test: &str) -> bool {
     found
 }
 
+/// Whether a test that runs containers can run here: root, and each of
+/// `tools` on PATH; prints the standard skip line when not.
+pub fn can_run_containers(test: &str, tools: &[&str]) -> bool {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("skipped: {test} because containers need root");
+        return false;
+    }
+    tools.iter().all(|tool| have(tool, test))
+}
+
 /// A running registry.
 pub struct TestRegistry {
     /// `127.0.0.1:PORT`.
