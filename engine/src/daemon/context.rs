@@ -295,9 +295,13 @@ pub fn client_checksum_file(dir: &Path) -> PathBuf {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let name = hex::encode(&sha2::Sha256::digest(canonical.as_os_str().as_bytes())[..12]);
     let contexts = base.join("kiln").join("contexts");
-    let _ = std::fs::create_dir_all(&contexts);
-    forget_old_contexts(&contexts, 256);
-    contexts.join(format!("{name}.json"))
+    let file = contexts.join(format!("{name}.json"));
+    // Only a new context adds a file: only then can there be too many.
+    if !file.exists() {
+        let _ = std::fs::create_dir_all(&contexts);
+        forget_old_contexts(&contexts, 256);
+    }
+    file
 }
 
 /// Keep the checksum files of the `keep` contexts built most recently
@@ -334,7 +338,8 @@ fn walk(
         let item = item?;
         let path = item.path();
         let rel = path.strip_prefix(base)?.to_string_lossy().into_owned();
-        let meta = std::fs::symlink_metadata(&path)?;
+        // Relative to the open directory (fstatat): no path walk per file.
+        let meta = item.metadata().with_context(|| format!("reading {}", path.display()))?;
         let ignored = ignore.is_some_and(|m| m.matches(&rel)) && !keep.contains(&rel);
         let mode = meta.permissions().mode() & 0o7777;
         if meta.is_dir() {
