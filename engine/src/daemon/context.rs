@@ -1,11 +1,12 @@
 //! Build contexts crossing the socket.
 //!
-//! kiln's client first sends the context's file list with a checksum per
-//! file ([`ContextEntry`]); the daemon answers which contents its content
-//! store lacks; the client uploads only those, as a tar whose entries are
-//! named by their sha256; the build request then carries the list again and
-//! the daemon lays the context out from its store ([`materialize`]). An
-//! unchanged context thus costs one list and no file bytes.
+//! kiln's client sends the build request with the context's file list, a
+//! checksum per file ([`ContextEntry`]); if the daemon's content store
+//! lacks some contents it answers with them ([`missing`]), the client
+//! uploads only those, as a tar whose entries are named by their sha256,
+//! and asks again; the daemon lays the context out from its store
+//! ([`materialize`]). An unchanged context thus costs one request and no
+//! file bytes.
 //!
 //! The Docker API sends the whole context as one tar ([`unpack_tar`]).
 //! Every path from outside is checked: absolute paths, `..` and writes
