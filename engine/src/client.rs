@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::commands::{self, Command};
 use crate::config::Global;
-use crate::daemon::api::{AttachInput, LoginRequest, LoginResult, PullRequest, PullResult, PushResult, RunEvent, SaveRequest, TagRequest};
+use crate::daemon::api::{LoginRequest, LoginResult, PullRequest, PullResult, PushResult, RunEvent, SaveRequest, TagRequest};
 use crate::daemon::containers::RunRequest;
 use crate::daemon::tls::{TlsFiles, client_config};
 use crate::daemon::web::{Body, full};
@@ -447,20 +447,20 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
     // -i / -t: an upgraded connection carrying output one way, input and
     // terminal sizes the other.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let upgrade = [(header::CONNECTION, "Upgrade"), (header::UPGRADE, crate::daemon::api::ATTACH_PROTOCOL)];
+    use crate::daemon::api::{ATTACH_PROTOCOL_FRAMES, input_frame};
+    let upgrade = [(header::CONNECTION, "Upgrade"), (header::UPGRADE, ATTACH_PROTOCOL_FRAMES)];
     let response = client.send_with(Method::POST, "/v1/containers/run", body, Some("application/json"), &upgrade).await?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         check(response).await?;
-        bail!("the daemon did not switch the connection to {}", crate::daemon::api::ATTACH_PROTOCOL);
+        bail!("the daemon did not switch the connection to {ATTACH_PROTOCOL_FRAMES}");
     }
     let upgraded = hyper::upgrade::on(response).await.context("upgrading the connection")?;
     let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
-    let (input_tx, mut input_rx) = tokio::sync::mpsc::unbounded_channel::<AttachInput>();
+    // Encoded input frames; bounded, so a fast stdin waits for the daemon.
+    let (input_tx, mut input_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     tokio::spawn(async move {
-        while let Some(input) = input_rx.recv().await {
-            let mut line = serde_json::to_vec(&input).unwrap_or_default();
-            line.push(b'\n');
-            if write.write_all(&line).await.is_err() || write.flush().await.is_err() {
+        while let Some(frame) = input_rx.recv().await {
+            if write.write_all(&frame).await.is_err() || write.flush().await.is_err() {
                 break;
             }
         }
@@ -480,7 +480,7 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         tokio::spawn(async move {
             while winch.recv().await.is_some() {
                 if let Some(w) = terminal_size() {
-                    if sizes.send(AttachInput::Resize([w.rows, w.cols])).is_err() {
+                    if sizes.send(input_frame::resize(w.rows, w.cols)).await.is_err() {
                         break;
                     }
                 }
@@ -494,19 +494,18 @@ async fn run_remote(client: &Client, args: commands::run::Args) -> anyhow::Resul
         std::thread::spawn(move || {
             use std::io::Read;
             let mut stdin = std::io::stdin().lock();
-            let mut buf = vec![0u8; 32 << 10];
+            let mut buf = vec![0u8; 64 << 10];
             loop {
                 match stdin.read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
-                        if stdin_tx.send(AttachInput::Stdin(data)).is_err() {
+                        if stdin_tx.blocking_send(input_frame::encode(input_frame::STDIN, &buf[..n])).is_err() {
                             return;
                         }
                     }
                 }
             }
-            let _ = stdin_tx.send(AttachInput::StdinEof);
+            let _ = stdin_tx.blocking_send(input_frame::encode(input_frame::STDIN_EOF, &[]));
         });
     }
     drop(input_tx);

@@ -358,6 +358,43 @@ fn run_interactive_streams_stdin_as_embedded_mode_does() {
     assert!(String::from_utf8_lossy(&body).contains("Upgrade: kiln-attach"));
 }
 
+/// Clients of the first attach protocol (`Upgrade: kiln-attach`, stdin as
+/// base64 in JSON lines) still work beside kiln's binary frames.
+#[test]
+fn run_interactive_over_the_json_line_protocol() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(true, &[]);
+    let socket = d.host().strip_prefix("unix://").unwrap().to_string();
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let body = br#"{"image":"busybox","cmd":["sh","-c","cat; echo end"],"interactive":true}"#;
+    let head = format!(
+        "POST /v1/containers/run HTTP/1.1\r\nHost: kiln\r\nConnection: Upgrade\r\nUpgrade: kiln-attach\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    // "hello\n" and "world\n" in base64, then the end of stdin.
+    stream.write_all(b"{\"stdin\":\"aGVsbG8K\"}\n{\"stdin\":\"d29ybGQK\"}\n\"stdin_eof\"\n").unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("{\"exit\":") {
+        let n = stream.read(&mut buf).expect("the daemon's answer");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 101") && text.to_ascii_lowercase().contains("upgrade: kiln-attach\r\n"), "{text}");
+    let out: String = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("stdout").and_then(|d| d.as_str()).map(str::to_string))
+        .map(|b64| String::from_utf8(base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()).unwrap())
+        .collect();
+    assert_eq!(out, "hello\nworld\nend\n", "{text}");
+    assert!(text.contains("{\"exit\":0}"), "{text}");
+}
+
 #[test]
 fn run_tty_gives_the_container_a_terminal_of_the_clients_size() {
     if !common::have("script", "run_tty_gives_the_container_a_terminal_of_the_clients_size") {

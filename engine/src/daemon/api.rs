@@ -222,7 +222,8 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, rest: String) -> A
             let bytes = read_body(req.into_body(), MAX_BUILD_REQUEST).await?;
             build(state, super::web::parse_json(&bytes)?).await
         }
-        (&Method::POST, "containers/run") if is_upgrade(&req, ATTACH_PROTOCOL) => run_attached(state, req).await,
+        (&Method::POST, "containers/run") if is_upgrade(&req, ATTACH_PROTOCOL_FRAMES) => run_attached(state, req, InputFormat::Frames).await,
+        (&Method::POST, "containers/run") if is_upgrade(&req, ATTACH_PROTOCOL) => run_attached(state, req, InputFormat::JsonLines).await,
         (&Method::POST, "containers/run") => run(state, read_json(req.into_body()).await?).await,
         (&Method::POST, "images/import") => import(state, &query, req.into_body()).await,
         (&Method::POST, "images/load") => load(state, &query, req.into_body()).await,
@@ -318,7 +319,7 @@ async fn push(state: Arc<State>, name: &str) -> ApiResult {
 async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
     if body.interactive || body.tty {
         return Err(ApiError::bad_request(format!(
-            "run: interactive and tty runs need an upgraded connection (send Connection: Upgrade and Upgrade: {ATTACH_PROTOCOL})"
+            "run: interactive and tty runs need an upgraded connection (send Connection: Upgrade and Upgrade: {ATTACH_PROTOCOL_FRAMES})"
         )));
     }
     let store = state.store.clone();
@@ -340,7 +341,105 @@ async fn run(state: Arc<State>, body: RunRequest) -> ApiResult {
 /// The `Upgrade` protocol of interactive runs.
 pub const ATTACH_PROTOCOL: &str = "kiln-attach";
 
-/// A line the client sends on an upgraded run connection.
+/// The upgrade protocol whose input is binary frames ([`input_frame`])
+/// rather than [`AttachInput`] lines: stdin's bytes as they are, no base64.
+pub const ATTACH_PROTOCOL_FRAMES: &str = "kiln-attach-2";
+
+/// Input frames of [`ATTACH_PROTOCOL_FRAMES`]: a kind byte, the payload's
+/// length as a big-endian `u32` (at most [`MAX_ATTACH_LINE`]), the payload.
+pub mod input_frame {
+    /// Bytes for the container's stdin.
+    pub const STDIN: u8 = 0;
+    /// The client's stdin ended (empty payload).
+    pub const STDIN_EOF: u8 = 1;
+    /// A new terminal size: rows and columns, big-endian `u16`s.
+    pub const RESIZE: u8 = 2;
+
+    /// One frame of `kind` carrying `payload`.
+    pub fn encode(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(5 + payload.len());
+        frame.push(kind);
+        frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// A [`RESIZE`] frame.
+    pub fn resize(rows: u16, cols: u16) -> Vec<u8> {
+        let mut size = rows.to_be_bytes().to_vec();
+        size.extend_from_slice(&cols.to_be_bytes());
+        encode(RESIZE, &size)
+    }
+}
+
+/// How the client's input arrives on an upgraded run connection.
+#[derive(Clone, Copy)]
+enum InputFormat {
+    /// [`AttachInput`] JSON lines (`kiln-attach`).
+    JsonLines,
+    /// Binary frames (`kiln-attach-2`, see [`input_frame`]).
+    Frames,
+}
+
+/// What the client sent, whatever the format.
+enum Input {
+    Stdin(bytes::Bytes),
+    StdinEof,
+    Resize(WindowSize),
+}
+
+/// The next input of `reader`; `None` at the end of the connection or on
+/// malformed input (logged).
+async fn next_input(reader: &mut (impl tokio::io::AsyncBufRead + Unpin), format: InputFormat) -> Option<Input> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    match format {
+        InputFormat::Frames => {
+            let mut header = [0u8; 5];
+            reader.read_exact(&mut header).await.ok()?;
+            let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            if len > MAX_ATTACH_LINE {
+                tracing::warn!("run: an input frame of {len} bytes (limit {MAX_ATTACH_LINE}): closing");
+                return None;
+            }
+            let mut payload = vec![0u8; len];
+            reader.read_exact(&mut payload).await.ok()?;
+            match (header[0], payload.as_slice()) {
+                (input_frame::STDIN, _) => Some(Input::Stdin(payload.into())),
+                (input_frame::STDIN_EOF, []) => Some(Input::StdinEof),
+                (input_frame::RESIZE, &[r0, r1, c0, c1]) => {
+                    Some(Input::Resize(WindowSize { rows: u16::from_be_bytes([r0, r1]), cols: u16::from_be_bytes([c0, c1]) }))
+                }
+                (kind, _) => {
+                    tracing::warn!("run: malformed input frame (kind {kind}, {len} bytes): closing");
+                    None
+                }
+            }
+        }
+        InputFormat::JsonLines => {
+            let mut line = Vec::new();
+            match reader.take(MAX_ATTACH_LINE as u64 + 1).read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            if line.len() > MAX_ATTACH_LINE {
+                tracing::warn!("run: an input line longer than {MAX_ATTACH_LINE} bytes: closing");
+                return None;
+            }
+            match serde_json::from_slice::<AttachInput>(&line) {
+                Ok(AttachInput::Stdin(data)) => base64::engine::general_purpose::STANDARD.decode(data).ok().map(|b| Input::Stdin(b.into())),
+                Ok(AttachInput::StdinEof) => Some(Input::StdinEof),
+                Ok(AttachInput::Resize([rows, cols])) => Some(Input::Resize(WindowSize { rows, cols })),
+                Err(e) => {
+                    tracing::warn!("run: malformed input line: {e}");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// A line the client sends on a `kiln-attach` connection (older clients;
+/// kiln's own now sends [`input_frame`]s).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AttachInput {
@@ -352,11 +451,12 @@ pub enum AttachInput {
     Resize([u16; 2]),
 }
 
-/// `POST /v1/containers/run` with `Upgrade: kiln-attach`: after `101`, the
-/// daemon sends [`RunEvent`] lines and reads [`AttachInput`] lines. The
-/// client closing the connection stops the container.
-async fn run_attached(state: Arc<State>, mut req: Request<Incoming>) -> ApiResult {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+/// `POST /v1/containers/run` with `Upgrade: kiln-attach-2` (or the older
+/// `kiln-attach`): after `101`, the daemon sends [`RunEvent`] lines and
+/// reads input frames (or [`AttachInput`] lines). The client closing the
+/// connection stops the container.
+async fn run_attached(state: Arc<State>, mut req: Request<Incoming>, format: InputFormat) -> ApiResult {
+    use tokio::io::AsyncWriteExt;
     let upgrade = hyper::upgrade::on(&mut req);
     let body: RunRequest = read_json(req.into_body()).await?;
     let request = body.clone();
@@ -378,32 +478,17 @@ async fn run_attached(state: Arc<State>, mut req: Request<Incoming>) -> ApiResul
         let io = ContainerIo { stdin: body.interactive.then_some(stdin_rx), tty, resize: Some(resize_rx) };
         let input = tokio::spawn(async move {
             let mut stdin = Some(stdin_tx);
-            let mut reader = tokio::io::BufReader::new(read);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match (&mut reader).take(MAX_ATTACH_LINE as u64 + 1).read_until(b'\n', &mut line).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                if line.len() > MAX_ATTACH_LINE {
-                    tracing::warn!("run: an input line longer than {MAX_ATTACH_LINE} bytes: closing");
-                    break;
-                }
-                match serde_json::from_slice::<AttachInput>(&line) {
-                    Ok(AttachInput::Stdin(data)) => {
-                        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else { break };
+            let mut reader = tokio::io::BufReader::with_capacity(64 << 10, read);
+            while let Some(input) = next_input(&mut reader, format).await {
+                match input {
+                    Input::Stdin(bytes) => {
                         if let Some(tx) = &stdin {
-                            let _ = tx.send(bytes.into()).await;
+                            let _ = tx.send(bytes).await;
                         }
                     }
-                    Ok(AttachInput::StdinEof) => stdin = None,
-                    Ok(AttachInput::Resize([rows, cols])) => {
-                        let _ = resize_tx.send(WindowSize { rows, cols });
-                    }
-                    Err(e) => {
-                        tracing::warn!("run: malformed input line: {e}");
-                        break;
+                    Input::StdinEof => stdin = None,
+                    Input::Resize(size) => {
+                        let _ = resize_tx.send(size);
                     }
                 }
             }
@@ -427,13 +512,16 @@ async fn run_attached(state: Arc<State>, mut req: Request<Incoming>) -> ApiResul
     Ok(hyper::Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(http::header::CONNECTION, "Upgrade")
-        .header(http::header::UPGRADE, ATTACH_PROTOCOL)
+        .header(http::header::UPGRADE, match format {
+            InputFormat::JsonLines => ATTACH_PROTOCOL,
+            InputFormat::Frames => ATTACH_PROTOCOL_FRAMES,
+        })
         .body(super::web::full(""))
         .expect("static response"))
 }
 
-/// The longest [`AttachInput`] line accepted (bytes).
-const MAX_ATTACH_LINE: usize = 1 << 20;
+/// The longest [`AttachInput`] line or input frame payload accepted (bytes).
+pub const MAX_ATTACH_LINE: usize = 1 << 20;
 
 /// Run `spec` and turn what happens into [`RunEvent`]s: output, then
 /// `Exit` or `Error` last. The container is stopped when `gone` resolves or
