@@ -758,15 +758,19 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     };
     let request = Bytes::from(serde_json::to_vec(&options)?);
     let mut response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
-    if response.status() == StatusCode::PRECONDITION_FAILED {
-        // The daemon lacks some contents (new or changed files): upload
-        // those, then ask again. An unchanged context is one request.
+    // The daemon lacks some contents (new or changed files): upload those,
+    // then ask again (a few times: a collection on the daemon may drop
+    // uploads not yet used). An unchanged context is one request.
+    for _ in 0..3 {
+        if response.status() != StatusCode::PRECONDITION_FAILED {
+            break;
+        }
         let wanted = missing_contents(response).await?;
         let (tar_dir, tar_entries) = (dir.clone(), options.context.clone());
         let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
         let uploaded = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
         check(uploaded).await?;
-        response = client.send(Method::POST, "/v1/build", full(request), Some("application/json")).await?;
+        response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
     }
     let mut body = check(response).await?.into_body();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
