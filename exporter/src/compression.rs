@@ -229,8 +229,11 @@ const GZIP_DICT: usize = 32 * 1024;
 
 /// A gzip writer that deflates fixed-size blocks on a thread pool, each
 /// ending in a sync flush (byte-aligned, non-final), the last one with the
-/// final bit; the blocks concatenate into one valid deflate stream. The
-/// CRC is computed on the calling thread. Output is deterministic.
+/// final bit; the blocks concatenate into one valid deflate stream (one gzip
+/// member). A block that does not compress (see [`looks_compressible`]) is
+/// written as deflate stored blocks instead, at memcpy speed. The CRC is
+/// computed on the calling thread. Output is deterministic: every decision
+/// depends on the data only, never on timing or the thread count.
 pub struct ParallelGzip<W: Write> {
     inner: W,
     level: u32,
@@ -340,8 +343,13 @@ fn gzip_pool() -> &'static rayon::ThreadPool {
 }
 
 /// Raw-deflate one block primed with `dict`; sync-flushed, or finished
-/// when `last`.
+/// when `last`. Data that does not compress is stored instead: a random
+/// block costs a few small test compressions instead of a full deflate,
+/// and never grows by more than the stored-block headers.
 fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    if level > 0 && !looks_compressible(data)? {
+        return Ok(stored_blocks(data, last));
+    }
     let mut c = Compress::new(flate2::Compression::new(level), false);
     if !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
@@ -363,7 +371,74 @@ fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> io::Result
             _ => {}
         }
     }
+    // The samples can miss: never emit more than storing would.
+    if out.len() > stored_len(data.len(), last) {
+        return Ok(stored_blocks(data, last));
+    }
     Ok(out)
+}
+
+/// Bytes of each test compression sample.
+const SAMPLE_LEN: usize = 4 * 1024;
+/// Samples per block, spread evenly from its start to its end (a 256 KiB
+/// block is probed every 36 KiB; 1/8 of it is test-compressed).
+const SAMPLES: usize = 8;
+/// Largest payload of one deflate stored block.
+const STORED_MAX: usize = u16::MAX as usize;
+
+/// Whether deflating `data` is worth it: the samples, each deflated alone
+/// at the fastest level, shrink by at least 1/32 (3 %). Random, encrypted
+/// and already-compressed data does not; text, binaries and tar headers
+/// do by far more. Blocks too short to sample are always deflated.
+pub fn looks_compressible(data: &[u8]) -> io::Result<bool> {
+    if data.len() < SAMPLES * SAMPLE_LEN * 2 {
+        return Ok(true);
+    }
+    let step = (data.len() - SAMPLE_LEN) / (SAMPLES - 1);
+    let mut c = Compress::new(flate2::Compression::fast(), false);
+    let mut out = Vec::with_capacity(SAMPLE_LEN + SAMPLE_LEN / 8 + 64);
+    let (mut sampled, mut compressed) = (0usize, 0usize);
+    for i in 0..SAMPLES {
+        let sample = &data[i * step..i * step + SAMPLE_LEN];
+        c.reset();
+        out.clear();
+        // The buffer holds any deflate of SAMPLE_LEN bytes (worst case is
+        // stored: 5 bytes per 64 KiB), so one call finishes the stream.
+        let status = c.compress_vec(sample, &mut out, FlushCompress::Finish).map_err(io::Error::other)?;
+        if status != Status::StreamEnd {
+            return Ok(true);
+        }
+        sampled += SAMPLE_LEN;
+        compressed += out.len();
+    }
+    Ok(compressed * 32 < sampled * 31)
+}
+
+/// Size of `len` bytes as stored blocks (see [`stored_blocks`]).
+fn stored_len(len: usize, last: bool) -> usize {
+    let blocks = len.div_ceil(STORED_MAX).max(usize::from(last));
+    len + 5 * blocks
+}
+
+/// `data` as deflate stored blocks of at most 64 KiB: a byte with the
+/// final bit and type 00 (byte-aligned: the block before ended on a byte
+/// boundary), LEN and its complement, then the bytes. The last block of
+/// the stream gets the final bit (an empty one if there is no data).
+fn stored_blocks(data: &[u8], last: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stored_len(data.len(), last));
+    let mut chunks: Vec<&[u8]> = data.chunks(STORED_MAX).collect();
+    if chunks.is_empty() && last {
+        chunks.push(&[]);
+    }
+    let count = chunks.len();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        out.push(u8::from(last && i + 1 == count));
+        let len = chunk.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
 }
 
 #[cfg(test)]
