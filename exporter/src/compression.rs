@@ -4,7 +4,9 @@
 //! hashed (the diff ID), compressed, and the compressed bytes hashed again
 //! (the blob digest) and counted on their way to the sink. Nothing is read
 //! twice. Gzip is compressed in parallel pigz-style ([`ParallelGzip`]), zstd
-//! with libzstd's worker threads.
+//! with libzstd's worker threads; hashing and writing the compressed bytes
+//! happens on a thread of its own ([`BackgroundWriter`]), so it overlaps
+//! with tarring and hashing the input.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -143,7 +145,7 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-enum Encoder<W: Write> {
+enum Encoder<W: Write + Send + 'static> {
     Plain(W),
     Gzip(ParallelGzip<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
@@ -151,10 +153,10 @@ enum Encoder<W: Write> {
 
 /// Uncompressed bytes in; diff ID, blob digest and size out; compressed
 /// bytes to the sink. One pass.
-pub struct LayerStream<W: Write> {
+pub struct LayerStream<W: Write + Send + 'static> {
     hasher: Sha256,
     count: u64,
-    encoder: Encoder<HashingWriter<W>>,
+    encoder: Encoder<BackgroundWriter<HashingWriter<W>>>,
 }
 
 /// Threads to compress with: every core this process may use.
@@ -165,7 +167,7 @@ pub fn compression_threads() -> usize {
 impl<W: Write + Send + 'static> LayerStream<W> {
     /// Start a stream compressing with `compression` into `sink`.
     pub fn new(sink: W, compression: Compression) -> io::Result<Self> {
-        let out = HashingWriter { inner: sink, hasher: Sha256::new(), count: 0 };
+        let out = BackgroundWriter::new(HashingWriter { inner: sink, hasher: Sha256::new(), count: 0 });
         let encoder = match compression.kind {
             CompressionKind::Uncompressed => Encoder::Plain(out),
             CompressionKind::Gzip => {
@@ -189,7 +191,8 @@ impl<W: Write + Send + 'static> LayerStream<W> {
             Encoder::Plain(w) => w,
             Encoder::Gzip(g) => g.finish()?,
             Encoder::Zstd(z) => z.finish()?,
-        };
+        }
+        .finish()?;
         let digests = StreamDigests {
             diff_id: digest_string(self.hasher),
             digest: digest_string(out.hasher),
@@ -216,6 +219,101 @@ impl<W: Write + Send + 'static> Write for LayerStream<W> {
             Encoder::Plain(w) => w.flush(),
             Encoder::Gzip(_) => Ok(()),
             Encoder::Zstd(z) => z.flush(),
+        }
+    }
+}
+
+/// Bytes a [`BackgroundWriter`] collects before handing them over.
+const HANDOFF: usize = 256 * 1024;
+
+/// A writer that passes its bytes, in order and in chunks of
+/// [`HANDOFF`], to a thread that writes them to `inner`: the sink's work
+/// (hashing, the content store's own hashing, the file write) runs beside
+/// the caller's instead of after it. Errors of the sink surface on the
+/// next write or on [`finish`](Self::finish).
+pub struct BackgroundWriter<W: Write + Send + 'static> {
+    buf: Vec<u8>,
+    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<io::Result<W>>>,
+}
+
+impl<W: Write + Send + 'static> BackgroundWriter<W> {
+    /// Start the writing thread for `inner`.
+    pub fn new(mut inner: W) -> Self {
+        // A few chunks in the queue smooth out bursts (a finished gzip block
+        // is written at once) without holding much memory.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let thread = std::thread::Builder::new()
+            .name("kiln-blob-writer".into())
+            .spawn(move || {
+                for chunk in rx {
+                    inner.write_all(&chunk)?;
+                }
+                inner.flush()?;
+                Ok(inner)
+            })
+            .expect("spawning the blob writer thread");
+        BackgroundWriter { buf: Vec::with_capacity(HANDOFF), tx: Some(tx), thread: Some(thread) }
+    }
+
+    /// Hand `chunk` to the thread; if it is gone, its error.
+    fn send(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("blob writer already failed"))?;
+        if tx.send(chunk).is_ok() {
+            return Ok(());
+        }
+        self.tx = None;
+        Err(self.join().err().unwrap_or_else(|| io::Error::other("blob writer stopped early")))
+    }
+
+    fn join(&mut self) -> io::Result<W> {
+        let thread = self.thread.take().ok_or_else(|| io::Error::other("blob writer already joined"))?;
+        thread.join().map_err(|_| io::Error::other("blob writer thread panicked"))?
+    }
+
+    /// Write what is buffered, wait for the thread and return the sink.
+    pub fn finish(mut self) -> io::Result<W> {
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.send(rest)?;
+        }
+        self.tx = None;
+        self.join()
+    }
+}
+
+impl<W: Write + Send + 'static> Write for BackgroundWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.buf.is_empty() && buf.len() >= HANDOFF {
+            // Large writes (whole gzip blocks) go over as they are.
+            self.send(buf.to_vec())?;
+            return Ok(buf.len());
+        }
+        let n = buf.len().min(HANDOFF - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == HANDOFF {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(HANDOFF));
+            self.send(full)?;
+        }
+        Ok(n)
+    }
+    /// Buffered bytes go to the thread; the sink itself is flushed by
+    /// [`finish`](Self::finish).
+    fn flush(&mut self) -> io::Result<()> {
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.send(rest)?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for BackgroundWriter<W> {
+    fn drop(&mut self) {
+        // Unfinished (an error elsewhere): stop the thread, drop the sink.
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

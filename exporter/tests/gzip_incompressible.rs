@@ -205,3 +205,35 @@ fn oci_image_with_a_random_layer_unpacks_with_umoci_and_lists_with_tar() {
     assert!(std::fs::read(bundle.join("rootfs/noise.bin")).unwrap() == noise, "noise.bin differs after umoci unpack");
     assert!(std::fs::read(bundle.join("rootfs/words.txt")).unwrap() == words, "words.txt differs after umoci unpack");
 }
+
+/// A sink that takes `room` bytes, then fails.
+struct FullDisk {
+    room: usize,
+}
+
+impl Write for FullDisk {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.room == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full"));
+        }
+        let n = buf.len().min(self.room);
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_sink_fails_the_layer_stream_instead_of_hanging() {
+    use kiln_exporter::compression::{Compression, CompressionKind, LayerStream};
+    for kind in [CompressionKind::Gzip, CompressionKind::Zstd, CompressionKind::Uncompressed] {
+        let mut stream = LayerStream::new(FullDisk { room: 100_000 }, Compression { kind, level: None }).unwrap();
+        let data = random(18, 4 * BLOCK);
+        // The error shows up on a later write or at the latest on finish.
+        let result = stream.write_all(&data).and_then(|()| stream.finish().map(|_| ()));
+        let err = result.expect_err("writing 1 MiB into 100 kB of room succeeded");
+        assert!(err.to_string().contains("disk full"), "{kind:?}: {err}");
+    }
+}
