@@ -3,6 +3,7 @@
 #
 #   bash bench/run.sh [RUNS]        (default 5 runs per scenario and builder)
 #   BIG_MB=500 (size of the large files of the big-context scenario, in 5 files)
+#   EXPORT_MB=1024 (size of the image exported in scenario 7)
 #
 # Installs buildah and docker.io with apt, starts a loopback registry serving
 # busybox (scripts/testenv.sh), a private dockerd pointed at it as docker.io
