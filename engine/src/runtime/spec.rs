@@ -182,6 +182,8 @@ pub fn build(input: &SpecInput<'_>) -> Value {
     if let Some(path) = &input.netns_path {
         namespaces.push(json!({"type": "network", "path": path}));
     }
+    // Device rules and limits need the container's own cgroup; a container
+    // without limits has none (see `cgroupless`) and gets no resources.
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
     if let Some(mem) = input.limits.memory_bytes {
         resources["memory"] = json!({"limit": mem});
@@ -236,7 +238,7 @@ pub fn build(input: &SpecInput<'_>) -> Value {
             // detaches its host copies of the rootfs while the container runs.
             "rootfsPropagation": "private",
             "cgroupsPath": input.cgroup,
-            "resources": resources,
+            "resources": if input.limits.is_empty() { Value::Null } else { resources },
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
             "seccomp": {
