@@ -57,6 +57,11 @@ pub struct SnapshotMeta {
     /// creation time, hence the same image ID, as BuildKit's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<i64>,
+    /// Apparent bytes of the snapshot's `fs/` (as `du -sb`), measured at
+    /// commit: the layer never changes after, so the disk cap counts this
+    /// instead of walking it again ([`crate::usage::root_usage_recorded`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_bytes: Option<u64>,
 }
 
 /// A blob in the content store made from a snapshot.
@@ -125,6 +130,9 @@ impl Snapshotter {
         let _ = std::fs::remove_dir_all(active.work());
         let mut meta = meta.clone();
         meta.created.get_or_insert_with(unix_now);
+        // Measured here, where the files were just written (cache-hot) and
+        // can no longer change.
+        meta.fs_bytes = Some(crate::usage::apparent_size(&active.fs()));
         write_atomic(&active.dir.join("meta.json"), &serde_json::to_vec(&meta)?)?;
         let final_dir = self.dir.join(id);
         if final_dir.exists() {

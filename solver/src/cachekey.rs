@@ -123,15 +123,12 @@ fn collect(tree: &SourceTree, root: &Path, excludes: &Matcher, with_mode: bool, 
             file: ft.is_file().then(|| (entry.host_path.clone(), meta.clone())),
         });
         if ft.is_dir() {
-            for name in tree.read_dir(&rel)?.into_iter().rev() {
+            for (name, e) in tree.read_dir_entries(&rel)?.into_iter().rev() {
                 let child_within = within.join(&name);
                 if !excludes.is_empty() && excludes.excluded(&child_within.to_string_lossy()) {
                     continue;
                 }
-                let child = rel.join(&name);
-                if let Some(e) = tree.lookup(&child)? {
-                    stack.push((child, e, child_within));
-                }
+                stack.push((rel.join(&name), e, child_within));
             }
         }
     }

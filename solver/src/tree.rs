@@ -101,9 +101,10 @@ impl ChecksumCache {
         };
         let probe = stamp(String::new());
         if let Some(rec) = self.records.lock().unwrap().get(rel)
-            && (ChecksumRecord { sha256: String::new(), ..rec.clone() }) == probe {
-                return Ok(rec.sha256.clone());
-            }
+            && (rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns) == (probe.ino, probe.size, probe.mtime_ns, probe.ctime_ns)
+        {
+            return Ok(rec.sha256.clone());
+        }
         let sha = sha256_file(host)?;
         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.records.lock().unwrap().insert(rel.to_string(), stamp(sha.clone()));
@@ -187,14 +188,20 @@ impl SourceTree {
 
     /// Visible names in directory `rel`, sorted.
     pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<String>> {
+        Ok(self.read_dir_entries(rel)?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Visible names in directory `rel`, sorted, each with what
+    /// [`Self::lookup`] finds at it (one `lstat` per entry in all).
+    pub fn read_dir_entries(&self, rel: &Path) -> io::Result<Vec<(String, Entry)>> {
         let mut out = Vec::new();
-        for name in self.view().read_dir(rel)? {
+        for (name, entry) in self.view().read_dir_entries(rel)? {
             let name = name.to_string_lossy().into_owned();
             let child = rel.join(&name);
             if self.excluded(&child) && !self.walk_into_excluded(&child)? {
                 continue;
             }
-            out.push(name);
+            out.push((name, entry));
         }
         Ok(out)
     }
