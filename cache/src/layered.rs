@@ -128,6 +128,20 @@ impl LayeredView {
                 }
             };
             found_dir = true;
+            if self.layers.len() == 1 {
+                // One layer (a build context): nothing to merge, so no
+                // name sets, just the listing sorted.
+                let mut listed = Vec::new();
+                for entry in std::fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    if !(self.overlay && is_whiteout(&meta)) {
+                        listed.push((entry.file_name(), Entry { host_path: entry.path(), metadata: meta, layer }));
+                    }
+                }
+                listed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                return Ok(listed);
+            }
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
                 let name = entry.file_name();
@@ -357,6 +371,25 @@ mod tests {
                 assert_eq!(entry.layer, looked.layer, "{}", path.display());
                 assert_eq!(entry.metadata.ino(), looked.metadata.ino(), "{}", path.display());
             }
+        }
+    }
+
+    #[test]
+    fn a_plain_listing_is_sorted_and_agrees_with_lookup() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["b", "a", "C", "c"] {
+            std::fs::write(tmp.path().join(name), name).unwrap();
+        }
+        std::fs::create_dir(tmp.path().join("dir")).unwrap();
+        symlink("a", tmp.path().join("link")).unwrap();
+        let view = LayeredView::plain(tmp.path().to_path_buf());
+        let listed = view.read_dir_entries(Path::new("")).unwrap();
+        let names: Vec<_> = listed.iter().map(|(n, _)| n.to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["C", "a", "b", "c", "dir", "link"]);
+        for (name, entry) in listed {
+            let looked = view.lookup(Path::new(&name)).unwrap().unwrap();
+            assert_eq!((entry.host_path, entry.metadata.ino()), (looked.host_path, looked.metadata.ino()));
+            assert_eq!(entry.metadata.file_type(), looked.metadata.file_type());
         }
     }
 

@@ -18,6 +18,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use kiln_cache::layered::Entry;
 use kiln_frontend::graph::CopyAction;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -94,45 +95,81 @@ pub fn subtree_checksum(tree: &SourceTree, path: &str) -> anyhow::Result<String>
     finish(tree, path, items)
 }
 
-/// Walk `root` (resolved, relative) and everything below it.
+/// A path still to walk: relative path, what is there, and the path
+/// relative to the COPY source (what `--exclude` patterns match).
+type Pending = (PathBuf, Entry, PathBuf);
+
+/// Walk `root` (resolved, relative) and everything below it, in pre-order
+/// with names sorted. The subtrees of `root`'s children are walked in
+/// parallel (rayon): an unchanged big context is one `lstat` per file, and
+/// those are what an unchanged rebuild waits for.
 fn collect(tree: &SourceTree, root: &Path, excludes: &Matcher, with_mode: bool, items: &mut Vec<Item>) -> anyhow::Result<()> {
     let Some(entry) = tree.lookup(root)? else { return Ok(()) };
-    let mut stack = vec![(root.to_path_buf(), entry, PathBuf::new())];
-    while let Some((rel, entry, within)) = stack.pop() {
-        let meta = &entry.metadata;
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_file() {
-            'f'
-        } else {
-            'o'
-        };
-        let link = if ft.is_symlink() {
-            std::fs::read_link(&entry.host_path)?.to_string_lossy().into_owned()
-        } else {
-            String::new()
-        };
-        items.push(Item {
-            rel: rel.to_string_lossy().into_owned(),
-            kind,
-            mode: with_mode.then(|| meta.permissions().mode() & 0o7777),
-            link,
-            file: ft.is_file().then(|| (entry.host_path.clone(), meta.clone())),
-        });
-        if ft.is_dir() {
-            for (name, e) in tree.read_dir_entries(&rel)?.into_iter().rev() {
-                let child_within = within.join(&name);
-                if !excludes.is_empty() && excludes.excluded(&child_within.to_string_lossy()) {
-                    continue;
-                }
-                stack.push((rel.join(&name), e, child_within));
-            }
-        }
-    }
+    let is_dir = entry.metadata.is_dir();
+    let top = (root.to_path_buf(), entry, PathBuf::new());
+    let children = if is_dir { children(tree, &top, excludes)? } else { Vec::new() };
+    items.push(item(top, with_mode)?);
+    let subtrees: Vec<Vec<Item>> = children
+        .into_par_iter()
+        .map(|child| walk(tree, child, excludes, with_mode))
+        .collect::<anyhow::Result<_>>()?;
+    items.extend(subtrees.into_iter().flatten());
     Ok(())
+}
+
+/// Everything at and below `start`, in pre-order with names sorted.
+fn walk(tree: &SourceTree, start: Pending, excludes: &Matcher, with_mode: bool) -> anyhow::Result<Vec<Item>> {
+    let mut items = Vec::new();
+    let mut stack = vec![start];
+    while let Some(next) = stack.pop() {
+        if next.1.metadata.is_dir() {
+            // Pushed reversed, so they are popped in name order.
+            stack.extend(children(tree, &next, excludes)?.into_iter().rev());
+        }
+        items.push(item(next, with_mode)?);
+    }
+    Ok(items)
+}
+
+/// The visible, not excluded entries of directory `dir`, sorted.
+fn children(tree: &SourceTree, dir: &Pending, excludes: &Matcher) -> anyhow::Result<Vec<Pending>> {
+    let (rel, _, within) = dir;
+    let mut out = Vec::new();
+    for (name, entry) in tree.read_dir_entries(rel)? {
+        let child_within = within.join(&name);
+        if !excludes.is_empty() && excludes.excluded(&child_within.to_string_lossy()) {
+            continue;
+        }
+        out.push((rel.join(&name), entry, child_within));
+    }
+    Ok(out)
+}
+
+/// What one walked path contributes to a checksum.
+fn item((rel, entry, _): Pending, with_mode: bool) -> anyhow::Result<Item> {
+    let meta = &entry.metadata;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_file() {
+        'f'
+    } else {
+        'o'
+    };
+    let link = if ft.is_symlink() {
+        std::fs::read_link(&entry.host_path)?.to_string_lossy().into_owned()
+    } else {
+        String::new()
+    };
+    Ok(Item {
+        rel: rel.to_string_lossy().into_owned(),
+        kind,
+        mode: with_mode.then(|| meta.permissions().mode() & 0o7777),
+        link,
+        file: ft.is_file().then(|| (entry.host_path, entry.metadata.clone())),
+    })
 }
 
 fn finish(tree: &SourceTree, what: &str, items: Vec<Item>) -> anyhow::Result<String> {
