@@ -183,10 +183,49 @@ fn finish(tree: &SourceTree, what: &str, items: Vec<Item>) -> anyhow::Result<Str
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("hashing files of {what}: {e}"))?;
     let mut h = Sha256::new();
+    // One buffer for every line: a big context has tens of thousands.
+    let mut line = String::new();
     for (item, sha) in items.iter().zip(&shas) {
-        let mode = item.mode.map(|m| format!("{m:o}")).unwrap_or_default();
-        let line = format!("{}\0{}\0{}\0{}\0{}\n", item.rel, item.kind, mode, item.link, sha);
+        use std::fmt::Write;
+        line.clear();
+        let _ = write!(line, "{}\0{}\0", item.rel, item.kind);
+        if let Some(m) = item.mode {
+            let _ = write!(line, "{m:o}");
+        }
+        let _ = write!(line, "\0{}\0{}\n", item.link, sha);
         h.update(line.as_bytes());
     }
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::LocalContext;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The checksum of a fixed context is pinned: a change to how files
+    /// are walked or hashed must not silently change every cache key
+    /// (an unchanged rebuild would then miss the cache once).
+    #[test]
+    fn a_copy_checksum_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("d/e")).unwrap();
+        for (path, body, mode) in [("a", "x", 0o644), ("d/b", "bb", 0o755), ("d/e/c", "", 0o600), ("z", "zz", 0o640)] {
+            std::fs::write(ctx.join(path), body).unwrap();
+            std::fs::set_permissions(ctx.join(path), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        for d in ["", "d", "d/e"] {
+            std::fs::set_permissions(ctx.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::symlink("a", ctx.join("l")).unwrap();
+        let context = LocalContext::open("context", &ctx, &[], dir.path().join("sums.json")).unwrap();
+        let tree = SourceTree::Context(std::sync::Arc::new(context));
+        let all = copy_checksum(&tree, &CopyAction::new(0, vec![".".into()], "/")).unwrap();
+        assert_eq!(all, "sha256:e4b62e6d5022ef310fa2f1645f1645845870fa65686cdbc8ae68b1785baf0796");
+        let mut chmod = CopyAction::new(0, vec!["d".into()], "/");
+        chmod.mode = Some(0o700);
+        assert_eq!(copy_checksum(&tree, &chmod).unwrap(), "sha256:02433efb41f309f5d5b68bc51f7c552cb1e3e4341a33fdbb664d4707bc36871c");
+    }
 }
