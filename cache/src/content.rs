@@ -119,15 +119,17 @@ impl ContentStore {
     /// Store `bytes` as a blob and return its digest. With `expected`, the
     /// bytes must hash to it.
     pub fn put_bytes(&self, bytes: &[u8], expected: Option<&str>) -> Result<String, ContentError> {
+        let actual = sha256_digest(bytes);
         if let Some(expected) = expected {
             digest_hex(expected)?;
-            let actual = sha256_digest(bytes);
             if actual != expected {
                 return Err(ContentError::DigestMismatch { expected: expected.to_string(), actual });
             }
-            if self.exists(expected) {
-                return Ok(actual);
-            }
+        }
+        // A blob already stored (an unchanged rebuild's config and
+        // manifest) costs no temp file.
+        if self.exists(&actual) {
+            return Ok(actual);
         }
         let mut writer = self.writer()?;
         writer.write_all(bytes)?;

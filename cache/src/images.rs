@@ -70,7 +70,7 @@ pub enum ImageError {
     },
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 struct IndexFile {
     #[serde(default)]
     images: BTreeMap<String, ImageRecord>,
@@ -215,8 +215,13 @@ impl ImageStore {
     fn update(&self, change: impl FnOnce(&mut IndexFile) -> anyhow::Result<()>) -> anyhow::Result<()> {
         let _lock = FileLock::exclusive(&self.dir.join("index.lock"))?;
         let mut index = self.load()?;
+        let before = index.clone();
         change(&mut index)?;
-        write_atomic(&self.index_path(), &serde_json::to_vec_pretty(&index)?)?;
+        // Naming an image again as it already is (every unchanged rebuild
+        // with `-t`) writes nothing: no temp file, no fsyncs.
+        if index != before {
+            write_atomic(&self.index_path(), &serde_json::to_vec_pretty(&index)?)?;
+        }
         Ok(())
     }
 }

@@ -100,9 +100,18 @@ impl LayeredView {
     /// names hidden by them are left out. Errors with `NotFound` when
     /// `path` is not a directory of the view.
     pub fn read_dir(&self, path: &Path) -> io::Result<Vec<OsString>> {
+        Ok(self.read_dir_entries(path)?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// [`Self::read_dir`] with, for each name, the entry [`Self::lookup`]
+    /// would return for it — taken from the directory listing itself, so a
+    /// walk costs one `lstat` per entry instead of one per path component.
+    pub fn read_dir_entries(&self, path: &Path) -> io::Result<Vec<(OsString, Entry)>> {
         let comps = normal_components(path)?;
         let mut seen: BTreeSet<OsString> = BTreeSet::new();
-        let mut visible: BTreeSet<OsString> = BTreeSet::new();
+        // The topmost layer holding a name is the one lookup finds: layers
+        // are listed top first, and a name is taken at its first sighting.
+        let mut visible: std::collections::BTreeMap<OsString, Entry> = std::collections::BTreeMap::new();
         let mut found_dir = comps.is_empty();
         for layer in (0..self.layers.len()).rev() {
             let (dir, opaque) = match self.layer_state(layer, &comps)? {
@@ -119,6 +128,20 @@ impl LayeredView {
                 }
             };
             found_dir = true;
+            if self.layers.len() == 1 {
+                // One layer (a build context): nothing to merge, so no
+                // name sets, just the listing sorted.
+                let mut listed = Vec::new();
+                for entry in std::fs::read_dir(&dir)? {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    if !(self.overlay && is_whiteout(&meta)) {
+                        listed.push((entry.file_name(), Entry { host_path: entry.path(), metadata: meta, layer }));
+                    }
+                }
+                listed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                return Ok(listed);
+            }
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
                 let name = entry.file_name();
@@ -127,7 +150,7 @@ impl LayeredView {
                 }
                 let meta = entry.metadata()?;
                 if !(self.overlay && is_whiteout(&meta)) {
-                    visible.insert(name);
+                    visible.insert(name, Entry { host_path: entry.path(), metadata: meta, layer });
                 }
             }
             if opaque {
@@ -338,6 +361,36 @@ mod tests {
         assert_eq!(names("etc/sub"), ["y"]);
         assert_eq!(names("opq"), ["new"]);
         assert_eq!(names("/"), ["dir2file", "etc", "opq"]);
+
+        // Each listed entry is exactly what lookup finds at that path.
+        for dir in ["/", "etc", "etc/sub", "opq"] {
+            for (name, entry) in view.read_dir_entries(Path::new(dir)).unwrap() {
+                let path = Path::new(dir).join(&name);
+                let looked = view.lookup(&path).unwrap().expect("a listed name exists");
+                assert_eq!(entry.host_path, looked.host_path, "{}", path.display());
+                assert_eq!(entry.layer, looked.layer, "{}", path.display());
+                assert_eq!(entry.metadata.ino(), looked.metadata.ino(), "{}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_plain_listing_is_sorted_and_agrees_with_lookup() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["b", "a", "C", "c"] {
+            std::fs::write(tmp.path().join(name), name).unwrap();
+        }
+        std::fs::create_dir(tmp.path().join("dir")).unwrap();
+        symlink("a", tmp.path().join("link")).unwrap();
+        let view = LayeredView::plain(tmp.path().to_path_buf());
+        let listed = view.read_dir_entries(Path::new("")).unwrap();
+        let names: Vec<_> = listed.iter().map(|(n, _)| n.to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["C", "a", "b", "c", "dir", "link"]);
+        for (name, entry) in listed {
+            let looked = view.lookup(Path::new(&name)).unwrap().unwrap();
+            assert_eq!((entry.host_path, entry.metadata.ino()), (looked.host_path, looked.metadata.ino()));
+            assert_eq!(entry.metadata.file_type(), looked.metadata.file_type());
+        }
     }
 
     #[test]

@@ -36,9 +36,14 @@ impl ActiveSnapshot {
         self.dir.join("fs")
     }
 
-    /// An empty overlayfs work directory on the same filesystem as `fs()`.
-    pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
+    /// Create and return an empty overlayfs work directory on the same
+    /// filesystem as `fs()`. Only an overlay upperdir needs one, so
+    /// [`Snapshotter::prepare`] does not make it: a COPY or an unpack
+    /// creates (and commit deletes) one directory less.
+    pub fn make_work_dir(&self) -> std::io::Result<PathBuf> {
+        let work = self.dir.join("work");
+        std::fs::create_dir(&work)?;
+        Ok(work)
     }
 }
 
@@ -57,6 +62,11 @@ pub struct SnapshotMeta {
     /// creation time, hence the same image ID, as BuildKit's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<i64>,
+    /// Apparent bytes of the snapshot's `fs/` (as `du -sb`), measured at
+    /// commit: the layer never changes after, so the disk cap counts this
+    /// instead of walking it again ([`crate::usage::root_usage_recorded`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_bytes: Option<u64>,
 }
 
 /// A blob in the content store made from a snapshot.
@@ -80,13 +90,17 @@ impl Snapshotter {
         Ok(Snapshotter { dir, tmp })
     }
 
-    /// Start a new snapshot with empty `fs/` and `work/` directories.
+    /// Start a new snapshot with an empty `fs/` directory.
     pub fn prepare(&self) -> anyhow::Result<ActiveSnapshot> {
         let dir = self.tmp.join(unique_name("s-"));
         // Lock before the directory exists, so cleanup never sees it unlocked.
         let lock = FileLock::exclusive(&lock_path(&dir))?;
-        std::fs::create_dir_all(dir.join("fs"))?;
-        std::fs::create_dir_all(dir.join("work"))?;
+        // `tmp/snapshots/` is made by open; made again only if it went away.
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(&dir)?,
+            other => other?,
+        }
+        std::fs::create_dir(dir.join("fs"))?;
         Ok(ActiveSnapshot { dir, lock: Some(lock) })
     }
 
@@ -122,9 +136,13 @@ impl Snapshotter {
     /// dropped. If `id` already exists, `active` is discarded.
     pub fn commit(&self, active: ActiveSnapshot, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
         check_id(id)?;
-        let _ = std::fs::remove_dir_all(active.work());
+        // The overlay work dir, if one was made (only an upperdir has one).
+        let _ = std::fs::remove_dir_all(active.dir.join("work"));
         let mut meta = meta.clone();
         meta.created.get_or_insert_with(unix_now);
+        // Measured here, where the files were just written (cache-hot) and
+        // can no longer change.
+        meta.fs_bytes = Some(crate::usage::apparent_size(&active.fs()));
         write_atomic(&active.dir.join("meta.json"), &serde_json::to_vec(&meta)?)?;
         let final_dir = self.dir.join(id);
         if final_dir.exists() {

@@ -18,6 +18,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use kiln_cache::layered::Entry;
 use kiln_frontend::graph::CopyAction;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -94,48 +95,81 @@ pub fn subtree_checksum(tree: &SourceTree, path: &str) -> anyhow::Result<String>
     finish(tree, path, items)
 }
 
-/// Walk `root` (resolved, relative) and everything below it.
+/// A path still to walk: relative path, what is there, and the path
+/// relative to the COPY source (what `--exclude` patterns match).
+type Pending = (PathBuf, Entry, PathBuf);
+
+/// Walk `root` (resolved, relative) and everything below it, in pre-order
+/// with names sorted. The subtrees of `root`'s children are walked in
+/// parallel (rayon): an unchanged big context is one `lstat` per file, and
+/// those are what an unchanged rebuild waits for.
 fn collect(tree: &SourceTree, root: &Path, excludes: &Matcher, with_mode: bool, items: &mut Vec<Item>) -> anyhow::Result<()> {
     let Some(entry) = tree.lookup(root)? else { return Ok(()) };
-    let mut stack = vec![(root.to_path_buf(), entry, PathBuf::new())];
-    while let Some((rel, entry, within)) = stack.pop() {
-        let meta = &entry.metadata;
-        let ft = meta.file_type();
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_file() {
-            'f'
-        } else {
-            'o'
-        };
-        let link = if ft.is_symlink() {
-            std::fs::read_link(&entry.host_path)?.to_string_lossy().into_owned()
-        } else {
-            String::new()
-        };
-        items.push(Item {
-            rel: rel.to_string_lossy().into_owned(),
-            kind,
-            mode: with_mode.then(|| meta.permissions().mode() & 0o7777),
-            link,
-            file: ft.is_file().then(|| (entry.host_path.clone(), meta.clone())),
-        });
-        if ft.is_dir() {
-            for name in tree.read_dir(&rel)?.into_iter().rev() {
-                let child_within = within.join(&name);
-                if !excludes.is_empty() && excludes.excluded(&child_within.to_string_lossy()) {
-                    continue;
-                }
-                let child = rel.join(&name);
-                if let Some(e) = tree.lookup(&child)? {
-                    stack.push((child, e, child_within));
-                }
-            }
-        }
-    }
+    let is_dir = entry.metadata.is_dir();
+    let top = (root.to_path_buf(), entry, PathBuf::new());
+    let children = if is_dir { children(tree, &top, excludes)? } else { Vec::new() };
+    items.push(item(top, with_mode)?);
+    let subtrees: Vec<Vec<Item>> = children
+        .into_par_iter()
+        .map(|child| walk(tree, child, excludes, with_mode))
+        .collect::<anyhow::Result<_>>()?;
+    items.extend(subtrees.into_iter().flatten());
     Ok(())
+}
+
+/// Everything at and below `start`, in pre-order with names sorted.
+fn walk(tree: &SourceTree, start: Pending, excludes: &Matcher, with_mode: bool) -> anyhow::Result<Vec<Item>> {
+    let mut items = Vec::new();
+    let mut stack = vec![start];
+    while let Some(next) = stack.pop() {
+        if next.1.metadata.is_dir() {
+            // Pushed reversed, so they are popped in name order.
+            stack.extend(children(tree, &next, excludes)?.into_iter().rev());
+        }
+        items.push(item(next, with_mode)?);
+    }
+    Ok(items)
+}
+
+/// The visible, not excluded entries of directory `dir`, sorted.
+fn children(tree: &SourceTree, dir: &Pending, excludes: &Matcher) -> anyhow::Result<Vec<Pending>> {
+    let (rel, _, within) = dir;
+    let mut out = Vec::new();
+    for (name, entry) in tree.read_dir_entries(rel)? {
+        let child_within = within.join(&name);
+        if !excludes.is_empty() && excludes.excluded(&child_within.to_string_lossy()) {
+            continue;
+        }
+        out.push((rel.join(&name), entry, child_within));
+    }
+    Ok(out)
+}
+
+/// What one walked path contributes to a checksum.
+fn item((rel, entry, _): Pending, with_mode: bool) -> anyhow::Result<Item> {
+    let meta = &entry.metadata;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        'd'
+    } else if ft.is_symlink() {
+        'l'
+    } else if ft.is_file() {
+        'f'
+    } else {
+        'o'
+    };
+    let link = if ft.is_symlink() {
+        std::fs::read_link(&entry.host_path)?.to_string_lossy().into_owned()
+    } else {
+        String::new()
+    };
+    Ok(Item {
+        rel: rel.to_string_lossy().into_owned(),
+        kind,
+        mode: with_mode.then(|| meta.permissions().mode() & 0o7777),
+        link,
+        file: ft.is_file().then(|| (entry.host_path, entry.metadata.clone())),
+    })
 }
 
 fn finish(tree: &SourceTree, what: &str, items: Vec<Item>) -> anyhow::Result<String> {
@@ -149,10 +183,49 @@ fn finish(tree: &SourceTree, what: &str, items: Vec<Item>) -> anyhow::Result<Str
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("hashing files of {what}: {e}"))?;
     let mut h = Sha256::new();
+    // One buffer for every line: a big context has tens of thousands.
+    let mut line = String::new();
     for (item, sha) in items.iter().zip(&shas) {
-        let mode = item.mode.map(|m| format!("{m:o}")).unwrap_or_default();
-        let line = format!("{}\0{}\0{}\0{}\0{}\n", item.rel, item.kind, mode, item.link, sha);
+        use std::fmt::Write;
+        line.clear();
+        let _ = write!(line, "{}\0{}\0", item.rel, item.kind);
+        if let Some(m) = item.mode {
+            let _ = write!(line, "{m:o}");
+        }
+        let _ = write!(line, "\0{}\0{}\n", item.link, sha);
         h.update(line.as_bytes());
     }
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::LocalContext;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The checksum of a fixed context is pinned: a change to how files
+    /// are walked or hashed must not silently change every cache key
+    /// (an unchanged rebuild would then miss the cache once).
+    #[test]
+    fn a_copy_checksum_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("d/e")).unwrap();
+        for (path, body, mode) in [("a", "x", 0o644), ("d/b", "bb", 0o755), ("d/e/c", "", 0o600), ("z", "zz", 0o640)] {
+            std::fs::write(ctx.join(path), body).unwrap();
+            std::fs::set_permissions(ctx.join(path), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        for d in ["", "d", "d/e"] {
+            std::fs::set_permissions(ctx.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::os::unix::fs::symlink("a", ctx.join("l")).unwrap();
+        let context = LocalContext::open("context", &ctx, &[], dir.path().join("sums.json")).unwrap();
+        let tree = SourceTree::Context(std::sync::Arc::new(context));
+        let all = copy_checksum(&tree, &CopyAction::new(0, vec![".".into()], "/")).unwrap();
+        assert_eq!(all, "sha256:e4b62e6d5022ef310fa2f1645f1645845870fa65686cdbc8ae68b1785baf0796");
+        let mut chmod = CopyAction::new(0, vec!["d".into()], "/");
+        chmod.mode = Some(0o700);
+        assert_eq!(copy_checksum(&tree, &chmod).unwrap(), "sha256:02433efb41f309f5d5b68bc51f7c552cb1e3e4341a33fdbb664d4707bc36871c");
+    }
 }

@@ -189,10 +189,17 @@ pub(crate) async fn run(
     }
 
     let active = inner.store.snapshots.prepare().map_err(|e| fail(format!("preparing a layer: {e:#}")))?;
+    let work = match active.make_work_dir() {
+        Ok(work) => work,
+        Err(e) => {
+            inner.store.snapshots.abort(active);
+            return Err(fail(format!("preparing a layer: {e}")));
+        }
+    };
     let req = ExecRequest {
         lower: rootfs.iter().map(|id| inner.store.snapshots.path(id)).collect(),
         upper: active.fs(),
-        work: active.work(),
+        work,
         args: exec.args.clone(),
         env,
         cwd: if exec.cwd.is_empty() { "/".into() } else { exec.cwd.clone() },

@@ -23,7 +23,7 @@ use std::time::SystemTime;
 use kiln_cache::Store;
 use kiln_cache::lease::{self, last_used};
 use kiln_cache::lock::FileLock;
-use kiln_cache::usage::{apparent_size, root_usage};
+use kiln_cache::usage::{apparent_size, root_usage_recorded, snapshot_size_recorded};
 use serde::Deserialize;
 
 /// Blobs younger than this are never collected: `kiln pull`, `load` and
@@ -161,7 +161,7 @@ impl Census {
         let mut snapshots = HashMap::new();
         for id in store.snapshots.list()? {
             let dir = store.root().join("snapshots").join(&id);
-            snapshots.insert(id, (apparent_size(&dir), last_used(&dir)));
+            snapshots.insert(id, (snapshot_size_recorded(&dir), last_used(&dir)));
         }
         Ok(Census {
             held_since: lease::held_since(store)?,
@@ -346,7 +346,7 @@ pub fn prune(store: &Store, options: &PruneOptions) -> anyhow::Result<PruneRepor
         c.evict_lru(|_| true)?;
         c.drop_orphan_blobs()?;
     } else if let Some(limit) = options.keep_bytes {
-        let total = root_usage(store.root())?.total;
+        let total = root_usage_recorded(store.root())?.total;
         let freed = c.drop_orphan_blobs()?;
         c.evict_lru(|more| total.saturating_sub(freed + more) > limit)?;
     }
@@ -372,7 +372,7 @@ pub fn prune(store: &Store, options: &PruneOptions) -> anyhow::Result<PruneRepor
 /// first, skipping whatever a live lease may use. Image blobs are never
 /// removed; if they alone exceed the cap, `still_over` says so.
 pub fn enforce_cap(store: &Store, cap: u64) -> anyhow::Result<CapReport> {
-    let before = root_usage(store.root())?.total;
+    let before = root_usage_recorded(store.root())?.total;
     if before <= cap {
         return Ok(CapReport { before, after: before, ..Default::default() });
     }
@@ -380,11 +380,11 @@ pub fn enforce_cap(store: &Store, cap: u64) -> anyhow::Result<CapReport> {
     let census = Census::take(store)?;
     let mut c = Collector { store, census, report: PruneReport::default(), blobs: 0, cache_mounts: 0 };
     // Re-measured under the lock: another collection may have run.
-    let total = root_usage(store.root())?.total;
+    let total = root_usage_recorded(store.root())?.total;
     c.drop_broken_records()?;
     let freed = c.drop_orphan_blobs()?;
     c.evict_lru(|more| total.saturating_sub(freed + more) > cap)?;
-    let after = root_usage(store.root())?.total;
+    let after = root_usage_recorded(store.root())?.total;
     Ok(CapReport {
         before,
         after,

@@ -70,11 +70,17 @@ struct ChecksumRecord {
     sha256: String,
 }
 
+type ChecksumRecords = HashMap<String, ChecksumRecord>;
+
 /// File checksums keyed by path and validated by (inode, size, mtime, ctime).
 #[derive(Debug)]
 struct ChecksumCache {
     file: PathBuf,
-    records: Mutex<HashMap<String, ChecksumRecord>>,
+    /// The records, once [`Self::records`] has waited for `loading`.
+    records: Mutex<Option<ChecksumRecords>>,
+    /// Reading and parsing the file (megabytes for a big context) runs on
+    /// its own thread while the context is walked.
+    loading: Mutex<Option<std::thread::JoinHandle<ChecksumRecords>>>,
     dirty: std::sync::atomic::AtomicBool,
     reads: std::sync::atomic::AtomicUsize,
 }
@@ -82,13 +88,33 @@ struct ChecksumCache {
 impl ChecksumCache {
     fn load(file: PathBuf) -> ChecksumCache {
         // A missing or corrupt cache only costs re-hashing.
-        let records = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let read = |file: &Path| -> ChecksumRecords {
+            std::fs::read(file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+        };
+        let (records, loading) = {
+            let path = file.clone();
+            match std::thread::Builder::new().name("kiln-checksums".into()).spawn(move || read(&path)) {
+                Ok(handle) => (None, Some(handle)),
+                Err(_) => (Some(read(&file)), None),
+            }
+        };
         ChecksumCache {
             file,
             records: Mutex::new(records),
+            loading: Mutex::new(loading),
             dirty: Default::default(),
             reads: Default::default(),
         }
+    }
+
+    /// The records, waiting for the load if it still runs.
+    fn records(&self) -> std::sync::MutexGuard<'_, Option<ChecksumRecords>> {
+        let mut records = self.records.lock().unwrap();
+        if records.is_none() {
+            let loaded = self.loading.lock().unwrap().take().and_then(|h| h.join().ok());
+            *records = Some(loaded.unwrap_or_default());
+        }
+        records
     }
 
     fn file_sha256(&self, rel: &str, host: &Path, meta: &std::fs::Metadata) -> io::Result<String> {
@@ -100,13 +126,14 @@ impl ChecksumCache {
             sha256,
         };
         let probe = stamp(String::new());
-        if let Some(rec) = self.records.lock().unwrap().get(rel)
-            && (ChecksumRecord { sha256: String::new(), ..rec.clone() }) == probe {
-                return Ok(rec.sha256.clone());
-            }
+        if let Some(rec) = self.records().as_ref().and_then(|r| r.get(rel))
+            && (rec.ino, rec.size, rec.mtime_ns, rec.ctime_ns) == (probe.ino, probe.size, probe.mtime_ns, probe.ctime_ns)
+        {
+            return Ok(rec.sha256.clone());
+        }
         let sha = sha256_file(host)?;
         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.records.lock().unwrap().insert(rel.to_string(), stamp(sha.clone()));
+        self.records().get_or_insert_default().insert(rel.to_string(), stamp(sha.clone()));
         self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(sha)
     }
@@ -115,7 +142,7 @@ impl ChecksumCache {
         if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
-        let bytes = serde_json::to_vec(&*self.records.lock().unwrap())?;
+        let bytes = serde_json::to_vec(self.records().get_or_insert_default())?;
         kiln_cache::fsutil::write_atomic(&self.file, &bytes)?;
         Ok(())
     }
@@ -187,14 +214,20 @@ impl SourceTree {
 
     /// Visible names in directory `rel`, sorted.
     pub fn read_dir(&self, rel: &Path) -> io::Result<Vec<String>> {
+        Ok(self.read_dir_entries(rel)?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Visible names in directory `rel`, sorted, each with what
+    /// [`Self::lookup`] finds at it (one `lstat` per entry in all).
+    pub fn read_dir_entries(&self, rel: &Path) -> io::Result<Vec<(String, Entry)>> {
         let mut out = Vec::new();
-        for name in self.view().read_dir(rel)? {
+        for (name, entry) in self.view().read_dir_entries(rel)? {
             let name = name.to_string_lossy().into_owned();
             let child = rel.join(&name);
             if self.excluded(&child) && !self.walk_into_excluded(&child)? {
                 continue;
             }
-            out.push(name);
+            out.push((name, entry));
         }
         Ok(out)
     }
