@@ -78,6 +78,15 @@ impl BuildResult {
 /// lease on what it uses; then keep the store under its cap (see
 /// [`BuildRequest::keep_storage`]), whether the build succeeded or not.
 pub async fn build(solver: &Solver, req: BuildRequest, events: EventSink) -> anyhow::Result<BuildResult> {
+    let (result, cap) = build_before_gc(solver, req, events).await?;
+    collect_garbage(solver.store(), cap).await?;
+    result
+}
+
+/// [`build`] up to its final collection: the build's outcome and the cap
+/// still to apply with [`collect_garbage`] (the daemon answers its client
+/// first and collects after; a `kiln build` process must wait).
+pub async fn build_before_gc(solver: &Solver, req: BuildRequest, events: EventSink) -> anyhow::Result<(anyhow::Result<BuildResult>, u64)> {
     let store = solver.store().clone();
     let configured = match req.keep_storage {
         Some(cap) => Some(cap),
@@ -95,12 +104,11 @@ pub async fn build(solver: &Solver, req: BuildRequest, events: EventSink) -> any
     drop(lease);
     // Without a configured cap the default one still applies, as in BuildKit.
     let cap = configured.unwrap_or_else(|| crate::config::default_cap(store.root()));
-    collect_garbage(&store, cap).await?;
-    result
+    Ok((result, cap))
 }
 
 /// Apply the cap `cap` to `store` (see [`kiln_solver::gc::enforce_cap`]).
-async fn collect_garbage(store: &Arc<Store>, cap: u64) -> anyhow::Result<()> {
+pub async fn collect_garbage(store: &Arc<Store>, cap: u64) -> anyhow::Result<()> {
     let store = store.clone();
     let report = tokio::task::spawn_blocking(move || kiln_solver::gc::enforce_cap(&store, cap))
         .await

@@ -692,9 +692,21 @@ fn absolute_volume(v: &str) -> anyhow::Result<String> {
     }
 }
 
-/// `kiln build` through the daemon: send the context's file list, upload
-/// only the contents the daemon lacks, then stream the build's progress
-/// into the same renderer the embedded build uses.
+/// The `missing` digests of a 412 answer to `POST /v1/build`.
+async fn missing_contents(response: Response<Incoming>) -> anyhow::Result<std::collections::HashSet<String>> {
+    #[derive(serde::Deserialize)]
+    struct Missing {
+        missing: Vec<String>,
+    }
+    let bytes = response.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
+    let answer: Missing = serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("the daemon's 412 answer lists no missing contents: {e}"))?;
+    Ok(answer.missing.into_iter().collect())
+}
+
+/// `kiln build` through the daemon: send the build with the context's file
+/// list; if the daemon lacks some contents it names them, they are
+/// uploaded and the build is sent again. The build's progress streams into
+/// the same renderer the embedded build uses.
 async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::Result<i32> {
     use crate::daemon::build::{BuildLine, BuildOptions};
     use crate::daemon::context;
@@ -725,18 +737,6 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     let checksum_file = context::client_checksum_file(&scan_dir);
     let entries =
         tokio::task::spawn_blocking(move || context::scan(&scan_dir, matcher.as_ref(), &keep, checksum_file)).await??;
-    let digests: Vec<String> = entries.iter().filter_map(|e| e.digest.clone()).collect();
-    let missing: serde_json::Value = client
-        .json(Method::POST, "/v1/build/context/missing", Some(&crate::daemon::api::MissingRequest { digests }))
-        .await?;
-    let wanted: std::collections::HashSet<String> =
-        missing["missing"].as_array().into_iter().flatten().filter_map(|d| d.as_str().map(str::to_string)).collect();
-    if !wanted.is_empty() {
-        let (tar_dir, tar_entries) = (dir.clone(), entries.clone());
-        let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
-        let response = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
-        check(response).await?;
-    }
     let options = BuildOptions {
         context: entries,
         dockerfile,
@@ -757,7 +757,18 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         output: args.output.clone(),
         keep_storage: args.keep_storage.clone(),
     };
-    let response = client.send(Method::POST, "/v1/build", full(serde_json::to_vec(&options)?), Some("application/json")).await?;
+    let request = Bytes::from(serde_json::to_vec(&options)?);
+    let mut response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
+    if response.status() == StatusCode::PRECONDITION_FAILED {
+        // The daemon lacks some contents (new or changed files): upload
+        // those, then ask again. An unchanged context is one request.
+        let wanted = missing_contents(response).await?;
+        let (tar_dir, tar_entries) = (dir.clone(), options.context.clone());
+        let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
+        let uploaded = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
+        check(uploaded).await?;
+        response = client.send(Method::POST, "/v1/build", full(request), Some("application/json")).await?;
+    }
     let mut body = check(response).await?.into_body();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let renderer = tokio::spawn(crate::progress::render(args.progress, rx));

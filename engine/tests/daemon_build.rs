@@ -19,6 +19,11 @@ fn blob_uploads(log: &str) -> usize {
     log.lines().filter(|l| l.contains("path=/v1/build/context/blobs")).count()
 }
 
+/// How many requests the daemon logged with `path` and `status`.
+fn requests(log: &str, path: &str, status: u16) -> usize {
+    log.lines().filter(|l| l.contains(&format!("path={path} status={status} "))).count()
+}
+
 #[test]
 fn build_through_the_daemon_uploads_only_what_changed() {
     let d = Daemon::start(true, &[]);
@@ -39,6 +44,9 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     let id1 = image_id(&stderr(&first));
     assert!(stderr(&first).contains("RUN echo built") && stderr(&first).contains("naming to docker.io/library/app:1"), "{}", stderr(&first));
     assert_eq!(blob_uploads(&d.log()), 1, "the first build uploads the context");
+    // The build named the missing contents (412), got them, was sent again.
+    assert_eq!(requests(&d.log(), "/v1/build", 412), 1, "{}", d.log());
+    assert_eq!(requests(&d.log(), "/v1/build", 200), 1, "{}", d.log());
 
     // Unchanged: everything cached, no upload, same image.
     let again = d.client_reproducible(&["build", "--progress", "plain", "-t", "app:1", c]);
@@ -46,6 +54,10 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     assert_eq!(image_id(&stderr(&again)), id1);
     assert!(!stderr(&again).contains(" DONE ") || stderr(&again).matches("CACHED").count() >= 2, "{}", stderr(&again));
     assert_eq!(blob_uploads(&d.log()), 1, "an unchanged context uploads nothing");
+    // ... and is one request: no 412, no separate question about contents.
+    assert_eq!(requests(&d.log(), "/v1/build", 412), 1, "{}", d.log());
+    assert_eq!(requests(&d.log(), "/v1/build", 200), 2, "{}", d.log());
+    assert!(!d.log().contains("path=/v1/build/context/missing"), "{}", d.log());
 
     // Touching a file changes nothing either.
     let now = std::time::SystemTime::now();
@@ -60,6 +72,7 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     assert!(changed.status.success(), "{}", stderr(&changed));
     assert_ne!(image_id(&stderr(&changed)), id1);
     assert_eq!(blob_uploads(&d.log()), 2);
+    assert_eq!(requests(&d.log(), "/v1/build", 412), 2, "{}", d.log());
     let run = d.client(&["run", "--rm", "app:2"]);
     assert_eq!(stdout(&run), "built\nchanged\n", "{}", stderr(&run));
     let ls = d.client(&["run", "--rm", "app:2", "ls", "/app"]);
@@ -137,6 +150,24 @@ fn concurrent_builds_and_a_client_killed_mid_build() {
     let out = d.client(&["build", "--progress", "plain", "-t", "next:1", next.path().to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&d.client(&["run", "--rm", "next:1", "cat", "/n"])), "next\n");
+}
+
+/// The daemon applies the store's cap after a build as `kiln build` does,
+/// though without holding up the answer: the collection still happens.
+#[test]
+fn the_cap_is_applied_after_a_daemon_build() {
+    let d = Daemon::start(true, &[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write(ctx.path(), &[("Dockerfile", "FROM busybox\nRUN head -c 300000 /dev/zero > /zeros\nRUN rm /zeros\n")]);
+    let c = ctx.path().to_str().unwrap();
+    let built = d.client_reproducible(&["build", "--progress", "plain", "--keep-storage", "1", c]);
+    assert!(built.status.success(), "{}", stderr(&built));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.log().contains("gc: store root") {
+        assert!(Instant::now() < deadline, "no collection after the build:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("> cap 1: removed"), "{}", d.log());
 }
 
 #[test]

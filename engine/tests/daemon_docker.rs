@@ -155,3 +155,51 @@ fn docker_run_interactive_and_tty() {
     assert!(text.contains("33 88"), "{text:?}");
     assert_eq!(out.status.code(), Some(9), "{text:?}");
 }
+
+/// Containers made through the Docker API outlive the daemon: after a
+/// restart `docker ps -a` lists them (one that was running when the daemon
+/// was killed shows exited, its shim died with the daemon), `inspect` and
+/// `logs` answer as before, and `docker rm` removes them for good.
+#[test]
+fn docker_containers_survive_a_daemon_restart() {
+    if !std::path::Path::new(DOCKER).is_file() {
+        println!("skipped: docker_containers_survive_a_daemon_restart because {DOCKER} is not installed (apt-get install docker.io)");
+        return;
+    }
+    if !common::can_run_containers("docker_containers_survive_a_daemon_restart", &[]) {
+        return;
+    }
+    let mut d = Daemon::start(true, &[]);
+    let config = d.dir.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let out = docker(&d, &config, &["run", "--name", "done", "busybox", "sh", "-c", "echo out; echo err >&2; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    ok(docker(&d, &config, &["create", "--name", "fresh", "busybox", "true"]), "create");
+    ok(docker(&d, &config, &["run", "-d", "--name", "long", "busybox", "sleep", "600"]), "run -d");
+    let running = ok(docker(&d, &config, &["ps"]), "ps");
+    assert!(running.contains("long") && !running.contains("done") && !running.contains("fresh"), "{running}");
+    let all = ok(docker(&d, &config, &["ps", "-a"]), "ps -a");
+    assert!(all.contains("Exited (4)") && all.contains("Created") && all.contains("Up"), "{all}");
+
+    // Killed, not stopped: nothing gets written on the way out.
+    unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+    assert!(!d.stop(), "a killed daemon does not exit 0");
+    d.restart(&[]);
+    let all = ok(docker(&d, &config, &["ps", "-a", "--no-trunc"]), "ps -a after the restart");
+    for name in ["done", "fresh", "long"] {
+        assert!(all.contains(name), "{name} is gone after the restart:\n{all}");
+    }
+    assert!(all.contains("Exited (4)") && all.contains("Created") && all.contains("Exited (255)") && !all.contains("Up"), "{all}");
+    assert_eq!(ok(docker(&d, &config, &["ps", "-q"]), "ps -q"), "", "nothing runs after a restart");
+    let logs = docker(&d, &config, &["logs", "done"]);
+    assert_eq!((stdout(&logs).as_str(), stderr(&logs).as_str()), ("out\n", "err\n"));
+    let state = ok(docker(&d, &config, &["inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", "done", "long"]), "inspect");
+    assert_eq!(state, "exited 4\nexited 255\n");
+
+    ok(docker(&d, &config, &["rm", "done", "fresh", "long"]), "rm");
+    assert!(docker(&d, &config, &["inspect", "done"]).status.code() != Some(0));
+    assert!(d.stop());
+    d.restart(&[]);
+    let all = ok(docker(&d, &config, &["ps", "-a", "-q"]), "ps -a after rm and a restart");
+    assert_eq!(all, "", "removed containers stay removed");
+}

@@ -241,8 +241,8 @@ fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
     wait_for("container start", || marker.join("ready").exists());
     let state = root.join("run/containers/victim");
     assert!(state.exists());
-    let init = container_pids("victim");
-    assert!(!init.is_empty(), "the container runs in its own cgroup");
+    let init = container_pids(child.id() as i32);
+    assert!(!init.is_empty(), "the container runs in its own pid namespace");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
@@ -376,20 +376,32 @@ fn kiln_run_tty_gets_a_pty_with_our_size_and_resizes() {
     assert_nothing_left(s.path(), &s.path().join("root/run"));
 }
 
-/// Host pids whose cgroup path names container `id`.
-fn container_pids(id: &str) -> Vec<i32> {
+/// Host pids of the container processes started by `kiln_pid`: its
+/// descendants in another pid namespace.
+fn container_pids(kiln_pid: i32) -> Vec<i32> {
+    let ppid = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+    };
+    let pid_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let ours = pid_ns("self");
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-            if cg
-                .lines()
-                .any(|l| l.ends_with(&format!("-{id}")) && l.contains("/kiln/"))
-            {
+        let theirs = pid_ns(&pid.to_string());
+        if theirs.is_none() || theirs == ours {
+            continue;
+        }
+        // A descendant of kiln's.
+        let mut p = pid;
+        while let Some(parent) = ppid(p).filter(|&q| q > 1) {
+            if parent == kiln_pid {
                 out.push(pid);
+                break;
             }
+            p = parent;
         }
     }
     out

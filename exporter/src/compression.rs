@@ -4,7 +4,9 @@
 //! hashed (the diff ID), compressed, and the compressed bytes hashed again
 //! (the blob digest) and counted on their way to the sink. Nothing is read
 //! twice. Gzip is compressed in parallel pigz-style ([`ParallelGzip`]), zstd
-//! with libzstd's worker threads.
+//! with libzstd's worker threads; hashing and writing the compressed bytes
+//! happens on a thread of its own ([`BackgroundWriter`]), so it overlaps
+//! with tarring and hashing the input.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -143,7 +145,7 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-enum Encoder<W: Write> {
+enum Encoder<W: Write + Send + 'static> {
     Plain(W),
     Gzip(ParallelGzip<W>),
     Zstd(zstd::stream::write::Encoder<'static, W>),
@@ -151,10 +153,10 @@ enum Encoder<W: Write> {
 
 /// Uncompressed bytes in; diff ID, blob digest and size out; compressed
 /// bytes to the sink. One pass.
-pub struct LayerStream<W: Write> {
+pub struct LayerStream<W: Write + Send + 'static> {
     hasher: Sha256,
     count: u64,
-    encoder: Encoder<HashingWriter<W>>,
+    encoder: Encoder<BackgroundWriter<HashingWriter<W>>>,
 }
 
 /// Threads to compress with: every core this process may use.
@@ -165,7 +167,7 @@ pub fn compression_threads() -> usize {
 impl<W: Write + Send + 'static> LayerStream<W> {
     /// Start a stream compressing with `compression` into `sink`.
     pub fn new(sink: W, compression: Compression) -> io::Result<Self> {
-        let out = HashingWriter { inner: sink, hasher: Sha256::new(), count: 0 };
+        let out = BackgroundWriter::new(HashingWriter { inner: sink, hasher: Sha256::new(), count: 0 });
         let encoder = match compression.kind {
             CompressionKind::Uncompressed => Encoder::Plain(out),
             CompressionKind::Gzip => {
@@ -189,7 +191,8 @@ impl<W: Write + Send + 'static> LayerStream<W> {
             Encoder::Plain(w) => w,
             Encoder::Gzip(g) => g.finish()?,
             Encoder::Zstd(z) => z.finish()?,
-        };
+        }
+        .finish()?;
         let digests = StreamDigests {
             diff_id: digest_string(self.hasher),
             digest: digest_string(out.hasher),
@@ -220,6 +223,101 @@ impl<W: Write + Send + 'static> Write for LayerStream<W> {
     }
 }
 
+/// Bytes a [`BackgroundWriter`] collects before handing them over.
+const HANDOFF: usize = 256 * 1024;
+
+/// A writer that passes its bytes, in order and in chunks of
+/// [`HANDOFF`], to a thread that writes them to `inner`: the sink's work
+/// (hashing, the content store's own hashing, the file write) runs beside
+/// the caller's instead of after it. Errors of the sink surface on the
+/// next write or on [`finish`](Self::finish).
+pub struct BackgroundWriter<W: Write + Send + 'static> {
+    buf: Vec<u8>,
+    tx: Option<mpsc::SyncSender<Vec<u8>>>,
+    thread: Option<std::thread::JoinHandle<io::Result<W>>>,
+}
+
+impl<W: Write + Send + 'static> BackgroundWriter<W> {
+    /// Start the writing thread for `inner`.
+    pub fn new(mut inner: W) -> Self {
+        // A few chunks in the queue smooth out bursts (a finished gzip block
+        // is written at once) without holding much memory.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let thread = std::thread::Builder::new()
+            .name("kiln-blob-writer".into())
+            .spawn(move || {
+                for chunk in rx {
+                    inner.write_all(&chunk)?;
+                }
+                inner.flush()?;
+                Ok(inner)
+            })
+            .expect("spawning the blob writer thread");
+        BackgroundWriter { buf: Vec::with_capacity(HANDOFF), tx: Some(tx), thread: Some(thread) }
+    }
+
+    /// Hand `chunk` to the thread; if it is gone, its error.
+    fn send(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("blob writer already failed"))?;
+        if tx.send(chunk).is_ok() {
+            return Ok(());
+        }
+        self.tx = None;
+        Err(self.join().err().unwrap_or_else(|| io::Error::other("blob writer stopped early")))
+    }
+
+    fn join(&mut self) -> io::Result<W> {
+        let thread = self.thread.take().ok_or_else(|| io::Error::other("blob writer already joined"))?;
+        thread.join().map_err(|_| io::Error::other("blob writer thread panicked"))?
+    }
+
+    /// Write what is buffered, wait for the thread and return the sink.
+    pub fn finish(mut self) -> io::Result<W> {
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.send(rest)?;
+        }
+        self.tx = None;
+        self.join()
+    }
+}
+
+impl<W: Write + Send + 'static> Write for BackgroundWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.buf.is_empty() && buf.len() >= HANDOFF {
+            // Large writes (whole gzip blocks) go over as they are.
+            self.send(buf.to_vec())?;
+            return Ok(buf.len());
+        }
+        let n = buf.len().min(HANDOFF - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == HANDOFF {
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(HANDOFF));
+            self.send(full)?;
+        }
+        Ok(n)
+    }
+    /// Buffered bytes go to the thread; the sink itself is flushed by
+    /// [`finish`](Self::finish).
+    fn flush(&mut self) -> io::Result<()> {
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() {
+            self.send(rest)?;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for BackgroundWriter<W> {
+    fn drop(&mut self) {
+        // Unfinished (an error elsewhere): stop the thread, drop the sink.
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Input per gzip block. Fixed, so the output does not depend on the
 /// number of threads.
 const GZIP_BLOCK: usize = 256 * 1024;
@@ -229,8 +327,11 @@ const GZIP_DICT: usize = 32 * 1024;
 
 /// A gzip writer that deflates fixed-size blocks on a thread pool, each
 /// ending in a sync flush (byte-aligned, non-final), the last one with the
-/// final bit; the blocks concatenate into one valid deflate stream. The
-/// CRC is computed on the calling thread. Output is deterministic.
+/// final bit; the blocks concatenate into one valid deflate stream (one gzip
+/// member). A block that does not compress (see [`looks_compressible`]) is
+/// written as deflate stored blocks instead, at memcpy speed. The CRC is
+/// computed on the calling thread. Output is deterministic: every decision
+/// depends on the data only, never on timing or the thread count.
 pub struct ParallelGzip<W: Write> {
     inner: W,
     level: u32,
@@ -340,8 +441,13 @@ fn gzip_pool() -> &'static rayon::ThreadPool {
 }
 
 /// Raw-deflate one block primed with `dict`; sync-flushed, or finished
-/// when `last`.
+/// when `last`. Data that does not compress is stored instead: a random
+/// block costs a few small test compressions instead of a full deflate,
+/// and never grows by more than the stored-block headers.
 fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> io::Result<Vec<u8>> {
+    if level > 0 && !looks_compressible(data)? {
+        return Ok(stored_blocks(data, last));
+    }
     let mut c = Compress::new(flate2::Compression::new(level), false);
     if !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
@@ -363,7 +469,75 @@ fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> io::Result
             _ => {}
         }
     }
+    // The samples can miss: never emit more than storing would.
+    if out.len() > stored_len(data.len(), last) {
+        return Ok(stored_blocks(data, last));
+    }
     Ok(out)
+}
+
+/// Bytes of each test compression sample: enough for level 1 to find
+/// the repeats of text or code, small enough that sampling costs little.
+const SAMPLE_LEN: usize = 2 * 1024;
+/// Samples per block, spread evenly from its start to its end (a 256 KiB
+/// block is probed every 36 KiB; 1/16 of it is test-compressed).
+const SAMPLES: usize = 8;
+/// Largest payload of one deflate stored block.
+const STORED_MAX: usize = u16::MAX as usize;
+
+/// Whether deflating `data` is worth it: the samples, each deflated alone
+/// at the fastest level, shrink by at least 1/32 (3 %). Random, encrypted
+/// and already-compressed data does not; text, binaries and tar headers
+/// do by far more. Blocks too short to sample are always deflated.
+pub fn looks_compressible(data: &[u8]) -> io::Result<bool> {
+    if data.len() < SAMPLES * SAMPLE_LEN * 2 {
+        return Ok(true);
+    }
+    let step = (data.len() - SAMPLE_LEN) / (SAMPLES - 1);
+    let mut c = Compress::new(flate2::Compression::fast(), false);
+    let mut out = Vec::with_capacity(SAMPLE_LEN + SAMPLE_LEN / 8 + 64);
+    let (mut sampled, mut compressed) = (0usize, 0usize);
+    for i in 0..SAMPLES {
+        let sample = &data[i * step..i * step + SAMPLE_LEN];
+        c.reset();
+        out.clear();
+        // The buffer holds any deflate of SAMPLE_LEN bytes (worst case is
+        // stored: 5 bytes per 64 KiB), so one call finishes the stream.
+        let status = c.compress_vec(sample, &mut out, FlushCompress::Finish).map_err(io::Error::other)?;
+        if status != Status::StreamEnd {
+            return Ok(true);
+        }
+        sampled += SAMPLE_LEN;
+        compressed += out.len();
+    }
+    Ok(compressed * 32 < sampled * 31)
+}
+
+/// Size of `len` bytes as stored blocks (see [`stored_blocks`]).
+fn stored_len(len: usize, last: bool) -> usize {
+    let blocks = len.div_ceil(STORED_MAX).max(usize::from(last));
+    len + 5 * blocks
+}
+
+/// `data` as deflate stored blocks of at most 64 KiB: a byte with the
+/// final bit and type 00 (byte-aligned: the block before ended on a byte
+/// boundary), LEN and its complement, then the bytes. The last block of
+/// the stream gets the final bit (an empty one if there is no data).
+fn stored_blocks(data: &[u8], last: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(stored_len(data.len(), last));
+    let mut chunks: Vec<&[u8]> = data.chunks(STORED_MAX).collect();
+    if chunks.is_empty() && last {
+        chunks.push(&[]);
+    }
+    let count = chunks.len();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        out.push(u8::from(last && i + 1 == count));
+        let len = chunk.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
 }
 
 #[cfg(test)]

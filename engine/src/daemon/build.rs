@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::State;
 use super::context::ContextEntry;
-use crate::build::{BuildRequest, build};
+use crate::build::{BuildRequest, build_before_gc};
 use crate::commands::build::{MetaResolver, PullAlways};
 
 /// `POST /v1/build` body: the context's file list plus `kiln build`'s flags.
@@ -229,7 +229,17 @@ pub async fn run_build(
         keep_storage: opts.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
     };
     let push = request.output.clone();
-    let result = build(&solver, request, EventSink(Some(events))).await?;
+    let (result, cap) = build_before_gc(&solver, request, EventSink(Some(events))).await?;
+    // The store's cap is applied beside the rest (push, output, the
+    // answer), not before it: measuring the whole root is the slowest
+    // part of a cached rebuild, and the client need not wait for it.
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::build::collect_garbage(&store, cap).await {
+            tracing::warn!("after a build: {e:#}");
+        }
+    });
+    let result = result?;
     let pushed = crate::commands::build::push_output(&state.registry, &state.store, push.as_ref(), &opts.tags).await?;
     let artifact = match (staged, scratch) {
         (Some((_, written, is_dir)), Some(dir)) => Some(
@@ -303,8 +313,8 @@ impl ContextCache {
         Ok(Arc::new(ContextCache { dir, uses: Default::default() }))
     }
 
-    /// The directory holding `entries`, laid out from `store` if new.
-    /// Blocking.
+    /// The directory holding `entries`, laid out from `store` if new
+    /// (a 412 listing the contents `store` lacks, if any). Blocking.
     pub fn lease(self: &Arc<Self>, store: &kiln_cache::Store, entries: &[ContextEntry]) -> Result<ContextLease, super::web::ApiError> {
         use sha2::Digest;
         super::context::validate(entries)?;
@@ -320,6 +330,13 @@ impl ContextCache {
         let lease = ContextLease { cache: self.clone(), key, path: path.clone() };
         let internal = |e: std::io::Error| super::web::ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, format!("context: {e}"));
         if !path.is_dir() {
+            // A context laid out before had every content; a new one may
+            // not: the client uploads what is missing and asks again.
+            let digests: Vec<String> = entries.iter().filter_map(|e| e.digest.clone()).collect();
+            let missing = super::context::missing(store, &digests)?;
+            if !missing.is_empty() {
+                return Err(super::web::ApiError::contents_missing(missing));
+            }
             let tmp = tempfile::Builder::new().prefix(".new-").tempdir_in(&self.dir).map_err(internal)?;
             super::context::materialize(store, entries, tmp.path())?;
             let tmp = tmp.keep();

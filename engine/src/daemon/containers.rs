@@ -227,6 +227,8 @@ pub struct Container {
     pub request: RunRequest,
     /// Remove when it exits (`docker run --rm`).
     pub auto_remove: bool,
+    /// When it was created (Unix seconds).
+    pub created: i64,
     /// Where `attach` wants the output, until `start` takes it.
     pub attach: Mutex<Option<mpsc::UnboundedSender<OutputChunk>>>,
     /// `None` until it exits, then its exit code.
@@ -244,6 +246,35 @@ pub struct Container {
     pub stdin: Mutex<(Option<mpsc::Sender<Bytes>>, Option<mpsc::Receiver<Bytes>>)>,
     /// Terminal sizes (`POST /containers/{id}/resize`); start takes the receiver.
     pub resize: (mpsc::UnboundedSender<WindowSize>, Mutex<Option<mpsc::UnboundedReceiver<WindowSize>>>),
+}
+
+impl Container {
+    /// A container not started yet.
+    fn new(id: String, name: String, request: RunRequest, auto_remove: bool, created: i64) -> Container {
+        let stdin = match request.interactive {
+            true => {
+                let (tx, rx) = mpsc::channel(16);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let (resize_tx, resize_rx) = mpsc::unbounded_channel();
+        Container {
+            id,
+            name,
+            request,
+            auto_remove,
+            created,
+            attach: Mutex::new(None),
+            exit: watch::channel(None).0,
+            started: Mutex::new(false),
+            removed: watch::channel(false).0,
+            kill: Mutex::new(None),
+            log: ContainerLog::default(),
+            stdin: Mutex::new(stdin),
+            resize: (resize_tx, Mutex::new(Some(resize_rx))),
+        }
+    }
 }
 
 /// What a container wrote, in order, for `docker logs`; beyond
@@ -297,44 +328,123 @@ impl ContainerLog {
     }
 }
 
-/// The daemon's containers, by ID.
+/// The daemon's containers, by ID. With a directory ([`ContainerTable::open`])
+/// each container also has a record there (`<id>.json`, written atomically
+/// when it is created, started and exits) and, once exited, its output
+/// (`<id>.log`), so that a restarted daemon still lists, inspects, shows
+/// the logs of and removes it.
 #[derive(Default, Clone)]
-pub struct ContainerTable(Arc<Mutex<HashMap<String, Arc<Container>>>>);
+pub struct ContainerTable {
+    table: Arc<Mutex<HashMap<String, Arc<Container>>>>,
+    dir: Option<std::path::PathBuf>,
+}
+
+/// What `<id>.json` holds.
+#[derive(Serialize, Deserialize)]
+struct ContainerRecord {
+    id: String,
+    name: String,
+    request: RunRequest,
+    auto_remove: bool,
+    created: i64,
+    started: bool,
+    exit_code: Option<i32>,
+}
+
+/// The exit code of a container that was running when its daemon stopped
+/// (its shim ended with the daemon; docker shows such a container as
+/// exited, with 255 when it could not learn a code).
+pub const EXIT_CODE_DAEMON_STOPPED: i32 = 255;
 
 impl ContainerTable {
+    /// A table persisted under `dir`, with the containers recorded there by
+    /// an earlier daemon: running ones are now exited
+    /// ([`EXIT_CODE_DAEMON_STOPPED`]). Unreadable records are skipped (and
+    /// logged). Returns the table and how many containers it loaded.
+    pub fn open(dir: std::path::PathBuf) -> anyhow::Result<(ContainerTable, usize)> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let table = ContainerTable { table: Default::default(), dir: Some(dir.clone()) };
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record: ContainerRecord = match std::fs::read(&path).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice(&b)?)) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("container record {}: {e:#}: skipped", path.display());
+                    continue;
+                }
+            };
+            let container = Arc::new(Container::new(record.id.clone(), record.name, record.request, record.auto_remove, record.created));
+            *container.started.lock().unwrap() = record.started;
+            let exit = match (record.started, record.exit_code) {
+                (true, None) => Some(EXIT_CODE_DAEMON_STOPPED),
+                (_, code) => code,
+            };
+            container.exit.send_replace(exit);
+            if let Ok(bytes) = std::fs::read(dir.join(format!("{}.log", record.id))) {
+                for chunk in parse_log(&bytes) {
+                    container.log.push(&chunk);
+                }
+            }
+            if record.started && record.exit_code.is_none() {
+                table.save(&container);
+            }
+            table.table.lock().unwrap().insert(record.id, container);
+        }
+        let loaded = table.len();
+        Ok((table, loaded))
+    }
+
     /// Register a new container; returns it.
     pub fn create(&self, name: Option<String>, request: RunRequest, auto_remove: bool) -> Arc<Container> {
         let id = random_hex(32);
         let name = format!("/{}", name.unwrap_or_else(|| format!("kiln_{}", &id[..12])));
-        let stdin = match request.interactive {
-            true => {
-                let (tx, rx) = mpsc::channel(16);
-                (Some(tx), Some(rx))
-            }
-            false => (None, None),
-        };
-        let (resize_tx, resize_rx) = mpsc::unbounded_channel();
-        let container = Arc::new(Container {
-            id: id.clone(),
-            name,
-            request,
-            auto_remove,
-            attach: Mutex::new(None),
-            exit: watch::channel(None).0,
-            started: Mutex::new(false),
-            removed: watch::channel(false).0,
-            kill: Mutex::new(None),
-            log: ContainerLog::default(),
-            stdin: Mutex::new(stdin),
-            resize: (resize_tx, Mutex::new(Some(resize_rx))),
-        });
-        self.0.lock().unwrap().insert(id, container.clone());
+        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let container = Arc::new(Container::new(id.clone(), name, request, auto_remove, created));
+        self.table.lock().unwrap().insert(id, container.clone());
+        self.save(&container);
         container
+    }
+
+    /// Write the container's record (after it started or exited); once it
+    /// exited, its output too. Failures are logged: the container works
+    /// on, it only would not survive a restart.
+    pub fn save(&self, container: &Container) {
+        let Some(dir) = &self.dir else { return };
+        let exit_code = *container.exit.borrow();
+        let record = ContainerRecord {
+            id: container.id.clone(),
+            name: container.name.clone(),
+            request: container.request.clone(),
+            auto_remove: container.auto_remove,
+            created: container.created,
+            started: *container.started.lock().unwrap(),
+            exit_code,
+        };
+        let write = |file: String, bytes: &[u8]| {
+            if let Err(e) = kiln_cache::fsutil::write_atomic(&dir.join(&file), bytes) {
+                tracing::warn!(id = %container.id, "writing {file}: {e}");
+            }
+        };
+        if exit_code.is_some() {
+            let mut log = Vec::new();
+            for (stream, bytes) in container.log.since(0).0 {
+                log.extend_from_slice(&super::docker::frame_header(stream_byte(stream), bytes.len()));
+                log.extend_from_slice(&bytes);
+            }
+            write(format!("{}.log", container.id), &log);
+        }
+        match serde_json::to_vec(&record) {
+            Ok(bytes) => write(format!("{}.json", container.id), &bytes),
+            Err(e) => tracing::warn!(id = %container.id, "container record: {e}"),
+        }
     }
 
     /// Find by full ID, unique ID prefix or name.
     pub fn get(&self, key: &str) -> Option<Arc<Container>> {
-        let table = self.0.lock().unwrap();
+        let table = self.table.lock().unwrap();
         if let Some(c) = table.get(key) {
             return Some(c.clone());
         }
@@ -346,9 +456,16 @@ impl ContainerTable {
         }
     }
 
+    /// Every container, newest first (`docker ps`).
+    pub fn list(&self) -> Vec<Arc<Container>> {
+        let mut all: Vec<Arc<Container>> = self.table.lock().unwrap().values().cloned().collect();
+        all.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.id.cmp(&b.id)));
+        all
+    }
+
     /// How many containers exist.
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.table.lock().unwrap().len()
     }
 
     /// Whether there are none.
@@ -356,14 +473,44 @@ impl ContainerTable {
         self.len() == 0
     }
 
-    /// Forget the container and wake those waiting for its removal.
+    /// Forget the container (and its record) and wake those waiting for
+    /// its removal.
     pub fn remove(&self, id: &str) -> Option<Arc<Container>> {
-        let removed = self.0.lock().unwrap().remove(id);
+        let removed = self.table.lock().unwrap().remove(id);
         if let Some(c) = &removed {
+            if let Some(dir) = &self.dir {
+                for file in [format!("{id}.json"), format!("{id}.log")] {
+                    match std::fs::remove_file(dir.join(&file)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(id, "removing {file}: {e}"),
+                        _ => {}
+                    }
+                }
+            }
             c.removed.send_replace(true);
         }
         removed
     }
+}
+
+/// The stream byte of docker's multiplexed frames (1 stdout, 2 stderr).
+pub fn stream_byte(stream: LogStream) -> u8 {
+    match stream {
+        LogStream::Stdout => 1,
+        LogStream::Stderr => 2,
+    }
+}
+
+/// The chunks of a saved log (docker frames); a truncated tail is dropped.
+fn parse_log(mut bytes: &[u8]) -> Vec<OutputChunk> {
+    let mut chunks = Vec::new();
+    while bytes.len() >= 8 {
+        let len = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+        let Some(data) = bytes.get(8..8 + len) else { break };
+        let stream = if bytes[0] == 2 { LogStream::Stderr } else { LogStream::Stdout };
+        chunks.push((stream, Bytes::copy_from_slice(data)));
+        bytes = &bytes[8 + len..];
+    }
+    chunks
 }
 
 /// `n` (at most 32) random bytes as hex, from getrandom(2); if that fails,

@@ -1,11 +1,12 @@
 //! Build contexts crossing the socket.
 //!
-//! kiln's client first sends the context's file list with a checksum per
-//! file ([`ContextEntry`]); the daemon answers which contents its content
-//! store lacks; the client uploads only those, as a tar whose entries are
-//! named by their sha256; the build request then carries the list again and
-//! the daemon lays the context out from its store ([`materialize`]). An
-//! unchanged context thus costs one list and no file bytes.
+//! kiln's client sends the build request with the context's file list, a
+//! checksum per file ([`ContextEntry`]); if the daemon's content store
+//! lacks some contents it answers with them ([`missing`]), the client
+//! uploads only those, as a tar whose entries are named by their sha256,
+//! and asks again; the daemon lays the context out from its store
+//! ([`materialize`]). An unchanged context thus costs one request and no
+//! file bytes.
 //!
 //! The Docker API sends the whole context as one tar ([`unpack_tar`]).
 //! Every path from outside is checked: absolute paths, `..` and writes
@@ -295,9 +296,13 @@ pub fn client_checksum_file(dir: &Path) -> PathBuf {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let name = hex::encode(&sha2::Sha256::digest(canonical.as_os_str().as_bytes())[..12]);
     let contexts = base.join("kiln").join("contexts");
-    let _ = std::fs::create_dir_all(&contexts);
-    forget_old_contexts(&contexts, 256);
-    contexts.join(format!("{name}.json"))
+    let file = contexts.join(format!("{name}.json"));
+    // Only a new context adds a file: only then can there be too many.
+    if !file.exists() {
+        let _ = std::fs::create_dir_all(&contexts);
+        forget_old_contexts(&contexts, 256);
+    }
+    file
 }
 
 /// Keep the checksum files of the `keep` contexts built most recently
@@ -334,7 +339,8 @@ fn walk(
         let item = item?;
         let path = item.path();
         let rel = path.strip_prefix(base)?.to_string_lossy().into_owned();
-        let meta = std::fs::symlink_metadata(&path)?;
+        // Relative to the open directory (fstatat): no path walk per file.
+        let meta = item.metadata().with_context(|| format!("reading {}", path.display()))?;
         let ignored = ignore.is_some_and(|m| m.matches(&rel)) && !keep.contains(&rel);
         let mode = meta.permissions().mode() & 0o7777;
         if meta.is_dir() {

@@ -73,6 +73,7 @@ pub async fn route(state: Arc<State>, req: Request<Incoming>, full_path: &str) -
             let body = read_body(req.into_body(), super::web::MAX_UPLOAD_BODY).await?;
             build(state, &query, body).await
         }
+        (&Method::GET, "/containers/json") => containers_list(&state, &query),
         (&Method::POST, "/containers/create") => {
             let body = read_body(req.into_body(), MAX_JSON_BODY).await?;
             containers_create(&state, &query, parse_json(&body)?).await
@@ -566,6 +567,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
             return Err(e);
         }
     };
+    state.containers.save(&container);
     // Output goes to the container's log and to the attached client, if any.
     let attached = container.attach.lock().unwrap().take();
     let (output, mut output_rx) = tokio::sync::mpsc::unbounded_channel::<super::containers::OutputChunk>();
@@ -614,12 +616,15 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
         container.exit.send_replace(Some(code));
         if container.auto_remove {
             state.containers.remove(&container.id);
+        } else {
+            state.containers.save(&container);
         }
     });
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-fn inspect_container(c: &Container) -> Value {
+/// `created`, `running` or `exited`, and the exit code once exited.
+fn container_state(c: &Container) -> (&'static str, Option<i32>) {
     let started = *c.started.lock().unwrap();
     let exit = *c.exit.borrow();
     let status = match (started, exit) {
@@ -627,10 +632,56 @@ fn inspect_container(c: &Container) -> Value {
         (true, None) => "running",
         (true, Some(_)) => "exited",
     };
+    (status, exit)
+}
+
+/// `GET /containers/json[?all=1]` (`docker ps [-a]`): running containers,
+/// or all with `all`. Filters are not supported (refused, not ignored).
+fn containers_list(state: &State, query: &Query) -> ApiResult {
+    if query.get("filters").is_some_and(|f| !f.is_empty() && f != "{}") {
+        return Err(ApiError::bad_request("containers: filters are not supported by kiln"));
+    }
+    let all = query.flag("all");
+    let list: Vec<Value> = state
+        .containers
+        .list()
+        .iter()
+        .filter_map(|c| {
+            let (status, exit) = container_state(c);
+            if !all && status != "running" {
+                return None;
+            }
+            let shown = match (status, exit) {
+                ("running", _) => "Up".to_string(),
+                ("exited", Some(code)) => format!("Exited ({code})"),
+                _ => "Created".to_string(),
+            };
+            let command: Vec<String> = c.request.entrypoint.iter().flatten().chain(&c.request.cmd).cloned().collect();
+            Some(json!({
+                "Id": c.id,
+                "Names": [c.name],
+                "Image": c.request.image,
+                "Command": command.join(" "),
+                "Created": c.created,
+                "State": status,
+                "Status": shown,
+                "Ports": [],
+                "Labels": {},
+                "Mounts": [],
+                "HostConfig": { "NetworkMode": c.request.network.as_deref().unwrap_or("default") },
+            }))
+        })
+        .collect();
+    ok_json(&Value::Array(list))
+}
+
+fn inspect_container(c: &Container) -> Value {
+    let (status, exit) = container_state(c);
     json!({
         "Id": c.id,
         "Name": c.name,
         "Image": c.request.image,
+        "Created": kiln_exporter::time::rfc3339(c.created),
         "State": {
             "Status": status,
             "Running": status == "running",

@@ -127,12 +127,16 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(global.root.join("daemon").join("tmp"));
     let contexts = build::ContextCache::new(global.root.join("daemon").join("contexts"))?;
     let solver = build::shared_solver(store.clone(), registry.clone())?;
+    let (containers, known) = containers::ContainerTable::open(global.root.join("daemon").join("containers"))?;
+    if known > 0 {
+        tracing::info!(containers = known, "containers of an earlier run (running ones are now exited)");
+    }
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let state = Arc::new(State {
         store,
         registry,
         shim,
-        containers: Default::default(),
+        containers,
         solver,
         contexts,
         global: global.clone(),

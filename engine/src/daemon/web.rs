@@ -28,12 +28,20 @@ pub struct ApiError {
     pub status: StatusCode,
     /// What went wrong, for the client.
     pub message: String,
+    /// For a build whose context contents the daemon lacks (412): their
+    /// digests, sent as `"missing"` beside the message.
+    pub missing: Vec<String>,
 }
 
 impl ApiError {
     /// An error with `status`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into() }
+        ApiError { status, message: message.into(), missing: Vec::new() }
+    }
+    /// 412: the build's context lists contents the daemon does not hold.
+    pub fn contents_missing(missing: Vec<String>) -> ApiError {
+        let message = format!("the daemon lacks {} of the context's contents: upload them, then send the build again", missing.len());
+        ApiError { status: StatusCode::PRECONDITION_FAILED, message, missing }
     }
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -45,7 +53,11 @@ impl ApiError {
     }
     /// The response for this error.
     pub fn into_response(self) -> Response<Body> {
-        json_response(self.status, &serde_json::json!({ "message": self.message }))
+        if self.missing.is_empty() {
+            json_response(self.status, &serde_json::json!({ "message": self.message }))
+        } else {
+            json_response(self.status, &serde_json::json!({ "message": self.message, "missing": self.missing }))
+        }
     }
 }
 

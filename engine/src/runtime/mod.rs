@@ -18,6 +18,7 @@
 //! only `lo` up — there is no egress yet (a builder usually wants it, but
 //! this machine has no network to give); `Host` shares the host's.
 
+mod cgroupless;
 mod fsat;
 mod netns;
 pub mod overlay;
@@ -102,6 +103,14 @@ pub struct Limits {
     pub memory_bytes: Option<i64>,
     /// CPU limit in CPUs (e.g. 0.5).
     pub cpus: Option<f64>,
+}
+
+impl Limits {
+    /// No limit is set: the container then joins no cgroup of its own
+    /// (see `cgroupless`).
+    pub fn is_empty(&self) -> bool {
+        self.memory_bytes.is_none() && self.cpus.is_none()
+    }
 }
 
 /// Everything about one container.
@@ -831,12 +840,21 @@ impl Running {
                 self.readers.push(spawn_reader(read, stream, sink.clone()));
             }
         }
-        let container = builder
+        // Without limits, the container's processes stay in the shim's
+        // cgroups: joining a new one costs an RCU grace period.
+        let hidden = if spec.limits.is_empty() {
+            Some(cgroupless::HiddenCgroupfs::enter()?)
+        } else {
+            None
+        };
+        let built = builder
             .as_init(&bundle)
             .with_systemd(false)
             .with_detach(true)
-            .build()
-            .map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
+            .build();
+        let private_ns = hidden.map(|h| h.leave()).transpose()?;
+        let container =
+            built.map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
         self.clock.mark("libcontainer create");
         drop(netns);
         self.pid = container.pid();
@@ -863,6 +881,9 @@ impl Running {
                     tracing::warn!("{e:#}");
                 }
             }
+            // The last reference to the namespace the container was created
+            // in: its teardown waits for a grace period too.
+            drop(private_ns);
         }));
         container
             .start()

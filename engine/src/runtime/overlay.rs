@@ -21,6 +21,7 @@ const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
 
 /// What to mount: layers bottom first, and optionally a writable upper.
 #[derive(Debug, Clone)]
@@ -31,7 +32,7 @@ pub struct OverlaySpec<'a> {
     pub upper: Option<(&'a Path, &'a Path)>,
 }
 
-/// Mount an overlay at `target` (an existing directory).
+/// Mount an overlay at `target` (an existing directory), `nodev`.
 pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()> {
     if spec.lower.is_empty() {
         bail!("overlay at {}: no lower layers given", target.display());
@@ -116,10 +117,12 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
             kernel_messages(&fs)
         );
     }
+    // nodev: device nodes in image layers never open in a container (one
+    // without limits has no devices cgroup to refuse them).
     let attrs = if spec.upper.is_none() {
-        MOUNT_ATTR_RDONLY
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV
     } else {
-        0
+        MOUNT_ATTR_NODEV
     };
     // SAFETY: valid fs context fd.
     let mnt = unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) };

@@ -165,7 +165,9 @@ pub fn build(input: &SpecInput<'_>) -> Value {
                 json!({"destination": m.target, "type": "tmpfs", "source": "tmpfs", "options": opts})
             }
             (MountSource::Bind(src), None) => {
-                json!({"destination": m.target, "type": "bind", "source": src, "options": ["rbind", "rprivate", ro]})
+                // nodev: the host's device nodes stay closed to the container
+                // (without limits it has no devices cgroup to refuse them).
+                json!({"destination": m.target, "type": "bind", "source": src, "options": ["rbind", "rprivate", "nodev", ro]})
             }
             (_, Some(dir)) => {
                 json!({"destination": m.target, "type": "bind", "source": dir, "options": ["rbind", "rprivate", ro]})
@@ -182,6 +184,8 @@ pub fn build(input: &SpecInput<'_>) -> Value {
     if let Some(path) = &input.netns_path {
         namespaces.push(json!({"type": "network", "path": path}));
     }
+    // Device rules and limits need the container's own cgroup; a container
+    // without limits has none (see `cgroupless`) and gets no resources.
     let mut resources = json!({"devices": [{"allow": false, "access": "rwm"}]});
     if let Some(mem) = input.limits.memory_bytes {
         resources["memory"] = json!({"limit": mem});
@@ -236,15 +240,43 @@ pub fn build(input: &SpecInput<'_>) -> Value {
             // detaches its host copies of the rootfs while the container runs.
             "rootfsPropagation": "private",
             "cgroupsPath": input.cgroup,
-            "resources": resources,
+            "resources": if input.limits.is_empty() { Value::Null } else { resources },
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
-            "seccomp": {
-                "defaultAction": "SCMP_ACT_ALLOW",
-                "architectures": seccomp_architectures(),
-                "syscalls": [{"names": BLOCKED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}]
-            }
+            "seccomp": seccomp(input.limits.is_empty())
         }
+    })
+}
+
+/// The seccomp profile: [`BLOCKED_SYSCALLS`] fail with EPERM. Without a
+/// devices cgroup (`cgroupless`: a container without limits), which is what
+/// keeps a docker container from opening the host's devices, making block
+/// and character devices fails too (`mknod`/`mknodat`; char 0:0, an overlay
+/// whiteout, stays allowed); the only other way to a device node, one in
+/// the rootfs or a bind mount, is closed by `nodev` on those mounts.
+fn seccomp(no_devices_cgroup: bool) -> Value {
+    let eperm = |names: &[&str], args: Value| {
+        json!({"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM, "args": args})
+    };
+    let mut rules = vec![json!({"names": BLOCKED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM})];
+    if no_devices_cgroup {
+        // (syscall, index of its mode argument); the device number follows it.
+        for (name, mode) in [("mknod", 1), ("mknodat", 2)] {
+            // libcontainer 0.7 compares `(arg & valueTwo) == value`.
+            let kind = |k: libc::mode_t| {
+                json!({"index": mode, "op": "SCMP_CMP_MASKED_EQ", "value": k, "valueTwo": libc::S_IFMT})
+            };
+            rules.push(eperm(&[name], json!([kind(libc::S_IFBLK)])));
+            rules.push(eperm(
+                &[name],
+                json!([kind(libc::S_IFCHR), {"index": mode + 1, "op": "SCMP_CMP_NE", "value": 0}]),
+            ));
+        }
+    }
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": seccomp_architectures(),
+        "syscalls": rules,
     })
 }
 
