@@ -337,6 +337,25 @@ mod tests {
     }
 
     #[test]
+    fn naming_an_image_as_it_already_is_writes_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let images = ImageStore::open(dir.path()).unwrap();
+        let first = store_image(dir.path(), "2024-01-02T03:04:05Z");
+        images.put("app", &first).unwrap();
+        let index = dir.path().join("images/index.json");
+        let inode = || std::fs::metadata(&index).unwrap().ino();
+        let before = inode();
+        images.put("app", &first).unwrap();
+        assert_eq!(inode(), before, "an unchanged name is not rewritten");
+        // A new target (or a new name) is written, by a rename (new inode).
+        let second = store_image(dir.path(), "2025-01-02T03:04:05Z");
+        images.put("app", &second).unwrap();
+        assert_ne!(inode(), before);
+        assert_eq!(images.get("app").unwrap().unwrap().target, second);
+    }
+
+    #[test]
     fn put_tag_resolve_remove() {
         let dir = tempfile::tempdir().unwrap();
         let images = ImageStore::open(dir.path()).unwrap();

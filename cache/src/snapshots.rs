@@ -2,10 +2,12 @@
 //!
 //! Lifecycle, as containerd's snapshotter: [`Snapshotter::prepare`] gives an
 //! [`ActiveSnapshot`] — an empty `fs/` to write into (an overlay upperdir or
-//! an unpack target) and a `work/` dir beside it on the same filesystem.
-//! [`Snapshotter::commit`] renames it to `snapshots/<id>/` and from then on
-//! it is immutable. If another process committed the same id first, ours is
-//! discarded and theirs kept (same id means same content). Prepared but
+//! an unpack target); an upperdir asks for a `work/` dir beside it on the
+//! same filesystem ([`ActiveSnapshot::make_work_dir`]).
+//! [`Snapshotter::commit`] records the bytes of `fs/` in `meta.json`,
+//! renames it to `snapshots/<id>/` and from then on it is immutable. If
+//! another process committed the same id first, ours is discarded and
+//! theirs kept (same id means same content). Prepared but
 //! uncommitted snapshots live under `tmp/` and are removed at the next open
 //! that holds no lock on them (see the store's `check`).
 
