@@ -65,6 +65,35 @@ fn kiln_run_rootfs_streams_output_and_exit_code() {
 }
 
 #[test]
+fn kiln_run_with_output_to_dev_null_can_write() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let vol = s.layer("vol");
+    // Output to /dev/null must not turn the container's writes into EBADF
+    // (libcontainer reopens such an fd read-only); what it wrote is gone,
+    // the exit code and the rest of its work are not.
+    let status = kiln()
+        .args(["--root"])
+        .arg(s.path().join("root"))
+        .args(["run", "--rm", "--network", "none", "-v"])
+        .arg(format!("{}:/vol", vol.display()))
+        .args(["--rootfs"])
+        .arg(&base)
+        .args([
+            "/bin/sh",
+            "-c",
+            "echo out || exit 7; echo err >&2 || exit 8; echo done > /vol/done",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(vol.join("done")).unwrap(), "done\n");
+}
+
+#[test]
 fn kiln_run_volume_and_stdin() {
     require_containers!();
     let s = Scratch::new();

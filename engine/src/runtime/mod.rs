@@ -839,6 +839,24 @@ impl Running {
                 };
                 self.readers.push(spawn_reader(read, stream, sink.clone()));
             }
+        } else if matches!(stdio.output, Output::Inherit) {
+            // libcontainer swaps a stdio fd that is /dev/null for the
+            // container's own /dev/null opened read-only, so every write to
+            // it fails (EBADF). Such an output gets a pipe whose bytes are
+            // dropped instead.
+            for (fd, stream) in [(1, LogStream::Stdout), (2, LogStream::Stderr)] {
+                if !is_dev_null(fd) {
+                    continue;
+                }
+                let (read, write) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+                builder = match stream {
+                    LogStream::Stdout => builder.with_stdout(write),
+                    LogStream::Stderr => builder.with_stderr(write),
+                };
+                let discard: LogSink = std::sync::Arc::new(|_, _: &[u8]| {});
+                self.readers.push(spawn_reader(read, stream, discard));
+            }
         }
         // Without limits, the container's processes stay in the shim's
         // cgroups: joining a new one costs an RCU grace period.
@@ -1003,6 +1021,15 @@ pub(crate) fn spawn_reader(read: OwnedFd, stream: LogStream, sink: LogSink) -> s
             }
         }
     })
+}
+
+/// True if `fd` is open on the null device (char 1:3), as libcontainer
+/// tests it.
+fn is_dev_null(fd: i32) -> bool {
+    let Ok(st) = nix::sys::stat::fstat(fd) else {
+        return false;
+    };
+    st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
 }
 
 /// `mkdir -p` of an absolute container path, never following symlinks.
