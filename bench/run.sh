@@ -228,6 +228,6 @@ cat "$OUT"
   echo
   cat "$OUT"
   echo
-  for f in bench/TARGETS.md frontend/BENCH.md bench/RUNTIME.md bench/EXPORT.md bench/DAEMON.md; do [ -f "$f" ] && { echo; sed 's/^# /## /' "$f"; }; done
+  for f in bench/TARGETS.md frontend/BENCH.md bench/RUNTIME.md bench/BUILD.md bench/EXPORT.md bench/DAEMON.md; do [ -f "$f" ] && { echo; sed 's/^# /## /' "$f"; }; done
 } >BENCHMARKS.md
 echo "wrote BENCHMARKS.md"
