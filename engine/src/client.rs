@@ -211,7 +211,12 @@ pub fn run(global: &Global, host: &str, command: Command) -> anyhow::Result<i32>
     };
     let client = Client::new(host)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(run_async(&client, command))
+    let code = rt.block_on(run_async(&client, command));
+    // Everything the command waits for is done; dropping the runtime
+    // would still wait for idle blocking-pool threads to wake and exit
+    // (milliseconds of a short command like an unchanged rebuild).
+    rt.shutdown_background();
+    code
 }
 
 async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
