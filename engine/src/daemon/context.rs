@@ -53,6 +53,25 @@ pub struct ContextEntry {
     pub target: Option<String>,
 }
 
+/// The identity of a context list: sha256 (hex) over each entry's path,
+/// kind, mode, digest and target. Client and daemon compute it alike, so
+/// an unchanged context can be named by it alone
+/// ([`super::build::BuildOptions::context_key`]).
+pub fn list_key(entries: &[ContextEntry]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for e in entries {
+        let kind = match e.kind {
+            EntryKind::File => "f",
+            EntryKind::Dir => "d",
+            EntryKind::Symlink => "l",
+        };
+        // NUL cannot occur in a path, digest or link target: unambiguous.
+        h.update(format!("{}\0{kind}\0{:o}\0{}\0{}\n", e.path, e.mode, e.digest.as_deref().unwrap_or(""), e.target.as_deref().unwrap_or("")));
+    }
+    hex::encode(h.finalize())
+}
+
 /// Check that `path` is relative and stays inside the context; returns it
 /// as a relative `PathBuf`.
 pub fn safe_relative(path: &str) -> Result<PathBuf, String> {
