@@ -462,6 +462,33 @@ mod tests {
         assert_eq!(left, ["2.json", "3.json", "4.json"]);
     }
 
+    /// The key covers every field of every entry (a change anywhere is
+    /// another context) and is pinned: clients and daemons of different
+    /// builds must agree on it.
+    #[test]
+    fn list_key_covers_every_field() {
+        let file = |path: &str, mode: u32, digest: &str| ContextEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode,
+            digest: Some(digest.into()),
+            target: None,
+        };
+        let list = vec![file("a", 0o644, "sha256:aa"), ContextEntry { path: "l".into(), kind: EntryKind::Symlink, mode: 0o777, digest: None, target: Some("a".into()) }];
+        let key = list_key(&list);
+        assert_eq!(key, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"a\0f\0644\0sha256:aa\0\nl\0l\0777\0\0a\n")));
+        let mut other = list.clone();
+        other[0].mode = 0o755;
+        assert_ne!(list_key(&other), key);
+        let mut other = list.clone();
+        other[0].digest = Some("sha256:ab".into());
+        assert_ne!(list_key(&other), key);
+        let mut other = list.clone();
+        other[1].target = Some("b".into());
+        assert_ne!(list_key(&other), key);
+        assert_ne!(list_key(&list[..1]), key);
+    }
+
     #[test]
     fn relative_paths() {
         assert_eq!(safe_relative("a/./b").unwrap(), PathBuf::from("a/b"));
