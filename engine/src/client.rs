@@ -211,7 +211,12 @@ pub fn run(global: &Global, host: &str, command: Command) -> anyhow::Result<i32>
     };
     let client = Client::new(host)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(run_async(&client, command))
+    let code = rt.block_on(run_async(&client, command));
+    // Everything the command waits for is done; dropping the runtime
+    // would still wait for idle blocking-pool threads to wake and exit
+    // (milliseconds of a short command like an unchanged rebuild).
+    rt.shutdown_background();
+    code
 }
 
 async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
@@ -695,6 +700,8 @@ fn absolute_volume(v: &str) -> anyhow::Result<String> {
 async fn missing_contents(response: Response<Incoming>) -> anyhow::Result<std::collections::HashSet<String>> {
     #[derive(serde::Deserialize)]
     struct Missing {
+        /// Empty (left out) when the daemon only lacks the list itself.
+        #[serde(default)]
         missing: Vec<String>,
     }
     let bytes = response.into_body().collect().await.context("reading the daemon's answer")?.to_bytes();
@@ -736,8 +743,11 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     let checksum_file = context::client_checksum_file(&scan_dir);
     let entries =
         tokio::task::spawn_blocking(move || context::scan(&scan_dir, matcher.as_ref(), &keep, checksum_file)).await??;
-    let options = BuildOptions {
-        context: entries,
+    // An unchanged context is named by its key alone; the list goes only
+    // to a daemon that does not keep it (below).
+    let mut options = BuildOptions {
+        context: Vec::new(),
+        context_key: Some(context::list_key(&entries)),
         dockerfile,
         dockerfile_name: Some(dockerfile_name),
         dockerignore,
@@ -756,20 +766,32 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         output: args.output.clone(),
         keep_storage: args.keep_storage.clone(),
     };
-    let request = Bytes::from(serde_json::to_vec(&options)?);
+    let mut request = Bytes::from(serde_json::to_vec(&options)?);
     let mut response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
-    // The daemon lacks some contents (new or changed files): upload those,
-    // then ask again (a few times: a collection on the daemon may drop
-    // uploads not yet used). An unchanged context is one request.
-    for _ in 0..3 {
-        if response.status() != StatusCode::PRECONDITION_FAILED {
-            break;
+    // A daemon that does not keep the context (412 with nothing missing;
+    // 400 from a daemon that predates keys) gets the list; one that lacks
+    // some contents (new or changed files) gets those uploaded; then the
+    // build is sent again (a few times: a collection on the daemon may
+    // drop uploads not yet used). An unchanged context is one request.
+    for _ in 0..4 {
+        let status = response.status();
+        let by_key = options.context.is_empty();
+        let wanted = match status {
+            StatusCode::PRECONDITION_FAILED => missing_contents(response).await?,
+            StatusCode::BAD_REQUEST if by_key => Default::default(),
+            _ => break,
+        };
+        if wanted.is_empty() {
+            anyhow::ensure!(by_key, "the daemon asked for the build again but lacks nothing");
+            options.context = entries.clone();
+            options.context_key = None;
+            request = Bytes::from(serde_json::to_vec(&options)?);
+        } else {
+            let (tar_dir, tar_entries) = (dir.clone(), entries.clone());
+            let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
+            let uploaded = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
+            check(uploaded).await?;
         }
-        let wanted = missing_contents(response).await?;
-        let (tar_dir, tar_entries) = (dir.clone(), options.context.clone());
-        let tar = tokio::task::spawn_blocking(move || context::blobs_tar(&tar_dir, &tar_entries, &wanted)).await??;
-        let uploaded = client.send(Method::POST, "/v1/build/context/blobs", full(tar), Some("application/x-tar")).await?;
-        check(uploaded).await?;
         response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
     }
     let mut body = check(response).await?.into_body();

@@ -44,9 +44,24 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     let id1 = image_id(&stderr(&first));
     assert!(stderr(&first).contains("RUN echo built") && stderr(&first).contains("naming to docker.io/library/app:1"), "{}", stderr(&first));
     assert_eq!(blob_uploads(&d.log()), 1, "the first build uploads the context");
-    // The build named the missing contents (412), got them, was sent again.
-    assert_eq!(requests(&d.log(), "/v1/build", 412), 1, "{}", d.log());
+    // The build named its context by key: unknown (412), so it sent the
+    // list; the daemon named the missing contents (412), got them, and
+    // the build was sent again.
+    assert_eq!(requests(&d.log(), "/v1/build", 412), 2, "{}", d.log());
     assert_eq!(requests(&d.log(), "/v1/build", 200), 1, "{}", d.log());
+    let laid_out = d.root.join("daemon/contexts");
+    let contexts = || -> Vec<(String, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut found: Vec<(String, u64)> = std::fs::read_dir(&laid_out)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::metadata(e.path().join("a.txt")).unwrap().ino()))
+            .collect();
+        found.sort();
+        found
+    };
+    let first_layout = contexts();
+    assert_eq!(first_layout.len(), 1, "{first_layout:?}");
 
     // Unchanged: everything cached, no upload, same image.
     let again = d.client_reproducible(&["build", "--progress", "plain", "-t", "app:1", c]);
@@ -54,10 +69,17 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     assert_eq!(image_id(&stderr(&again)), id1);
     assert!(!stderr(&again).contains(" DONE ") || stderr(&again).matches("CACHED").count() >= 2, "{}", stderr(&again));
     assert_eq!(blob_uploads(&d.log()), 1, "an unchanged context uploads nothing");
-    // ... and is one request: no 412, no separate question about contents.
-    assert_eq!(requests(&d.log(), "/v1/build", 412), 1, "{}", d.log());
+    // ... and is one request naming the context by key: no 412, no
+    // separate question about contents, the same laid-out directory
+    // (same inodes: not laid out again).
+    assert_eq!(requests(&d.log(), "/v1/build", 412), 2, "{}", d.log());
     assert_eq!(requests(&d.log(), "/v1/build", 200), 2, "{}", d.log());
     assert!(!d.log().contains("path=/v1/build/context/missing"), "{}", d.log());
+    assert_eq!(contexts(), first_layout);
+    // A key the daemon does not keep: 412, and nothing is built.
+    let (status, _, body) = d.http("POST", "/v1/build", br#"{"context_key":"0000000000000000000000000000000000000000000000000000000000000000","dockerfile":"FROM busybox\n"}"#);
+    assert_eq!(status, 412, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("does not keep this context"), "{}", String::from_utf8_lossy(&body));
 
     // Touching a file changes nothing either.
     let now = std::time::SystemTime::now();
@@ -72,7 +94,11 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     assert!(changed.status.success(), "{}", stderr(&changed));
     assert_ne!(image_id(&stderr(&changed)), id1);
     assert_eq!(blob_uploads(&d.log()), 2);
-    assert_eq!(requests(&d.log(), "/v1/build", 412), 2, "{}", d.log());
+    // Unknown key, then missing contents, then the build; laid out anew.
+    assert_eq!(requests(&d.log(), "/v1/build", 412), 5, "{}", d.log());
+    let changed_layout = contexts();
+    assert_eq!(changed_layout.len(), 2, "{changed_layout:?}");
+    assert!(changed_layout.contains(&first_layout[0]), "{changed_layout:?}");
     let run = d.client(&["run", "--rm", "app:2"]);
     assert_eq!(stdout(&run), "built\nchanged\n", "{}", stderr(&run));
     let ls = d.client(&["run", "--rm", "app:2", "ls", "/app"]);

@@ -575,9 +575,19 @@ fn run_events(
 
 /// Lay out the context, then build, streaming [`BuildLine`]s. A client that
 /// goes away cancels its own build only.
-async fn build(state: Arc<State>, opts: BuildOptions) -> ApiResult {
-    let (store, cache, entries) = (state.store.clone(), state.contexts.clone(), opts.context.clone());
-    let dir = blocking(move || Ok(cache.lease(&store, &entries))).await??;
+async fn build(state: Arc<State>, mut opts: BuildOptions) -> ApiResult {
+    let (store, cache) = (state.store.clone(), state.contexts.clone());
+    let dir = match opts.context_key.clone() {
+        // An unchanged context named by its key: no list to parse or check.
+        Some(key) if opts.context.is_empty() => match blocking(move || Ok(cache.lease_known(&key))).await? {
+            Some(lease) => lease,
+            None => return Err(ApiError::context_unknown()),
+        },
+        _ => {
+            let entries = std::mem::take(&mut opts.context);
+            blocking(move || Ok(cache.lease(&store, &entries))).await??
+        }
+    };
     let (response, mut lines) = streaming("application/x-ndjson");
     tokio::spawn(async move {
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();

@@ -29,6 +29,11 @@ use crate::commands::build::{MetaResolver, PullAlways};
 pub struct BuildOptions {
     /// The context (files uploaded before through `/v1/build/context/...`).
     pub context: Vec<ContextEntry>,
+    /// Instead of `context`: the [`super::context::list_key`] of a list
+    /// sent before. The daemon uses the context it laid out for that list,
+    /// or answers 412 with no missing contents (send the list itself).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_key: Option<String>,
     /// The Dockerfile's text.
     pub dockerfile: String,
     /// Its name, for error messages (default `Dockerfile`).
@@ -316,18 +321,10 @@ impl ContextCache {
     /// The directory holding `entries`, laid out from `store` if new
     /// (a 412 listing the contents `store` lacks, if any). Blocking.
     pub fn lease(self: &Arc<Self>, store: &kiln_cache::Store, entries: &[ContextEntry]) -> Result<ContextLease, super::web::ApiError> {
-        use sha2::Digest;
         super::context::validate(entries)?;
-        let list = serde_json::to_vec(entries).unwrap_or_default();
-        let key = hex::encode(sha2::Sha256::digest(&list));
+        let key = super::context::list_key(entries);
         let path = self.dir.join(&key);
-        {
-            let mut uses = self.uses.lock().unwrap();
-            let u = uses.entry(key.clone()).or_insert((0, std::time::Instant::now()));
-            u.0 += 1;
-            u.1 = std::time::Instant::now();
-        }
-        let lease = ContextLease { cache: self.clone(), key, path: path.clone() };
+        let lease = self.take(key);
         let internal = |e: std::io::Error| super::web::ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, format!("context: {e}"));
         if !path.is_dir() {
             // A context laid out before had every content; a new one may
@@ -347,6 +344,31 @@ impl ContextCache {
         }
         self.evict();
         Ok(lease)
+    }
+
+    /// The context laid out before for the list whose
+    /// [`super::context::list_key`] is `key`, if it is still kept (then
+    /// nothing needs checking: the daemon wrote it from verified contents
+    /// and builds only read it). Blocking.
+    pub fn lease_known(self: &Arc<Self>, key: &str) -> Option<ContextLease> {
+        if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return None;
+        }
+        let lease = self.take(key.to_string());
+        // Taken first, then checked: eviction skips contexts in use.
+        lease.path.is_dir().then_some(lease)
+    }
+
+    /// Count one more use of context `key` (released with the lease).
+    fn take(self: &Arc<Self>, key: String) -> ContextLease {
+        {
+            let mut uses = self.uses.lock().unwrap();
+            let u = uses.entry(key.clone()).or_insert((0, std::time::Instant::now()));
+            u.0 += 1;
+            u.1 = std::time::Instant::now();
+        }
+        let path = self.dir.join(&key);
+        ContextLease { cache: self.clone(), key, path }
     }
 
     fn evict(&self) {

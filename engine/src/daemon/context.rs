@@ -53,6 +53,25 @@ pub struct ContextEntry {
     pub target: Option<String>,
 }
 
+/// The identity of a context list: sha256 (hex) over each entry's path,
+/// kind, mode, digest and target. Client and daemon compute it alike, so
+/// an unchanged context can be named by it alone
+/// ([`super::build::BuildOptions::context_key`]).
+pub fn list_key(entries: &[ContextEntry]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for e in entries {
+        let kind = match e.kind {
+            EntryKind::File => "f",
+            EntryKind::Dir => "d",
+            EntryKind::Symlink => "l",
+        };
+        // NUL cannot occur in a path, digest or link target: unambiguous.
+        h.update(format!("{}\0{kind}\0{:o}\0{}\0{}\n", e.path, e.mode, e.digest.as_deref().unwrap_or(""), e.target.as_deref().unwrap_or("")));
+    }
+    hex::encode(h.finalize())
+}
+
 /// Check that `path` is relative and stays inside the context; returns it
 /// as a relative `PathBuf`.
 pub fn safe_relative(path: &str) -> Result<PathBuf, String> {
@@ -441,6 +460,33 @@ mod tests {
             std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         assert_eq!(left, ["2.json", "3.json", "4.json"]);
+    }
+
+    /// The key covers every field of every entry (a change anywhere is
+    /// another context) and is pinned: clients and daemons of different
+    /// builds must agree on it.
+    #[test]
+    fn list_key_covers_every_field() {
+        let file = |path: &str, mode: u32, digest: &str| ContextEntry {
+            path: path.into(),
+            kind: EntryKind::File,
+            mode,
+            digest: Some(digest.into()),
+            target: None,
+        };
+        let list = vec![file("a", 0o644, "sha256:aa"), ContextEntry { path: "l".into(), kind: EntryKind::Symlink, mode: 0o777, digest: None, target: Some("a".into()) }];
+        let key = list_key(&list);
+        assert_eq!(key, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"a\0f\0644\0sha256:aa\0\nl\0l\0777\0\0a\n")));
+        let mut other = list.clone();
+        other[0].mode = 0o755;
+        assert_ne!(list_key(&other), key);
+        let mut other = list.clone();
+        other[0].digest = Some("sha256:ab".into());
+        assert_ne!(list_key(&other), key);
+        let mut other = list.clone();
+        other[1].target = Some("b".into());
+        assert_ne!(list_key(&other), key);
+        assert_ne!(list_key(&list[..1]), key);
     }
 
     #[test]

@@ -729,6 +729,7 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
     }
     let opts = super::build::BuildOptions {
         context: Vec::new(),
+        context_key: None,
         dockerfile: String::new(),
         dockerfile_name: Some(dockerfile_name.clone()),
         dockerignore: None,

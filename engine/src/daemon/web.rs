@@ -43,6 +43,12 @@ impl ApiError {
         let message = format!("the daemon lacks {} of the context's contents: upload them, then send the build again", missing.len());
         ApiError { status: StatusCode::PRECONDITION_FAILED, message, missing }
     }
+    /// 412 for a build naming its context by a key the daemon does not
+    /// keep (new, or evicted): send the file list itself.
+    pub fn context_unknown() -> ApiError {
+        let message = "the daemon does not keep this context: send the build again with its file list".to_string();
+        ApiError { status: StatusCode::PRECONDITION_FAILED, message, missing: Vec::new() }
+    }
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
