@@ -829,34 +829,23 @@ impl Running {
         if stdio.stdin == Stdin::Null && console.is_none() {
             builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
         }
-        if let Output::Stream(sink) = &stdio.output {
-            for stream in [LogStream::Stdout, LogStream::Stderr] {
-                let (read, write) =
-                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-                builder = match stream {
-                    LogStream::Stdout => builder.with_stdout(write),
-                    LogStream::Stderr => builder.with_stderr(write),
-                };
-                self.readers.push(spawn_reader(read, stream, sink.clone()));
-            }
-        } else if matches!(stdio.output, Output::Inherit) {
-            // libcontainer swaps a stdio fd that is /dev/null for the
-            // container's own /dev/null opened read-only, so every write to
-            // it fails (EBADF). Such an output gets a pipe whose bytes are
-            // dropped instead.
-            for (fd, stream) in [(1, LogStream::Stdout), (2, LogStream::Stderr)] {
-                if !is_dev_null(fd) {
-                    continue;
-                }
-                let (read, write) =
-                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-                builder = match stream {
-                    LogStream::Stdout => builder.with_stdout(write),
-                    LogStream::Stderr => builder.with_stderr(write),
-                };
-                let discard: LogSink = std::sync::Arc::new(|_, _: &[u8]| {});
-                self.readers.push(spawn_reader(read, stream, discard));
-            }
+        // Streamed outputs go through a pipe to a reader thread. So does an
+        // inherited output that is /dev/null, its bytes dropped: libcontainer
+        // swaps such an fd for the container's own /dev/null opened
+        // read-only, and every write to it would fail (EBADF).
+        for (fd, stream) in [(1, LogStream::Stdout), (2, LogStream::Stderr)] {
+            let sink: LogSink = match &stdio.output {
+                Output::Stream(sink) => sink.clone(),
+                Output::Inherit if is_dev_null(fd) => std::sync::Arc::new(|_, _: &[u8]| {}),
+                _ => continue,
+            };
+            let (read, write) =
+                nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+            builder = match stream {
+                LogStream::Stdout => builder.with_stdout(write),
+                LogStream::Stderr => builder.with_stderr(write),
+            };
+            self.readers.push(spawn_reader(read, stream, sink));
         }
         // Without limits, the container's processes stay in the shim's
         // cgroups: joining a new one costs an RCU grace period.
