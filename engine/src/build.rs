@@ -36,6 +36,9 @@ pub struct BuildRequest {
     pub definition: Definition,
     /// Host directories of the local sources (`context` → the build context).
     pub locals: HashMap<String, PathBuf>,
+    /// The known content of some of `locals` (see
+    /// [`kiln_solver::SolveRequest::verified`]): the daemon's contexts.
+    pub verified: HashMap<String, Arc<kiln_solver::tree::VerifiedContent>>,
     /// `--secret` values by id.
     pub secrets: HashMap<String, Vec<u8>>,
     /// `--no-cache`.
@@ -141,6 +144,7 @@ async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink)
         .solve(SolveRequest {
             definition: req.definition.clone(),
             locals: req.locals.clone(),
+            verified: req.verified.clone(),
             secrets: std::mem::take(&mut req.secrets),
             no_cache: req.no_cache,
             events: events.clone(),

@@ -228,6 +228,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
         cache,
         keep_storage: args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
+        ..Default::default()
     };
     let result = rt.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

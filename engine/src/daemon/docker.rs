@@ -774,7 +774,7 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         let mut plain = crate::progress::Plain::new();
         let gone = lines.clone();
         let context = dir.path().to_path_buf();
-        let work = async { super::build::run_build(&state, opts, context, tx).await.map(|done| done.image_id) };
+        let work = async { super::build::run_build(&state, opts, context, None, tx).await.map(|done| done.image_id) };
         tokio::pin!(work);
         let result = loop {
             tokio::select! {
