@@ -768,17 +768,17 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     };
     let mut request = Bytes::from(serde_json::to_vec(&options)?);
     let mut response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
-    // A daemon that does not keep the context (412 with nothing missing;
-    // 400 from a daemon that predates keys) gets the list; one that lacks
-    // some contents (new or changed files) gets those uploaded; then the
-    // build is sent again (a few times: a collection on the daemon may
-    // drop uploads not yet used). An unchanged context is one request.
+    // A daemon that does not keep the context (412 with nothing missing)
+    // gets the list; one that lacks some contents (new or changed files)
+    // gets those uploaded; then the build is sent again (a few times: a
+    // collection on the daemon may drop uploads not yet used). An
+    // unchanged context is one request. Any other answer, a 400 too, is
+    // the build's answer (a bad request stays bad with the list).
     for _ in 0..4 {
         let status = response.status();
         let by_key = options.context.is_empty();
         let wanted = match status {
             StatusCode::PRECONDITION_FAILED => missing_contents(response).await?,
-            StatusCode::BAD_REQUEST if by_key => Default::default(),
             _ => break,
         };
         if wanted.is_empty() {
