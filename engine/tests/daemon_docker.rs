@@ -203,3 +203,48 @@ fn docker_containers_survive_a_daemon_restart() {
     let all = ok(docker(&d, &config, &["ps", "-a", "-q"]), "ps -a after rm and a restart");
     assert_eq!(all, "", "removed containers stay removed");
 }
+
+/// `docker start` of an exited container runs it again, as with dockerd:
+/// the same command on the filesystem it left, the log continued, the new
+/// exit code; also after a daemon restart, and for one that was running
+/// when the daemon died. `docker rm` then removes its filesystem too.
+#[test]
+fn docker_start_runs_an_exited_container_again_across_a_restart() {
+    if !std::path::Path::new(DOCKER).is_file() {
+        println!("skipped: docker_start_runs_an_exited_container_again_across_a_restart because {DOCKER} is not installed (apt-get install docker.io)");
+        return;
+    }
+    if !common::can_run_containers("docker_start_runs_an_exited_container_again_across_a_restart", &[]) {
+        return;
+    }
+    let mut d = Daemon::start(true, &[]);
+    let config = d.dir.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    // Each run appends to a file in the container and prints how many runs it saw.
+    let script = "echo run >> /runs; wc -l < /runs; exit 3";
+    let first = docker(&d, &config, &["run", "--name", "again", "busybox", "sh", "-c", script]);
+    assert_eq!((stdout(&first).trim(), first.status.code()), ("1", Some(3)), "{}", stderr(&first));
+    let second = docker(&d, &config, &["start", "-a", "again"]);
+    assert_eq!((stdout(&second).trim(), second.status.code()), ("2", Some(3)), "{}", stderr(&second));
+    ok(docker(&d, &config, &["run", "-d", "--name", "long", "busybox", "sleep", "600"]), "run -d");
+
+    unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+    assert!(!d.stop(), "a killed daemon does not exit 0");
+    d.restart(&[]);
+    let third = docker(&d, &config, &["start", "-a", "again"]);
+    assert_eq!((stdout(&third).trim(), third.status.code()), ("3", Some(3)), "{}", stderr(&third));
+    // Detached: start, then wait for its exit code.
+    ok(docker(&d, &config, &["start", "again"]), "start");
+    assert_eq!(ok(docker(&d, &config, &["wait", "again"]), "wait").trim(), "3");
+    assert_eq!(ok(docker(&d, &config, &["logs", "again"]), "logs"), "1\n2\n3\n4\n");
+    // The one that was running when the daemon died runs again too.
+    ok(docker(&d, &config, &["start", "long"]), "start long");
+    let running = ok(docker(&d, &config, &["ps"]), "ps");
+    assert!(running.contains("long") && !running.contains("again"), "{running}");
+    let id = ok(docker(&d, &config, &["inspect", "--format", "{{.Id}}", "again"]), "inspect");
+    let fs = d.root.join("daemon/containers").join(format!("{}.fs", id.trim()));
+    assert!(fs.join("upper/runs").is_file(), "{} holds the container's changes", fs.display());
+    ok(docker(&d, &config, &["rm", "-f", "again", "long"]), "rm -f");
+    assert!(!fs.exists(), "{} is left after docker rm", fs.display());
+    assert_eq!(ok(docker(&d, &config, &["ps", "-a", "-q"]), "ps -a"), "");
+}
