@@ -658,7 +658,21 @@ impl Running {
     }
 
     /// Wait for the process to exit, clean up, and return its exit code.
-    pub fn wait(mut self) -> anyhow::Result<i32> {
+    pub fn wait(self) -> anyhow::Result<i32> {
+        self.wait_reporting_exit(|_| Ok(()))
+    }
+
+    /// [`Running::wait`], calling `exited` with the exit code as soon as
+    /// the container's processes are gone, its output is drained and its
+    /// upperdir holds only what they wrote (the mount-point stubs are
+    /// out), before the rest of the teardown (libcontainer state, state
+    /// directory): a builder may commit the upperdir from then on while
+    /// the teardown runs beside its next step. An error from `exited` is
+    /// returned after the teardown.
+    pub fn wait_reporting_exit(
+        mut self,
+        exited: impl FnOnce(i32) -> anyhow::Result<()>,
+    ) -> anyhow::Result<i32> {
         let pid = self.pid.context("container has no process")?;
         let status = loop {
             match waitpid(pid, None) {
@@ -680,8 +694,39 @@ impl Running {
         for r in self.readers.drain(..) {
             let _ = r.join();
         }
+        self.release_upper()?;
+        self.clock.mark("stubs out");
+        let reported = exited(code);
         self.cleanup()?;
-        Ok(code)
+        reported.map(|()| code)
+    }
+
+    /// After the container's processes are gone: take its mount-point
+    /// stubs out of the upperdir (whose host mounts are detached by then)
+    /// and forget them, so the upperdir is the container's diff alone.
+    fn release_upper(&mut self) -> anyhow::Result<()> {
+        if let Some(d) = self.detacher.take() {
+            let _ = d.join();
+        }
+        if self.throwaway_upper {
+            return Ok(());
+        }
+        // Normally none are left: the detacher unmounted the host's copies.
+        for m in overlay::mounts_under(&self.dir)? {
+            overlay::unmount(&m)?;
+        }
+        self.stubs
+            .remove_from_upper(&self.upper)
+            .with_context(|| format!("container {}: removing mount-point stubs", self.id))?;
+        self.stubs = Stubs::default();
+        // A sweep after a crash must not touch the upperdir again: it may
+        // be a committed snapshot by then.
+        match std::fs::remove_file(self.dir.join("stubs")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).context("removing the stub record")
+            }
+            _ => Ok(()),
+        }
     }
 
     fn setup(&mut self, spec: &ContainerSpec, stdio: Stdio) -> anyhow::Result<()> {
