@@ -520,3 +520,28 @@ fn concurrent_containers_from_threads() {
     }
     assert_clean(&s);
 }
+
+/// A state root reached through a symlink (e.g. `--root` on a linked
+/// path): the container's mounts are still found and detached, so its
+/// state is removed and a second container runs too.
+#[test]
+fn state_root_behind_a_symlink_is_cleaned_up() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let real = s.path().join("real-state");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = s.path().join("linked-state");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let shim = kiln_engine::executor::Shim::new(env!("CARGO_BIN_EXE_kiln"), &link);
+    for i in 0..2 {
+        let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("l{i}")), sh("echo hi > /x"));
+        let code = shim
+            .start(&spec, ShimOptions::default(), Capture::default().sink())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(code, 0);
+    }
+    assert_nothing_left(s.path(), &real);
+}

@@ -218,9 +218,12 @@ impl Runtime {
             .with_context(|| format!("creating {}", containers.display()))?;
         let canonical = std::fs::canonicalize(&state_root)
             .with_context(|| format!("resolving {}", state_root.display()))?;
+        // The canonical path from here on: mounts are found under a
+        // container's directory by their path in mountinfo, which the kernel
+        // prints resolved (a root reached through a symlink would never match).
         let rt = Runtime {
             cgroup_tag: cgroup_tag(&canonical),
-            state_root,
+            state_root: canonical,
             timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some(),
         };
         std::fs::create_dir_all(rt.libcontainer_dir())
@@ -326,7 +329,7 @@ impl Runtime {
         format!("kiln/{}-{id}", self.cgroup_tag)
     }
 
-    /// The state directory given to [`Runtime::new`].
+    /// The state directory given to [`Runtime::new`], symlinks resolved.
     pub fn state_root(&self) -> &Path {
         &self.state_root
     }
