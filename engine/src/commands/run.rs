@@ -157,7 +157,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         },
     };
 
-    let runtime = Runtime::new(global.root.join("run"))?;
+    let runtime = Runtime::for_store(&global.root)?;
     let spec = ContainerSpec {
         name: args.name.clone(),
         rootfs: Rootfs::throwaway(image.layers),
@@ -205,7 +205,8 @@ fn run_on_terminal(
     interactive: bool,
 ) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("locating the kiln executable")?;
-    let shim = crate::executor::Shim::new(exe, global.root.join("run"));
+    let runtime = Runtime::for_store(&global.root)?;
+    let shim = crate::executor::Shim::new(exe, runtime.state_root());
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let size = WindowSize::of(stdin.as_fd())
