@@ -601,6 +601,15 @@ fn store_runtime_keeps_state_on_a_tmpfs_and_changes_on_disk() {
     assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "scratch left behind");
     assert_nothing_left(s.path(), &state);
     assert!(mounts_below(&state).is_empty(), "{:?}", mounts_below(&state));
-    let _ = std::fs::remove_dir_all(&state);
-    let _ = std::fs::remove_dir_all(other.state_root());
+    // A deleted store's state dir goes when another store first runs here.
+    let other_state = other.state_root().to_path_buf();
+    std::fs::remove_dir_all(s.path().join("other")).unwrap();
+    let third = kiln_engine::runtime::Runtime::for_store(&s.path().join("third")).unwrap();
+    if tmpfs {
+        assert!(!other_state.exists(), "{} outlived its store", other_state.display());
+        assert!(state.exists(), "the state of a store still there went too");
+    }
+    for dir in [&state, &other_state, &third.state_root().to_path_buf()] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

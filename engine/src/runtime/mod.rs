@@ -264,6 +264,13 @@ impl Runtime {
         let Some(state_root) = tmpfs_state_dir(&store) else {
             return Runtime::new(on_disk);
         };
+        if !state_root.exists() {
+            // A store's first container here: a good moment to drop the
+            // state dirs of stores that were deleted since.
+            if let Some(base) = state_root.parent() {
+                forget_deleted_stores(base);
+            }
+        }
         std::fs::create_dir_all(&state_root)
             .with_context(|| format!("creating {}", state_root.display()))?;
         let scratch = on_disk.join("scratch");
@@ -273,6 +280,14 @@ impl Runtime {
                 .with_context(|| format!("writing {}", record.display()))?;
         }
         Runtime::new(state_root)
+    }
+
+    /// Where [`Runtime::for_store`] keeps the state of the (existing) store
+    /// at `store_root`; creates and sweeps nothing.
+    pub fn state_root_of_store(store_root: &Path) -> anyhow::Result<PathBuf> {
+        let store = std::fs::canonicalize(store_root)
+            .with_context(|| format!("resolving {}", store_root.display()))?;
+        Ok(tmpfs_state_dir(&store).unwrap_or_else(|| store.join("run")))
     }
 
     /// The runtime-wide lock between sweeping and creating containers.
@@ -658,6 +673,30 @@ fn owner_alive(dir: &Path) -> bool {
 /// A short stable hash of a state directory path, for cgroup names.
 /// The file in a state root naming its scratch directory.
 const SCRATCH_RECORD: &str = "scratch-root";
+
+/// Remove the tmpfs state dirs under `base` whose store (named by their
+/// scratch record, `<store>/run/scratch`) no longer exists and that hold
+/// no container. A store in use exists before its state dir is made, so
+/// this never races with one.
+fn forget_deleted_stores(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(scratch) = std::fs::read_to_string(dir.join(SCRATCH_RECORD)) else {
+            continue;
+        };
+        let store_gone = Path::new(&scratch)
+            .ancestors()
+            .nth(2)
+            .is_some_and(|store| !store.exists());
+        let idle = std::fs::read_dir(dir.join("containers")).map_or(true, |mut d| d.next().is_none());
+        if store_gone && idle {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
 
 /// A state directory for the store at `store` (canonical) on a tmpfs, if
 /// there is one this process may use: a directory of its own, which no
