@@ -22,10 +22,12 @@ use kiln_solver::{EventSink, ImageSource, SolveRequest, Solver};
 use crate::executor::ContainerExecutor;
 use crate::remote_cache::{self, CacheOptions};
 
-/// A solver for `store` that runs RUN steps in real containers (state under
-/// `<root>/run`) and pulls base images through `images`.
+/// A solver for `store` that runs RUN steps in real containers (state as
+/// [`crate::runtime::Runtime::for_store`] places it) and pulls base images
+/// through `images`.
 pub fn new_solver(store: Arc<Store>, images: Arc<dyn ImageSource>) -> anyhow::Result<Solver> {
-    let executor = ContainerExecutor::new(store.root().join("run")).context("starting the container runtime")?;
+    let runtime = crate::runtime::Runtime::for_store(store.root()).context("starting the container runtime")?;
+    let executor = ContainerExecutor::new(runtime.state_root()).context("starting the container runtime")?;
     Ok(Solver::new(store, Arc::new(executor), images))
 }
 
