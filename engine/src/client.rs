@@ -796,7 +796,7 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     }
     let mut body = check(response).await?.into_body();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
+    let renderer = tokio::spawn(crate::progress::render(args.progress_mode(), rx));
     let mut pending = Vec::new();
     let mut outcome: Option<Result<(Option<String>, Vec<String>), String>> = None;
     // A client-side output arrives in pieces before the result.
@@ -841,12 +841,9 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
                 if let Some(path) = &args.iidfile {
                     std::fs::write(path, &id).with_context(|| format!("writing {}", path.display()))?;
                 }
-                eprintln!("writing image {id} done");
-                for t in &args.tags {
-                    eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
-                }
+                crate::commands::build::report_image(&args, &id);
             }
-            for line in pushed {
+            for line in pushed.iter().filter(|_| !args.quiet) {
                 eprintln!("{line}");
             }
             Ok(0)

@@ -147,6 +147,10 @@ fn a_kept_context_serves_other_builds_and_changes_back() {
     };
     let first = build("ctx:1", None);
     assert_eq!(cat("ctx:1", &["/app/a.txt", "/app/sub/b.txt"]), "hello\nb\n");
+    // `-q` through the daemon: the image ID alone on stdout, as embedded.
+    let quiet = d.client_reproducible(&["build", "-q", "-t", "ctx:1", c]);
+    assert!(quiet.status.success() && stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+    assert_eq!(stdout(&quiet), format!("{first}\n"));
     // A build over a kept context is one request naming it by key: no 412.
     let refusals = || requests(&d.log(), "/v1/build", 412);
     assert_eq!(refusals(), 2, "{}", d.log());
