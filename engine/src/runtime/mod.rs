@@ -702,12 +702,23 @@ fn forget_deleted_stores(base: &Path) {
 /// there is one this process may use: a directory of its own, which no
 /// other user can write to (`/dev/shm` is world-writable).
 fn tmpfs_state_dir(store: &Path) -> Option<PathBuf> {
+    tmpfs_state_dir_in(
+        store,
+        &[
+            (Path::new("/run"), Path::new("/run/kiln")),
+            (Path::new("/dev/shm"), Path::new("/dev/shm/kiln")),
+        ],
+    )
+}
+
+/// [`tmpfs_state_dir`] with the candidate `(tmpfs mount, base dir)` pairs.
+fn tmpfs_state_dir_in(store: &Path, candidates: &[(&Path, &Path)]) -> Option<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let name = {
         use sha2::Digest;
         hex::encode(&sha2::Sha256::digest(store.as_os_str().as_bytes())[..8])
     };
-    for (mount, base) in [("/run", "/run/kiln"), ("/dev/shm", "/dev/shm/kiln")] {
+    for &(mount, base) in candidates {
         let on_tmpfs = nix::sys::statfs::statfs(mount)
             .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
         if !on_tmpfs {
@@ -718,10 +729,45 @@ fn tmpfs_state_dir(store: &Path) -> Option<PathBuf> {
             m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o022 == 0
         });
         if ours {
-            return Some(Path::new(base).join(name));
+            return Some(base.join(name));
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn tmpfs_state_dir_only_in_a_private_dir_of_our_own() {
+        // /dev/shm is a tmpfs on Linux; without one there is nothing to test.
+        let Ok(shm) = tempfile::tempdir_in("/dev/shm") else { return };
+        let tmpfs = shm.path();
+        let store = Path::new("/some/store");
+        let pick = |base: &Path| tmpfs_state_dir_in(store, &[(tmpfs, base)]);
+
+        let fresh = tmpfs.join("fresh");
+        let got = pick(&fresh).expect("a fresh base dir is made and used");
+        assert!(got.starts_with(&fresh));
+        assert_eq!(std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(pick(&fresh), Some(got), "the same store, the same dir");
+
+        let open = tmpfs.join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(pick(&open), None, "a world-writable base is refused");
+
+        let link = tmpfs.join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert_eq!(pick(&link), None, "a symlinked base is refused");
+
+        // Not a tmpfs: the store's disk instead.
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let on_disk = disk.path().join("kiln");
+        assert_eq!(tmpfs_state_dir_in(store, &[(disk.path(), &on_disk)]), None);
+    }
 }
 
 fn cgroup_tag(state_root: &Path) -> String {
