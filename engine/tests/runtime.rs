@@ -613,3 +613,28 @@ fn store_runtime_keeps_state_on_a_tmpfs_and_changes_on_disk() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// The standard mount points come from a layer of their own (docker's
+/// init layer): a RUN that writes into the image's `/etc` copies up an
+/// `/etc` with the image's owner and mode, and the upperdir holds exactly
+/// the step's diff; the image's own `/etc/hosts` is covered by kiln's.
+#[test]
+fn mount_point_layer_keeps_the_images_etc() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    std::fs::write(base.join("etc/hosts"), "10.9.9.9 from-the-image\n").unwrap();
+    std::os::unix::fs::chown(base.join("etc"), Some(0), Some(4)).unwrap();
+    std::fs::set_permissions(base.join("etc"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let rootfs = s.rootfs(vec![base.clone()], "m");
+    let upper = rootfs.upper.clone();
+    let spec = ContainerSpec::new(rootfs, sh("echo x > /etc/new; grep -c from-the-image /etc/hosts; ls -d /proc/1 /dev/null /sys/kernel"));
+    let cap = Capture::default();
+    let code = s.run(&spec, cap.sink()).unwrap();
+    assert_eq!(code, 0, "{}", cap.err());
+    assert_eq!(cap.out(), "0\n/dev/null\n/proc/1\n/sys/kernel\n", "{}", cap.err());
+    assert_eq!(tree(&upper), vec!["etc", "etc/new"]);
+    let etc = std::fs::metadata(upper.join("etc")).unwrap();
+    assert_eq!((etc.mode() & 0o7777, etc.uid(), etc.gid()), (0o750, 0, 4));
+}

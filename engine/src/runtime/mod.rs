@@ -20,6 +20,7 @@
 
 mod cgroupless;
 mod fsat;
+mod mountpoints;
 mod netns;
 pub mod overlay;
 mod spec;
@@ -934,9 +935,14 @@ impl Running {
             (spec.rootfs.upper.clone(), spec.rootfs.work.clone())
         };
         self.upper = upper.clone();
+        // The standard mount points come from a layer of their own when the
+        // image's /etc allows (see `mountpoints`), else as stubs below.
+        let standard = mountpoints::layer_for(&self.runtime.state_root, &spec.rootfs.lower)?;
+        let mut lower = spec.rootfs.lower.clone();
+        lower.extend(standard.clone());
         overlay::mount_overlay(
             &overlay::OverlaySpec {
-                lower: &spec.rootfs.lower,
+                lower: &lower,
                 upper: Some((&upper, &work)),
             },
             &rootfs,
@@ -944,13 +950,15 @@ impl Running {
         self.clock.mark("overlay");
         // Mount points the image may lack; recorded so they can be removed.
         let upper = &upper;
-        for d in ["/proc", "/dev", "/sys"] {
-            self.stubs
-                .ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
-        }
-        for f in ["/etc/hosts", "/etc/resolv.conf"] {
-            self.stubs
-                .ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
+        if standard.is_none() {
+            for d in ["/proc", "/dev", "/sys"] {
+                self.stubs
+                    .ensure(&rootfs, upper, Path::new(d), StubKind::Dir)?;
+            }
+            for f in ["/etc/hosts", "/etc/resolv.conf"] {
+                self.stubs
+                    .ensure(&rootfs, upper, Path::new(f), StubKind::File)?;
+            }
         }
         // Saved before anything else can fail, so a sweep after a crash
         // removes them too (and again after the user's mount points).
