@@ -3,16 +3,20 @@
 //! One [`ContainerSpec`] describes one process: its rootfs (layer
 //! directories as overlay lowerdirs plus the upperdir/workdir that receive
 //! its changes), argv/env/cwd/user, extra mounts, network mode, hostname
-//! and limits. [`Runtime::start`] mounts the overlay, creates the mount
-//! points the image lacks, writes `/etc/hosts` and `/etc/resolv.conf`,
-//! builds the OCI spec and starts the container; [`Running::wait`] reaps it
-//! and cleans everything up: the libcontainer state and cgroup, every mount,
-//! and the mount-point stubs in the upperdir, so the upperdir is exactly
-//! the process's diff. [`Runtime::run`] does both.
+//! and limits. [`Runtime::start`] mounts the overlay (with a layer of the
+//! standard mount points on top of the image's, see `mountpoints`, and
+//! stubs in the upperdir for other mount targets the image lacks), writes
+//! `/etc/hosts` and `/etc/resolv.conf`, builds the OCI spec and starts the
+//! container; [`Running::wait`] reaps it and cleans everything up: the
+//! mount-point stubs in the upperdir, so the upperdir is exactly the
+//! process's diff, then the libcontainer state and cgroup and every mount
+//! ([`Running::wait_reporting_exit`] tells the exit code in between).
+//! [`Runtime::run`] does both.
 //!
 //! State lives under `<state root>/containers/<id>/`, guarded by an
 //! `flock` held for the container's lifetime; [`Runtime::new`] sweeps the
 //! state of every container whose owner died (e.g. `kill -9` of kiln).
+//! [`Runtime::for_store`] puts a store's state root on a tmpfs.
 //!
 //! Network modes: `None` and `Default` both get a new network namespace with
 //! only `lo` up — there is no egress yet (a builder usually wants it, but
