@@ -147,6 +147,9 @@ struct SolveCtx {
     events: EventSink,
     contexts: Mutex<Vec<Arc<LocalContext>>>,
     cache_import: Option<Arc<dyn CacheImport>>,
+    /// Cache records still being written (see `compute`); the solve waits
+    /// for them before it ends.
+    records: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Solver {
@@ -202,6 +205,7 @@ impl Solver {
             events: req.events,
             contexts: Mutex::new(Vec::new()),
             cache_import: req.cache_import,
+            records: Mutex::new(Vec::new()),
         });
         let n = ctx.def.ops.len();
         let graph_error = |message: String| SolveError { op: "build graph".into(), line: None, message, log_tail: vec![] };
@@ -236,6 +240,10 @@ impl Solver {
         // try_join_all returns at the first error and drops the rest, which
         // cancels whatever only this solve was waiting for.
         let result = futures::future::try_join_all(all).await;
+        let records = std::mem::take(&mut *ctx.records.lock().unwrap());
+        for r in records {
+            let _ = r.await;
+        }
         for c in ctx.contexts.lock().unwrap().iter() {
             if let Err(e) = c.save_checksums() {
                 tracing::warn!("saving context checksums: {e:#}");
@@ -568,9 +576,19 @@ async fn compute(
     };
     match result {
         Ok(layers) => {
-            if let Err(e) = inner.remember(&key, &layers) {
-                tracing::warn!("recording cache key {key}: {e:#}");
-            }
+            // The record (two fsyncs) is written while the next step starts:
+            // nothing here needs it, the key lock goes with it (so another
+            // process on this store waits for it), and the solve waits for
+            // it before it ends.
+            let (recorder, key, recorded) = (inner.clone(), key.clone(), layers.clone());
+            let key_lock = _key_lock.take();
+            let write = tokio::task::spawn_blocking(move || {
+                if let Err(e) = recorder.remember(&key, &recorded) {
+                    tracing::warn!("recording cache key {key}: {e:#}");
+                }
+                drop(key_lock);
+            });
+            ctx.records.lock().unwrap().push(write);
             ctx.events.send(Event::Done { vertex, name, seconds: start.elapsed().as_secs_f64() });
             Ok(Output::Layers(layers))
         }
