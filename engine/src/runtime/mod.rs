@@ -363,6 +363,7 @@ impl Runtime {
                 }
             }
         }
+        mountpoints::remove_stale_temporaries(&self.state_root);
         // libcontainer state without kiln state: our cleanup deletes the
         // libcontainer state first, so this is left over from a crash.
         for entry in std::fs::read_dir(self.libcontainer_dir())? {

@@ -70,6 +70,24 @@ pub(crate) fn layer_for(state_root: &Path, lower: &[PathBuf]) -> anyhow::Result<
     Ok(Some(layer))
 }
 
+/// Remove half-made layers (a process died while making one) under
+/// `state_root`; a minute old at least, so never one being made.
+pub(crate) fn remove_stale_temporaries(state_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_root.join("mountpoints")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry.file_name().as_bytes().starts_with(b".tmp-")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() >= 60));
+        if stale {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// The top-most `/etc` of `lower`, as overlayfs would show it; `None` if
 /// it is anything but a plain directory or missing.
 fn find_etc(lower: &[PathBuf]) -> anyhow::Result<Option<Etc>> {
@@ -204,6 +222,19 @@ mod tests {
         assert_eq!(find_etc(&[base.clone(), linked]).unwrap(), None);
         // Nothing anywhere: missing.
         assert_eq!(find_etc(&[empty]).unwrap(), Some(Etc::Missing));
+    }
+
+    #[test]
+    fn only_old_temporaries_are_swept() {
+        let t = tempfile::tempdir().unwrap();
+        let base = layer(t.path(), "mountpoints");
+        let (old, fresh, made) = (layer(&base, ".tmp-old"), layer(&base, ".tmp-fresh"), layer(&base, "0123"));
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for dir in [&old, &made] {
+            std::fs::File::open(dir).unwrap().set_modified(hour_ago).unwrap();
+        }
+        remove_stale_temporaries(t.path());
+        assert!(!old.exists() && fresh.exists() && made.exists());
     }
 
     #[test]
