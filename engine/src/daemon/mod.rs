@@ -73,6 +73,21 @@ impl State {
         let mut rx = self.cancel.clone();
         let _ = rx.wait_for(|c| *c).await;
     }
+
+    /// Resolves once running work must be cancelled or `stop` resolves,
+    /// whichever comes first: the cancel signal of one container run.
+    pub fn cancelled_or(
+        self: &Arc<Self>,
+        stop: impl std::future::Future + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let state = self.clone();
+        async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = state.cancelled() => {}
+            }
+        }
+    }
 }
 
 /// One parsed listen address.
