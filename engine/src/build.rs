@@ -17,10 +17,26 @@ use kiln_cache::images::Descriptor;
 use kiln_exporter::cache_export::{CacheMode, CacheStep, select_steps};
 use kiln_exporter::{BuiltImage, ImageSpec, Output};
 use kiln_frontend::Definition;
+use kiln_frontend::graph::{NetworkMode, Op};
 use kiln_solver::{EventSink, ImageSource, SolveRequest, Solver};
 
 use crate::executor::ContainerExecutor;
 use crate::remote_cache::{self, CacheOptions};
+
+/// Apply a build's `--network` to `definition`: every RUN step that sets
+/// no network mode of its own (`RUN --network`) gets `network`.
+pub fn set_build_network(definition: &mut Definition, network: NetworkMode) {
+    if network == NetworkMode::Default {
+        return;
+    }
+    for node in &mut definition.ops {
+        if let Op::Exec(exec) = &mut node.op
+            && exec.network == NetworkMode::Default
+        {
+            exec.network = network;
+        }
+    }
+}
 
 /// A solver for `store` that runs RUN steps in real containers (state as
 /// [`crate::runtime::Runtime::for_store`] places it) and pulls base images
@@ -228,4 +244,45 @@ async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink)
 /// that an unchanged rebuild reproduces the image ID as BuildKit does.
 fn newest_layer_time(store: &Store, layers: &[String]) -> Option<i64> {
     layers.iter().filter_map(|id| store.snapshots.meta(id).ok()?.created).max()
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_frontend::graph::{ExecOp, OpMeta, OpNode};
+
+    use super::*;
+
+    /// A RUN step with its own network mode `network`.
+    fn run(network: NetworkMode) -> OpNode {
+        let exec = ExecOp {
+            args: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: String::new(),
+            network,
+            insecure: false,
+            mounts: vec![],
+        };
+        OpNode { op: Op::Exec(exec), inputs: vec![], meta: OpMeta::default() }
+    }
+
+    fn networks(definition: &Definition) -> Vec<NetworkMode> {
+        definition
+            .ops
+            .iter()
+            .filter_map(|n| match &n.op {
+                Op::Exec(e) => Some(e.network),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn build_network_fills_only_steps_without_their_own() {
+        let mut definition = Definition { ops: vec![run(NetworkMode::Default), run(NetworkMode::Host)], ..Default::default() };
+        set_build_network(&mut definition, NetworkMode::Default);
+        assert_eq!(networks(&definition), [NetworkMode::Default, NetworkMode::Host]);
+        set_build_network(&mut definition, NetworkMode::None);
+        assert_eq!(networks(&definition), [NetworkMode::None, NetworkMode::Host]);
+    }
 }

@@ -171,22 +171,20 @@ fn tls_files_from_env() -> anyhow::Result<TlsFiles> {
 /// Percent-encode a reference for use as one path part (keeps `/:@`,
 /// which the daemon's routes expect verbatim).
 pub fn encode_path(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encode(s, b"-._~/:@")
 }
 
 /// Percent-encode a query parameter value.
 fn encode_query(s: &str) -> String {
+    percent_encode(s, b"-._~/:")
+}
+
+/// `s` with every byte but ASCII letters, digits and those in `keep` written
+/// as `%XX`.
+fn percent_encode(s: &str, keep: &[u8]) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+        if b.is_ascii_alphanumeric() || keep.contains(&b) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -850,5 +848,16 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
         }
         Some(Err(message)) => bail!("{message}"),
         None => bail!("the daemon closed the connection before the build finished"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_keep_at_signs_and_queries_do_not() {
+        assert_eq!(encode_path("reg:5000/a b@sha256:0f%"), "reg:5000/a%20b@sha256:0f%25");
+        assert_eq!(encode_query("reg:5000/a b@sha256:0f&x=1"), "reg:5000/a%20b%40sha256:0f%26x%3D1");
     }
 }

@@ -9,7 +9,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{TestRegistry, kiln};
+use common::{BuildDirs, kiln};
 
 /// Cut the output at ANSI escape sequences (CSI `ESC [ ... final`) and
 /// carriage returns: each redraw of a line becomes a line of its own.
@@ -44,11 +44,7 @@ fn auto_progress_is_a_live_view_on_a_terminal_and_plain_otherwise() {
     if !common::can_run_containers("tty progress", &["script", "docker-registry"]) {
         return;
     }
-    let reg = TestRegistry::with_busybox();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
+    let BuildDirs { registry: _registry, mirror, tmp: _tmp, root, ctx } = BuildDirs::new();
     // The step runs long enough for several redraws, and its output changes
     // while it runs: the live line must show the newest line.
     std::fs::write(
@@ -56,7 +52,6 @@ fn auto_progress_is_a_live_view_on_a_terminal_and_plain_otherwise() {
         "FROM busybox\nRUN echo first-output-line; sleep 2; echo newest-output-line; sleep 2\n",
     )
     .unwrap();
-    let mirror = format!("docker.io=http://{}", reg.addr);
     let kiln_cmd = [env!("CARGO_BIN_EXE_kiln"), "--root", root.to_str().unwrap(), "--registry-mirror", &mirror, "build", "--progress", "auto", "-t", "tty:1", ctx.to_str().unwrap()]
         .iter()
         .map(|a| quoted(a))

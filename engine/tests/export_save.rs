@@ -11,16 +11,7 @@ use common::*;
 fn rootfs_tar(path: &Path) {
     let mut b = tar::Builder::new(Vec::new());
     for (name, data, mode) in [("etc/os-release", &b"NAME=kiln-save\n"[..], 0o644), ("bin/hello", b"#!/bin/sh\necho hi\n", 0o755)] {
-        let mut h = tar::Header::new_ustar();
-        h.set_path(name).unwrap();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        b.append(&h, data).unwrap();
+        b.append(&regular_file_header(name, data.len() as u64, mode), data).unwrap();
     }
     std::fs::write(path, b.into_inner().unwrap()).unwrap();
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestRegistry, kiln};
+use common::{BuildDirs, kiln};
 
 /// xorshift64*: a tiny seeded generator, so a failing run can be replayed.
 struct Rng(u64);
@@ -139,12 +139,7 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     let seed: u64 = std::env::var("KILN_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6b69_6c6e);
     println!("seed {seed} (set KILN_CRASH_SEED to replay)");
     let mut rng = Rng(seed | 1);
-    let reg = TestRegistry::with_busybox();
-    let mirror = format!("docker.io=http://{}", reg.addr);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
+    let BuildDirs { registry: _registry, mirror, tmp, root, ctx } = BuildDirs::new();
     std::fs::write(ctx.join("a.txt"), "alpha\n").unwrap();
     std::fs::write(ctx.join("b.txt"), "bravo\n".repeat(1000)).unwrap();
     std::fs::write(
@@ -256,12 +251,7 @@ fn sigkill_mid_run_leaves_no_secret_after_the_next_start() {
     if !can_run("the secret crash test") {
         return;
     }
-    let reg = TestRegistry::with_busybox();
-    let mirror = format!("docker.io=http://{}", reg.addr);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
+    let BuildDirs { registry: _registry, mirror, tmp, root, ctx } = BuildDirs::new();
     // The value reaches kiln through its environment only, so any file
     // holding it afterwards is a leak.
     let secret = format!("kiln-crash-secret-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestRegistry, kiln, kiln_ok};
+use common::{BuildDirs, TestRegistry, kiln, kiln_ok};
 
 /// Bytes each image's RUN step writes: compressible, so image blobs stay
 /// tiny while the build cache (snapshots) grows fast.
@@ -59,10 +59,7 @@ fn fifty_images_under_a_small_cap() {
     if !can_run("the disk cap stress test") {
         return;
     }
-    let reg = TestRegistry::with_busybox();
-    let mirror = format!("docker.io=http://{}", reg.addr);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
+    let BuildDirs { registry: _registry, mirror, tmp, root, ctx: _ctx } = BuildDirs::new();
     std::fs::create_dir_all(&root).unwrap();
     // Half the builds get the cap from the root's config, half from the flag.
     std::fs::write(root.join("config.json"), format!(r#"{{"gc": {{"keep_storage": "{CAP}"}}}}"#)).unwrap();
@@ -158,11 +155,8 @@ fn a_changed_snapshot_is_found_repaired_and_rebuilt() {
     if !can_run("the deep check test") {
         return;
     }
-    let reg = TestRegistry::with_busybox();
-    let mirror = format!("docker.io=http://{}", reg.addr);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let ctx = context(&tmp.path().join("ctx"), "FROM busybox\nRUN echo original > /f && mkdir -p /d && echo x > /d/y\n");
+    let BuildDirs { registry: _registry, mirror, tmp: _tmp, root, ctx } = BuildDirs::new();
+    let ctx = context(&ctx, "FROM busybox\nRUN echo original > /f && mkdir -p /d && echo x > /d/y\n");
     build(&root, &mirror, &ctx, "deep:1", &[]);
     let clean = kiln_ok(&root, &["check", "--deep"]);
     assert!(clean.contains("re-hashed 1 snapshots") && clean.contains("store is consistent"), "{clean}");
@@ -224,10 +218,7 @@ fn prune_all_spares_what_running_builds_and_containers_use() {
     if !can_run("the lease test") {
         return;
     }
-    let reg = TestRegistry::with_busybox();
-    let mirror = format!("docker.io=http://{}", reg.addr);
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
+    let BuildDirs { registry: _registry, mirror, tmp, root, ctx: _ctx } = BuildDirs::new();
     let first = context(&tmp.path().join("first"), "FROM busybox\nRUN echo a > /a\n");
     build(&root, &mirror, &first, "first:1", &[]);
     let cached = snapshot_ids(&root);

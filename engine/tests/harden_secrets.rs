@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::TestRegistry;
+use common::BuildDirs;
 
 /// Every regular file under `dir` (not following symlinks).
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -63,11 +63,7 @@ fn secret_values_are_nowhere_in_the_store_outputs_or_log() {
     if !common::can_run_containers("secrets test", &["docker-registry", "skopeo"]) {
         return;
     }
-    let reg = TestRegistry::with_busybox();
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
+    let BuildDirs { registry: _registry, mirror, tmp, root, ctx } = BuildDirs::new();
     let file_secret = "kiln-file-secret-5b1d9c0e77";
     let env_secret = "kiln-env-secret-a83f02c4d1";
     let secret_file = tmp.path().join("token.txt");
@@ -85,7 +81,6 @@ fn secret_values_are_nowhere_in_the_store_outputs_or_log() {
     let out_tar = tmp.path().join("out-oci.tar");
     let out_dir = tmp.path().join("out-local");
     let log = tmp.path().join("progress.json");
-    let mirror = format!("docker.io=http://{}", reg.addr);
     let secret_x = format!("id=x,src={}", secret_file.display());
     let mut logs = Vec::new();
     for output in [format!("type=oci,dest={}", out_tar.display()), format!("type=local,dest={}", out_dir.display())] {

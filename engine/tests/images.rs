@@ -13,16 +13,7 @@ use kiln_solver::ImageSource;
 fn rootfs_tar(path: &Path, evil: bool) {
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |name: &str, data: &[u8], mode: u32| {
-        let mut h = tar::Header::new_ustar();
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_600_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        b.append(&h, data).unwrap();
+        b.append(&regular_file_header(name, data.len() as u64, mode), data).unwrap();
     };
     add("etc/os-release", b"NAME=kiln-test\n", 0o644);
     add("bin/hello", b"#!/bin/sh\necho hello\n", 0o755);

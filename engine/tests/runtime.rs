@@ -16,16 +16,19 @@ fn sh(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
 }
 
+/// A container that runs `script` with sh on a fresh rootfs ("a") over a
+/// busybox layer ("base") made in `s`: the start of most tests here.
+fn sh_on_busybox(s: &Scratch, script: &str) -> ContainerSpec {
+    let base = s.busybox_layer("base");
+    ContainerSpec::new(s.rootfs(vec![base], "a"), sh(script))
+}
+
 #[test]
 fn echo_goes_to_stdout_and_exit_code_propagates() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
     let cap = Capture::default();
-    let spec = ContainerSpec::new(
-        s.rootfs(vec![base.clone()], "a"),
-        sh("echo hello; echo oops >&2; exit 3"),
-    );
+    let spec = sh_on_busybox(&s, "echo hello; echo oops >&2; exit 3");
     let code = s.run(&spec, cap.sink()).unwrap();
     assert_eq!(code, 3);
     assert_eq!(cap.out(), "hello\n");
@@ -57,20 +60,23 @@ fn run_capture(s: &Scratch, spec: &ContainerSpec) -> (i32, String, String) {
     (code, cap.out(), cap.err())
 }
 
+/// Run `spec` to the end; its stdout, after checking it exited 0 (stderr
+/// in the failure message).
+fn run_ok(s: &Scratch, spec: &ContainerSpec) -> String {
+    let (code, out, err) = run_capture(s, spec);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
 #[test]
 fn env_cwd_and_hostname() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
-    let mut spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh("echo $FOO; pwd; hostname; echo $PATH"),
-    );
+    let mut spec = sh_on_busybox(&s, "echo $FOO; pwd; hostname; echo $PATH");
     spec.env = vec!["FOO=bar baz".into()];
     spec.cwd = "/work/deep/dir".into();
     spec.hostname = "builder".into();
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     assert_eq!(
         out,
         "bar baz\n/work/deep/dir\nbuilder\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
@@ -110,16 +116,13 @@ fn user_resolved_from_rootfs_passwd_and_group() {
 fn bind_mounts_ro_and_rw() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
     let host_dir = s.layer("hostdir");
     std::fs::write(host_dir.join("in.txt"), "from host\n").unwrap();
     let host_file = s.path().join("single.txt");
     std::fs::write(&host_file, "one file\n").unwrap();
-    let mut spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh(
-            "cat /data/in.txt /etc/single.txt; echo written > /data/out.txt; echo x > /ro/x 2>/dev/null && echo BAD; echo done",
-        ),
+    let mut spec = sh_on_busybox(
+        &s,
+        "cat /data/in.txt /etc/single.txt; echo written > /data/out.txt; echo x > /ro/x 2>/dev/null && echo BAD; echo done",
     );
     spec.mounts = vec![
         Mount {
@@ -138,8 +141,7 @@ fn bind_mounts_ro_and_rw() {
             readonly: true,
         },
     ];
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     assert_eq!(out, "from host\none file\ndone\n");
     assert_eq!(
         std::fs::read_to_string(host_dir.join("out.txt")).unwrap(),
@@ -154,17 +156,14 @@ fn bind_mounts_ro_and_rw() {
 fn layer_and_tmpfs_mounts() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
     let l1 = s.layer("m1");
     let l2 = s.layer("m2");
     std::fs::write(l1.join("a"), "A1\n").unwrap();
     std::fs::write(l2.join("a"), "A2\n").unwrap();
     std::fs::write(l1.join("b"), "B1\n").unwrap();
-    let mut spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh(
-            "cat /cache/a /cache/b; echo new > /cache/c; cat /cache/c; touch /ro/z 2>/dev/null && echo BAD; echo t > /scratch/t && cat /scratch/t",
-        ),
+    let mut spec = sh_on_busybox(
+        &s,
+        "cat /cache/a /cache/b; echo new > /cache/c; cat /cache/c; touch /ro/z 2>/dev/null && echo BAD; echo t > /scratch/t && cat /scratch/t",
     );
     spec.mounts = vec![
         Mount {
@@ -183,8 +182,7 @@ fn layer_and_tmpfs_mounts() {
             readonly: false,
         },
     ];
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     assert_eq!(out, "A2\nB1\nnew\nt\n");
     // Writes went to a throw-away upper: the layers are untouched.
     assert!(!l1.join("c").exists() && !l2.join("c").exists());
@@ -233,15 +231,11 @@ fn network_none_has_only_loopback_and_it_is_up() {
 fn pid_namespace_and_standard_files() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
-    let spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh(
-            "echo $$; ls /proc | grep -c '^[0-9]'; test -c /dev/null && test -c /dev/urandom && test -d /dev/pts && test -d /dev/shm && echo devs; grep -q localhost /etc/hosts && echo hosts; test -f /etc/resolv.conf && echo resolv; test -d /sys/kernel && echo sys",
-        ),
+    let spec = sh_on_busybox(
+        &s,
+        "echo $$; ls /proc | grep -c '^[0-9]'; test -c /dev/null && test -c /dev/urandom && test -d /dev/pts && test -d /dev/shm && echo devs; grep -q localhost /etc/hosts && echo hosts; test -f /etc/resolv.conf && echo resolv; test -d /sys/kernel && echo sys",
     );
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "1");
     // sh, ls, grep (maybe), at most a handful of processes: not the host's.
@@ -253,15 +247,11 @@ fn pid_namespace_and_standard_files() {
 fn seccomp_and_capabilities_are_docker_like() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
-    let spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh(
-            "grep -E '^(CapEff|Seccomp):' /proc/self/status; mkdir /m; mount -t tmpfs none /m 2>/dev/null && echo MOUNTED; unshare -n true 2>/dev/null && echo UNSHARED; echo end",
-        ),
+    let spec = sh_on_busybox(
+        &s,
+        "grep -E '^(CapEff|Seccomp):' /proc/self/status; mkdir /m; mount -t tmpfs none /m 2>/dev/null && echo MOUNTED; unshare -n true 2>/dev/null && echo UNSHARED; echo end",
     );
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     // docker's default set: 0x00000000a80425fb.
     assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
     assert!(out.contains("Seccomp:\t2"), "{out}");
@@ -275,8 +265,7 @@ fn seccomp_and_capabilities_are_docker_like() {
 fn memory_and_cpu_limits_land_in_the_cgroup() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
-    let mut spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("sleep 30"));
+    let mut spec = sh_on_busybox(&s, "sleep 30");
     spec.limits = Limits {
         memory_bytes: Some(64 << 20),
         cpus: Some(0.5),
@@ -329,11 +318,10 @@ fn memory_and_cpu_limits_land_in_the_cgroup() {
 fn memory_limit_is_enforced() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
     // Try to hold 200 MiB in a shell variable under a 32 MiB limit.
-    let mut spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"),
+    let mut spec = sh_on_busybox(
+        &s,
+        "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived",
     );
     spec.limits.memory_bytes = Some(32 << 20);
     let (code, out, _) = run_capture(&s, &spec);
@@ -355,8 +343,7 @@ fn upperdir_is_exact_diff_with_whiteout() {
     let rootfs = s.rootfs(vec![base, top], "a");
     let upper = rootfs.upper.clone();
     let spec = ContainerSpec::new(rootfs, sh("rm /etc/motd && echo new > /new && cat /keep"));
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     assert_eq!(out, "k\n");
     assert_eq!(tree(&upper), vec!["etc", "etc/motd", "new"]);
     let meta = std::fs::symlink_metadata(upper.join("etc/motd")).unwrap();
@@ -408,8 +395,7 @@ fn many_layers_overflowing_the_option_page() {
     let rootfs = s.rootfs(lower, "a");
     let upper = rootfs.upper.clone();
     let spec = ContainerSpec::new(rootfs, sh("ls / | grep -c '^f'; cat /top /f000 /f119"));
-    let (code, out, err) = run_capture(&s, &spec);
-    assert_eq!(code, 0, "{err}");
+    let out = run_ok(&s, &spec);
     // All 120 layers visible, the last one on top.
     assert_eq!(out, "120\n119\n0\n119\n");
     assert_eq!(tree(&upper), Vec::<String>::new());
@@ -453,11 +439,10 @@ fn assert_clean(s: &Scratch) {
 fn sigterm_reaches_the_container() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
     let cap = Capture::default();
-    let spec = ContainerSpec::new(
-        s.rootfs(vec![base], "a"),
-        sh("trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done"),
+    let spec = sh_on_busybox(
+        &s,
+        "trap 'echo got-term; exit 42' TERM; echo ready; while :; do sleep 0.05; done",
     );
     let running = s.start(&spec, cap.sink(), ShimOptions::default());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -479,9 +464,8 @@ fn sigterm_reaches_the_container() {
 fn dropping_a_running_container_kills_and_cleans() {
     require_containers!();
     let s = Scratch::new();
-    let base = s.busybox_layer("base");
     // `sleep` as pid 1 ignores SIGTERM: it is SIGKILLed after the grace.
-    let spec = ContainerSpec::new(s.rootfs(vec![base], "a"), sh("exec sleep 60"));
+    let spec = sh_on_busybox(&s, "exec sleep 60");
     let opts = ShimOptions {
         grace: Duration::from_millis(300),
         ..Default::default()
@@ -535,7 +519,10 @@ fn state_root_behind_a_symlink_is_cleaned_up() {
     std::os::unix::fs::symlink(&real, &link).unwrap();
     let shim = kiln_engine::executor::Shim::new(env!("CARGO_BIN_EXE_kiln"), &link);
     for i in 0..2 {
-        let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("l{i}")), sh("echo hi > /x"));
+        let spec = ContainerSpec::new(
+            s.rootfs(vec![base.clone()], &format!("l{i}")),
+            sh("echo hi > /x"),
+        );
         let code = shim
             .start(&spec, ShimOptions::default(), Capture::default().sink())
             .unwrap()
@@ -556,19 +543,33 @@ fn store_runtime_keeps_state_on_a_tmpfs_and_changes_on_disk() {
     let store = s.path().join("store");
     let rt = kiln_engine::runtime::Runtime::for_store(&store).unwrap();
     let tmpfs = ["/run", "/dev/shm"].iter().any(|m| {
-        nix::sys::statfs::statfs(*m).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        nix::sys::statfs::statfs(*m)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
     });
     let state = rt.state_root().to_path_buf();
     if tmpfs {
         let fs = nix::sys::statfs::statfs(&state).unwrap();
-        assert_eq!(fs.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC, "{}", state.display());
+        assert_eq!(
+            fs.filesystem_type(),
+            nix::sys::statfs::TMPFS_MAGIC,
+            "{}",
+            state.display()
+        );
         assert!(!state.starts_with(s.path()), "{}", state.display());
     } else {
-        println!("no tmpfs at /run or /dev/shm: state stays at {}", state.display());
+        println!(
+            "no tmpfs at /run or /dev/shm: state stays at {}",
+            state.display()
+        );
         assert_eq!(state, std::fs::canonicalize(&store).unwrap().join("run"));
     }
     // The same store always gets the same state dir; another store another.
-    assert_eq!(kiln_engine::runtime::Runtime::for_store(&store).unwrap().state_root(), state);
+    assert_eq!(
+        kiln_engine::runtime::Runtime::for_store(&store)
+            .unwrap()
+            .state_root(),
+        state
+    );
     let other = kiln_engine::runtime::Runtime::for_store(&s.path().join("other")).unwrap();
     assert_ne!(other.state_root(), state);
 
@@ -595,18 +596,38 @@ fn store_runtime_keeps_state_on_a_tmpfs_and_changes_on_disk() {
         }
         false
     });
-    let code = shim.start(&spec, ShimOptions::default(), cap.sink()).unwrap().wait().unwrap();
+    let code = shim
+        .start(&spec, ShimOptions::default(), cap.sink())
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!((code, cap.out().as_str()), (0, "/written\n"));
-    assert!(seen.join().unwrap(), "no scratch dir appeared under {}", scratch.display());
-    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "scratch left behind");
+    assert!(
+        seen.join().unwrap(),
+        "no scratch dir appeared under {}",
+        scratch.display()
+    );
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "scratch left behind"
+    );
     assert_nothing_left(s.path(), &state);
-    assert!(mounts_below(&state).is_empty(), "{:?}", mounts_below(&state));
+    assert!(
+        mounts_below(&state).is_empty(),
+        "{:?}",
+        mounts_below(&state)
+    );
     // A deleted store's state dir goes when another store first runs here.
     let other_state = other.state_root().to_path_buf();
     std::fs::remove_dir_all(s.path().join("other")).unwrap();
     let third = kiln_engine::runtime::Runtime::for_store(&s.path().join("third")).unwrap();
     if tmpfs {
-        assert!(!other_state.exists(), "{} outlived its store", other_state.display());
+        assert!(
+            !other_state.exists(),
+            "{} outlived its store",
+            other_state.display()
+        );
         assert!(state.exists(), "the state of a store still there went too");
     }
     for dir in [&state, &other_state, &third.state_root().to_path_buf()] {

@@ -686,27 +686,16 @@ fn extract_builder_flags(line: &str) -> (&str, Vec<String>) {
                 pos += 1;
                 continue;
             }
-            if ch == b'\\' {
-                if pos + 1 == b.len() {
-                    pos += 1;
-                    continue;
-                }
-                pos += 1;
-                ch = b[pos];
-            }
-            word.push(ch as char);
-            pos += 1;
-            continue;
-        }
-        // In quotes.
-        if ch == quote {
+        } else if ch == quote {
+            // In quotes: the closing quote ends them.
             phase = Phase::Word;
             pos += 1;
             continue;
         }
+        // In a word or in quotes alike, a backslash takes the next byte as it is;
+        // a trailing one is dropped (the end of the line then closes the word).
         if ch == b'\\' {
             if pos + 1 == b.len() {
-                phase = Phase::Word;
                 pos += 1;
                 continue;
             }
@@ -1202,6 +1191,20 @@ pub fn chomp_heredoc_content(src: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builder_flags_quotes_and_backslashes() {
+        let flags = |line| {
+            let (rest, words) = extract_builder_flags(line);
+            (rest.to_string(), words)
+        };
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(flags("--a=\"x y\" --b=\\z rest"), ("rest".into(), w(&["--a=x y", "--b=z"])));
+        assert_eq!(flags("--a='q\\'x' tail"), ("tail".into(), w(&["--a=q'x"])));
+        assert_eq!(flags("--a=x\\"), (String::new(), w(&["--a=x"])));
+        assert_eq!(flags("--a=\"x\\"), (String::new(), w(&["--a=x"])));
+        assert_eq!(flags("--a=\"\" -- rest"), (" rest".into(), w(&["--a="])));
+    }
 
     #[test]
     fn parses_and_dumps() {

@@ -409,15 +409,7 @@ impl ShellWord<'_> {
                 if null_is_unset && raw {
                     return Err(format!("unsupported modifier ({chs}) in substitution"));
                 }
-                let mut word = match self.process_stop_on(Some('}'), raw) {
-                    Ok((w, _)) => w,
-                    Err(e) => {
-                        if self.sc.peek().is_none() {
-                            return Err("syntax error: missing '}'".into());
-                        }
-                        return Err(e);
-                    }
-                };
+                let mut word = self.word_until_closing(Some('}'), raw, "syntax error: missing '}'")?;
                 let value = self.get_env(&name);
                 if self.lex.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}{chs}{word}}}"));
@@ -454,24 +446,8 @@ impl ShellWord<'_> {
                 if replace_all {
                     self.sc.next();
                 }
-                let pattern = match self.process_stop_on(Some('/'), true) {
-                    Ok((w, _)) => w,
-                    Err(e) => {
-                        if self.sc.peek().is_none() {
-                            return Err("syntax error: missing '/' in ${}".into());
-                        }
-                        return Err(e);
-                    }
-                };
-                let replacement = match self.process_stop_on(Some('}'), true) {
-                    Ok((w, _)) => w,
-                    Err(e) => {
-                        if self.sc.peek().is_none() {
-                            return Err("syntax error: missing '}'".into());
-                        }
-                        return Err(e);
-                    }
-                };
+                let pattern = self.word_until_closing(Some('/'), true, "syntax error: missing '/' in ${}")?;
+                let replacement = self.word_until_closing(Some('}'), true, "syntax error: missing '}'")?;
                 let value = self.get_env(&name);
                 if self.lex.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
@@ -489,6 +465,16 @@ impl ShellWord<'_> {
                 }
             }
             _ => Err(format!("unsupported modifier ({chs}) in substitution")),
+        }
+    }
+
+    /// Reads a word up to `stop` inside `${...}`; an error at the end of input means the
+    /// closing character is missing, so it becomes `missing_msg`.
+    fn word_until_closing(&mut self, stop: Option<char>, raw: bool, missing_msg: &str) -> Result<String, String> {
+        match self.process_stop_on(stop, raw) {
+            Ok((word, _)) => Ok(word),
+            Err(_) if self.sc.peek().is_none() => Err(missing_msg.to_string()),
+            Err(e) => Err(e),
         }
     }
 

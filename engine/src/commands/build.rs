@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use kiln_cache::Store;
-use kiln_frontend::graph::{NetworkMode, Op};
+use kiln_frontend::graph::NetworkMode;
 use kiln_frontend::lower::{ImageMetaResolver, LowerOptions, lower, parse_platform};
 use kiln_frontend::{History, ImageConfig, Platform};
 use kiln_solver::{EventSink, ImageSource, ResolvedImage};
@@ -209,15 +209,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         })?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut definition = definition;
-    if network != NetworkMode::Default {
-        for node in &mut definition.ops {
-            if let Op::Exec(e) = &mut node.op {
-                if e.network == NetworkMode::Default {
-                    e.network = network;
-                }
-            }
-        }
-    }
+    crate::build::set_build_network(&mut definition, network);
 
     let req = BuildRequest {
         definition,

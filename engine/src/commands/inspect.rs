@@ -21,18 +21,10 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
     let all = store.images.list()?;
     let mut out = Vec::new();
-    let mut code = 0;
-    for reference in &args.references {
-        let record = match store.images.resolve(reference) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("kiln inspect: {e:#}");
-                code = 1;
-                continue;
-            }
-        };
+    let code = super::for_each_local_image(&store, "inspect", &args.references, |_, record| {
         out.push(describe(&store, &all, &record)?);
-    }
+        Ok(())
+    })?;
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(code)
 }

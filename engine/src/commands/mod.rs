@@ -95,3 +95,25 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::ContainerShim(a) => shim::run(global, a),
     }
 }
+
+/// Runs `each` on every one of `references` resolved to its local image, in
+/// order. A reference that names no image is reported on stderr as
+/// `kiln <command>: <error>` and skipped; the exit code is then 1, else 0.
+pub fn for_each_local_image(
+    store: &kiln_cache::Store,
+    command: &str,
+    references: &[String],
+    mut each: impl FnMut(&str, kiln_cache::images::ImageRecord) -> anyhow::Result<()>,
+) -> anyhow::Result<i32> {
+    let mut code = 0;
+    for reference in references {
+        match store.images.resolve(reference) {
+            Ok(record) => each(reference, record)?,
+            Err(e) => {
+                eprintln!("kiln {command}: {e:#}");
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}

@@ -17,21 +17,12 @@ pub struct Args {
 /// Remove the names; exit code 1 if any was not found.
 pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let store = Store::open(&global.root)?;
-    let mut code = 0;
-    for reference in &args.references {
-        let record = match store.images.resolve(reference) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("kiln rmi: {e:#}");
-                code = 1;
-                continue;
-            }
-        };
+    super::for_each_local_image(&store, "rmi", &args.references, |reference, record| {
         for name in untag(&store, reference, &record)? {
             println!("Untagged: {}", familiar_name(&name));
         }
-    }
-    Ok(code)
+        Ok(())
+    })
 }
 
 /// Remove the names `reference` (resolved to `record`) stands for: a name

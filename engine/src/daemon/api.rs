@@ -537,15 +537,7 @@ fn run_events(
     let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let _lease = lease;
-        let cancel = {
-            let state = state.clone();
-            async move {
-                tokio::select! {
-                    _ = gone => {}
-                    _ = state.cancelled() => {}
-                }
-            }
-        };
+        let cancel = state.cancelled_or(gone);
         let event = |(stream, bytes): super::containers::OutputChunk| {
             let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
             match stream {

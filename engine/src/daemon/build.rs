@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use base64::Engine as _;
 use kiln_frontend::Platform;
-use kiln_frontend::graph::{NetworkMode, Op};
+use kiln_frontend::graph::NetworkMode;
 use kiln_frontend::lower::{LowerOptions, lower, parse_platform};
 use kiln_exporter::{OciDest, Output};
 use kiln_solver::tree::VerifiedContent;
@@ -214,15 +214,7 @@ pub async fn run_build(
         .await
         .context("lowering task")?
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if network != NetworkMode::Default {
-        for node in &mut definition.ops {
-            if let Op::Exec(e) = &mut node.op {
-                if e.network == NetworkMode::Default {
-                    e.network = network;
-                }
-            }
-        }
-    }
+    crate::build::set_build_network(&mut definition, network);
     let request = BuildRequest {
         definition,
         locals: HashMap::from([("context".to_string(), context_dir)]),

@@ -632,15 +632,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
     *container.kill.lock().unwrap() = Some(kill_tx);
     tokio::spawn(async move {
         let _lease = lease;
-        let cancel = {
-            let state = state.clone();
-            async move {
-                tokio::select! {
-                    _ = state.cancelled() => {}
-                    _ = kill_rx => {}
-                }
-            }
-        };
+        let cancel = state.cancelled_or(kill_rx);
         let code = match run_streamed(state.shim.clone(), spec, io, output, cancel).await {
             Ok(code) => code,
             Err(e) => {

@@ -73,6 +73,21 @@ impl State {
         let mut rx = self.cancel.clone();
         let _ = rx.wait_for(|c| *c).await;
     }
+
+    /// Resolves once running work must be cancelled or `stop` resolves,
+    /// whichever comes first: the cancel signal of one container run.
+    pub fn cancelled_or(
+        self: &Arc<Self>,
+        stop: impl std::future::Future + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let state = self.clone();
+        async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = state.cancelled() => {}
+            }
+        }
+    }
 }
 
 /// One parsed listen address.
@@ -156,59 +171,24 @@ async fn run_listeners(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let mut accept_loops = tokio::task::JoinSet::new();
-    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<futures::future::BoxFuture<'static, ()>>();
+    let (conn_tx, mut conn_rx) = tokio::sync::mpsc::unbounded_channel::<Connection>();
     let mut sockets = Vec::new();
     for addr in &addrs {
-        match addr {
+        let listener = match addr {
             ListenAddr::Unix(path) => {
                 let listener = bind_unix(path)?;
                 tracing::info!(socket = %path.display(), "listening");
                 sockets.push(path.clone());
-                let (state, stop, conn_tx) = (state.clone(), stop_rx.clone(), conn_tx.clone());
-                accept_loops.spawn(async move {
-                    let mut stop2 = stop.clone();
-                    loop {
-                        tokio::select! {
-                            _ = stopped(&mut stop2) => break,
-                            accepted = listener.accept() => match accepted {
-                                Ok((stream, _)) => {
-                                    let _ = conn_tx.send(Box::pin(serve_connection(state.clone(), stream, stop.clone(), "unix".into())));
-                                }
-                                Err(e) => tracing::warn!("accept on unix socket: {e}"),
-                            }
-                        }
-                    }
-                });
+                Listener::Unix(listener)
             }
             ListenAddr::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding tcp://{addr}"))?;
                 tracing::info!(address = %listener.local_addr()?, "listening (mutual TLS)");
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone().context("TLS config missing")?);
-                let (state, stop, conn_tx) = (state.clone(), stop_rx.clone(), conn_tx.clone());
-                accept_loops.spawn(async move {
-                    let mut stop2 = stop.clone();
-                    loop {
-                        tokio::select! {
-                            _ = stopped(&mut stop2) => break,
-                            accepted = listener.accept() => match accepted {
-                                Ok((stream, peer)) => {
-                                    let (acceptor, state, stop) = (acceptor.clone(), state.clone(), stop.clone());
-                                    let _ = conn_tx.send(Box::pin(async move {
-                                        // A handshake that never finishes must not hold a slot forever.
-                                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                                            Ok(Ok(tls_stream)) => serve_connection(state, tls_stream, stop, peer.to_string()).await,
-                                            Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
-                                            Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
-                                        }
-                                    }));
-                                }
-                                Err(e) => tracing::warn!("accept on tcp: {e}"),
-                            }
-                        }
-                    }
-                });
+                Listener::Tls(listener, acceptor)
             }
-        }
+        };
+        accept_loops.spawn(accept_until_stopped(listener, state.clone(), stop_rx.clone(), conn_tx.clone()));
     }
     drop(conn_tx);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -298,6 +278,72 @@ where
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.as_mut().await;
                 return;
+            }
+        }
+    }
+}
+
+/// A bound listen address.
+enum Listener {
+    /// A unix socket.
+    Unix(tokio::net::UnixListener),
+    /// TCP; each connection starts with a (mutual) TLS handshake.
+    Tls(tokio::net::TcpListener, tokio_rustls::TlsAcceptor),
+}
+
+/// A connection to serve, as a future the connection set runs.
+type Connection = futures::future::BoxFuture<'static, ()>;
+
+impl Listener {
+    /// Wait for the next connection and return the future that serves it
+    /// (TLS handshake included).
+    async fn next_connection(&self, state: &Arc<State>, stop: &watch::Receiver<bool>) -> std::io::Result<Connection> {
+        match self {
+            Listener::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                Ok(Box::pin(serve_connection(state.clone(), stream, stop.clone(), "unix".into())))
+            }
+            Listener::Tls(listener, acceptor) => {
+                let (stream, peer) = listener.accept().await?;
+                let (acceptor, state, stop) = (acceptor.clone(), state.clone(), stop.clone());
+                Ok(Box::pin(async move {
+                    // A handshake that never finishes must not hold a slot forever.
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => serve_connection(state, tls_stream, stop, peer.to_string()).await,
+                        Ok(Err(e)) => tracing::warn!(%peer, "TLS handshake refused: {e}"),
+                        Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    }
+                }))
+            }
+        }
+    }
+
+    /// What it listens on, for messages.
+    fn kind(&self) -> &'static str {
+        match self {
+            Listener::Unix(_) => "unix socket",
+            Listener::Tls(..) => "tcp",
+        }
+    }
+}
+
+/// Accept connections on `listener` and hand each to `connections` until
+/// `stop` is set.
+async fn accept_until_stopped(
+    listener: Listener,
+    state: Arc<State>,
+    stop: watch::Receiver<bool>,
+    connections: tokio::sync::mpsc::UnboundedSender<Connection>,
+) {
+    let mut stop2 = stop.clone();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop2) => break,
+            accepted = listener.next_connection(&state, &stop) => match accepted {
+                Ok(connection) => {
+                    let _ = connections.send(connection);
+                }
+                Err(e) => tracing::warn!("accept on {}: {e}", listener.kind()),
             }
         }
     }

@@ -40,6 +40,53 @@ pub fn can_run_containers(test: &str, tools: &[&str]) -> bool {
     tools.iter().all(|tool| have(tool, test))
 }
 
+/// The ustar header of a regular file of `size` bytes: `name` written raw
+/// (so `..` is allowed; at most 100 bytes), `mode`, owned by root, mtime
+/// 1600000000, checksum set.
+pub fn regular_file_header(name: &str, size: u64, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h
+}
+
+/// The set-up of a build test: a registry serving busybox, the
+/// `--registry-mirror` value that sends `docker.io` there, and a temporary
+/// directory holding the store root `root` (not yet created) and an empty
+/// build context `ctx`. Bind every field (`registry: _registry`, `tmp: _tmp`
+/// when unused): dropping one stops the registry or deletes the directories.
+pub struct BuildDirs {
+    /// The registry; keep it alive for the test.
+    pub registry: TestRegistry,
+    /// `docker.io=http://ADDR`, for `--registry-mirror`.
+    pub mirror: String,
+    /// Holds `root` and `ctx`; deleted on drop.
+    pub tmp: tempfile::TempDir,
+    /// `TMP/root`, the store root.
+    pub root: PathBuf,
+    /// `TMP/ctx`, an empty directory.
+    pub ctx: PathBuf,
+}
+
+impl BuildDirs {
+    /// Start (or reuse) the busybox registry and make the directories.
+    pub fn new() -> BuildDirs {
+        let registry = TestRegistry::with_busybox();
+        let mirror = format!("docker.io=http://{}", registry.addr);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let ctx = tmp.path().join("ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        BuildDirs { registry, mirror, tmp, root, ctx }
+    }
+}
+
 /// A running registry.
 pub struct TestRegistry {
     /// `127.0.0.1:PORT`.
