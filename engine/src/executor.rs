@@ -106,9 +106,10 @@ impl Shim {
         self
     }
 
-    /// Pid of this process's zygote for this shim's binary, while one runs.
+    /// Pid of this process's zygote for this shim's binary and state
+    /// root, while one runs.
     pub fn zygote_pid(&self) -> Option<u32> {
-        crate::zygote::running_pid(&self.exe)
+        crate::zygote::running_pid(&self.exe, &self.state_root)
     }
 
     /// The `kiln` binary, in this order: `$KILN_SHIM`; this executable if

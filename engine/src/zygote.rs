@@ -1,5 +1,5 @@
 //! The shim zygote: one `kiln __shim-zygote` process per kiln process (and
-//! `kiln` binary), exec'd once and single-threaded forever, that forks a
+//! `kiln` binary and state root), exec'd once and single-threaded forever, that forks a
 //! container shim per container instead of kiln exec'ing a fresh
 //! `kiln __container-shim` each time (an exec of the 30 MB binary costs a
 //! few ms of CPU per RUN step).
@@ -122,20 +122,22 @@ struct Zygote {
     served: bool,
 }
 
-/// Zygotes by binary. Each slot's mutex serialises that zygote's requests.
-static ZYGOTES: LazyLock<Mutex<HashMap<PathBuf, Arc<Mutex<Slot>>>>> =
-    LazyLock::new(Default::default);
+/// Zygotes by binary and state root (one of each per build or daemon).
+/// Each slot's mutex serialises that zygote's requests.
+type Slots = HashMap<(PathBuf, PathBuf), Arc<Mutex<Slot>>>;
+static ZYGOTES: LazyLock<Mutex<Slots>> = LazyLock::new(Default::default);
 
-fn slot(exe: &Path) -> Arc<Mutex<Slot>> {
+fn slot(exe: &Path, state_root: &Path) -> Arc<Mutex<Slot>> {
     let mut all = ZYGOTES.lock().unwrap_or_else(|e| e.into_inner());
-    all.entry(exe.to_path_buf())
+    all.entry((exe.to_path_buf(), state_root.to_path_buf()))
         .or_insert_with(|| Arc::new(Mutex::new(Slot::Idle)))
         .clone()
 }
 
-/// Pid of the running zygote of `exe` in this process, if there is one.
-pub(crate) fn running_pid(exe: &Path) -> Option<u32> {
-    match &*slot(exe).lock().unwrap_or_else(|e| e.into_inner()) {
+/// Pid of this process's running zygote of `exe` for containers with
+/// state under `state_root`, if there is one.
+pub(crate) fn running_pid(exe: &Path, state_root: &Path) -> Option<u32> {
+    match &*slot(exe, state_root).lock().unwrap_or_else(|e| e.into_inner()) {
         Slot::Running(z) => Some(z.process.id()),
         _ => None,
     }
@@ -146,7 +148,7 @@ pub(crate) fn running_pid(exe: &Path) -> Option<u32> {
 /// exec a shim instead.
 pub(crate) fn fork_shim(exe: &Path, req: &Request, fds: &ShimFds) -> anyhow::Result<Option<Forked>> {
     let json = serde_json::to_vec(req).context("encoding the shim request")?;
-    let slot = slot(exe);
+    let slot = slot(exe, &req.state_root);
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if matches!(*slot, Slot::Idle) {
