@@ -454,9 +454,17 @@ impl ShimProcess {
                 .map(ShimEnd::Signal)
                 .or_else(|| num("shim-exit ").map(|c| ShimEnd::Exit(Some(c))))
         });
+        let said_how = last
+            .as_ref()
+            .is_ok_and(|m| m.as_deref().is_some_and(|m| m.starts_with("exit ") || m.starts_with("error ")));
         match self.shim.take() {
             // Reaped by its zygote; `exit N` may come before its teardown.
             Some(ShimHandle::Forked(_)) | None => {}
+            // It said how the container ended and may still be cleaning
+            // up: reaped without holding up the caller.
+            Some(ShimHandle::Exec(mut child)) if said_how => {
+                std::thread::spawn(move || child.wait());
+            }
             Some(ShimHandle::Exec(mut child)) => {
                 let status = child.wait().context("waiting for the container shim")?;
                 end = Some(match status.signal() {
