@@ -514,6 +514,8 @@ fn become_shim(req: &Request, fds: [OwnedFd; 5], parent: RawFd) -> ! {
         for sig in [libc::SIGPIPE, libc::SIGINT, libc::SIGQUIT, libc::SIGHUP] {
             libc::signal(sig, libc::SIG_DFL);
         }
+        // Its command line is still the zygote's: `ps -o comm` tells them apart.
+        libc::prctl(libc::PR_SET_NAME, c"kiln-shim".as_ptr(), 0, 0, 0);
     }
     let sources: Vec<RawFd> = fds
         .into_iter()
