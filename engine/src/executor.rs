@@ -240,11 +240,11 @@ impl Shim {
             (None, OwnedFd::from(null))
         };
         let fds = crate::zygote::ShimFds {
-            status: status.try_clone().context("dup")?,
-            spec: spec.try_clone().context("dup")?,
-            stdin: stdin_read,
-            stdout: out_write,
-            stderr: err_write,
+            status: status.as_fd(),
+            spec: spec.as_fd(),
+            stdin: stdin_read.as_fd(),
+            stdout: out_write.as_fd(),
+            stderr: err_write.as_fd(),
         };
         let req = crate::zygote::Request {
             state_root: self.state_root.clone(),

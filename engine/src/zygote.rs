@@ -84,17 +84,17 @@ pub(crate) struct Request {
 }
 
 /// The fds a shim works on, in the order they are sent.
-pub(crate) struct ShimFds {
+pub(crate) struct ShimFds<'a> {
     /// The shim's end of the status socket.
-    pub status: OwnedFd,
+    pub status: BorrowedFd<'a>,
     /// Read end of the spec pipe.
-    pub spec: OwnedFd,
+    pub spec: BorrowedFd<'a>,
     /// The container's stdin (a pipe or `/dev/null`).
-    pub stdin: OwnedFd,
+    pub stdin: BorrowedFd<'a>,
     /// The shim's (and container's) stdout.
-    pub stdout: OwnedFd,
+    pub stdout: BorrowedFd<'a>,
     /// The shim's (and container's) stderr.
-    pub stderr: OwnedFd,
+    pub stderr: BorrowedFd<'a>,
 }
 
 /// A shim forked by the zygote.
@@ -146,7 +146,7 @@ pub(crate) fn running_pid(exe: &Path, state_root: &Path) -> Option<u32> {
 /// Have the zygote of `exe` fork a shim on `fds` (starting the zygote if
 /// needed, once more if it died). `Ok(None)`: no zygote can run here;
 /// exec a shim instead.
-pub(crate) fn fork_shim(exe: &Path, req: &Request, fds: &ShimFds) -> anyhow::Result<Option<Forked>> {
+pub(crate) fn fork_shim(exe: &Path, req: &Request, fds: &ShimFds<'_>) -> anyhow::Result<Option<Forked>> {
     let json = serde_json::to_vec(req).context("encoding the shim request")?;
     let slot = slot(exe, &req.state_root);
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -254,8 +254,8 @@ impl Zygote {
         Ok(())
     }
 
-    fn request(&mut self, json: &[u8], fds: &ShimFds) -> Result<Forked, RequestError> {
-        let raw = [&fds.status, &fds.spec, &fds.stdin, &fds.stdout, &fds.stderr].map(|f| f.as_raw_fd());
+    fn request(&mut self, json: &[u8], fds: &ShimFds<'_>) -> Result<Forked, RequestError> {
+        let raw = [fds.status, fds.spec, fds.stdin, fds.stdout, fds.stderr].map(|f| f.as_raw_fd());
         send_fds(self.sock.as_fd(), json, &raw).map_err(RequestError::NotSent)?;
         let mut buf = vec![0u8; 64 * 1024];
         let (n, mut got) = recv_fds(self.sock.as_fd(), &mut buf, MsgFlags::empty())
