@@ -522,15 +522,17 @@ fn become_shim(req: &Request, fds: [OwnedFd; 5], parent: RawFd) -> ! {
         .map(IntoRawFd::into_raw_fd)
         .chain([parent])
         .collect();
-    // Every source is first copied above all targets so that no dup2 can
-    // overwrite a source that is still to be placed.
-    for (target, fd) in sources.iter().enumerate() {
-        // SAFETY: fcntl/dup2 on fds of this process.
-        let ok = unsafe {
-            let high = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10 + sources.len() as i32);
-            high >= 0 && libc::dup2(high, target as i32) >= 0
-        };
-        if !ok {
+    // Every source is first copied above all targets, then put in place:
+    // a dup2 must never overwrite a source that is still to be placed
+    // (the kiln pidfd, say, may well be fd 4).
+    let mut high = [0; 6];
+    for (copy, fd) in high.iter_mut().zip(&sources) {
+        // SAFETY: fcntl(2) on an fd of this process.
+        *copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10) };
+    }
+    for (target, copy) in high.iter().enumerate() {
+        // SAFETY: dup2(2) on fds of this process.
+        if *copy < 0 || unsafe { libc::dup2(*copy, target as i32) } < 0 {
             // SAFETY: leaving the child at once, as after a failed exec.
             unsafe { libc::_exit(127) };
         }

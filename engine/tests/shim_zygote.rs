@@ -173,12 +173,21 @@ fn kill_9_of_kiln_takes_its_zygote_shims_and_containers_along() {
     assert!(!containers.is_empty(), "the shim's container");
     kiln.kill().unwrap();
     kiln.wait().unwrap();
+    let killed = std::time::Instant::now();
     for (what, pid) in [("zygote", zygote), ("shim", shims[0])]
         .into_iter()
         .chain(containers.iter().map(|&c| ("container", c)))
     {
         wait_for(&format!("the {what} to die with kiln"), || is_dead(pid as i32));
     }
+    // The shim saw kiln die and SIGTERMed the container, which exits on
+    // it: well within `kiln run`'s 10 s stop grace (after which the
+    // container would be SIGKILLed anyway).
+    assert!(
+        killed.elapsed() < std::time::Duration::from_secs(5),
+        "the container was not stopped when kiln died, only killed after the grace: {:?}",
+        killed.elapsed()
+    );
     assert_nothing_left(s.path(), &root.join("run"));
 }
 
