@@ -289,19 +289,10 @@ impl Shim {
             cmd.arg("--tty").arg(format!("{}x{}", size.rows, size.cols));
         }
         let fds = [status.as_raw_fd(), spec.as_raw_fd()];
-        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
-        // and exec. The fds are first moved above 3 and 4 so that neither
-        // dup2 can overwrite the other's source.
+        // SAFETY: place_fds is async-signal-safe (no dup2 there
+        // overwrites the other fd before it is placed).
         unsafe {
-            cmd.pre_exec(move || {
-                for (target, fd) in [3, 4].into_iter().zip(fds) {
-                    let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if high < 0 || libc::dup2(high, target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::zygote::place_fds(&fds, 3));
         }
         let mut child = cmd
             .spawn()

@@ -206,16 +206,9 @@ impl Zygote {
             .stdin(Stdio::null())
             .stdout(Stdio::null());
         let fd = theirs.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
-        // and exec; moved above 3 first so dup2 never clobbers its source.
+        // SAFETY: place_fds is async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || {
-                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                if high < 0 || libc::dup2(high, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || place_fds(&[fd], 3));
         }
         let process = cmd
             .spawn()
@@ -501,6 +494,29 @@ impl Server {
     }
 }
 
+/// Between fork and exec (async-signal-safe, no allocation): dup
+/// `sources` (at most 8) to `first`, `first + 1`, ... Each is first copied
+/// above all targets (close-on-exec copies, left open), so that no dup2
+/// overwrites a source that is still to be placed.
+pub(crate) fn place_fds(sources: &[RawFd], first: RawFd) -> std::io::Result<()> {
+    let mut high = [-1; 8];
+    if sources.len() > high.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let above = first + sources.len() as RawFd;
+    for (copy, fd) in high.iter_mut().zip(sources) {
+        // SAFETY: fcntl(2) on an fd of this process.
+        *copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, above) };
+    }
+    for (target, copy) in (first..).zip(&high[..sources.len()]) {
+        // SAFETY: dup2(2) on fds of this process.
+        if *copy < 0 || unsafe { libc::dup2(*copy, target) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// In a freshly forked child: put `fds` (stdin, stdout, stderr, status,
 /// spec) at 0..=4 and the kiln pidfd at 5, close everything else of the
 /// zygote's, run the shim and `_exit` with its code.
@@ -522,20 +538,9 @@ fn become_shim(req: &Request, fds: [OwnedFd; 5], parent: RawFd) -> ! {
         .map(IntoRawFd::into_raw_fd)
         .chain([parent])
         .collect();
-    // Every source is first copied above all targets, then put in place:
-    // a dup2 must never overwrite a source that is still to be placed
-    // (the kiln pidfd, say, may well be fd 4).
-    let mut high = [0; 6];
-    for (copy, fd) in high.iter_mut().zip(&sources) {
-        // SAFETY: fcntl(2) on an fd of this process.
-        *copy = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10) };
-    }
-    for (target, copy) in high.iter().enumerate() {
-        // SAFETY: dup2(2) on fds of this process.
-        if *copy < 0 || unsafe { libc::dup2(*copy, target as i32) } < 0 {
-            // SAFETY: leaving the child at once, as after a failed exec.
-            unsafe { libc::_exit(127) };
-        }
+    if place_fds(&sources, 0).is_err() {
+        // SAFETY: leaving the child at once, as after a failed exec.
+        unsafe { libc::_exit(127) };
     }
     // The zygote's socket, signalfd, other children's status ends, and
     // the high copies: none of them is this shim's.
