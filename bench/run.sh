@@ -4,6 +4,7 @@
 #   bash bench/run.sh [RUNS]        (default 5 runs per scenario and builder)
 #   BIG_MB=500 (size of the large files of the big-context scenario, in 5 files)
 #   EXPORT_MB=1024 (size of the image exported in scenario 7)
+#   ONLY="6 8" (run only these scenarios, print their table, leave BENCHMARKS.md alone)
 #
 # Installs buildah and docker.io with apt, starts a loopback registry serving
 # busybox (scripts/testenv.sh), a private dockerd pointed at it as docker.io
@@ -142,8 +143,12 @@ record() { RES["$1|$2"]+="$3 "; }
 
 # scenario kinds: cold (reset before every run), warm (build once, then measure rebuilds),
 # change (build once, then change one file before every measured run)
+# Whether scenario `label` (its number is the first word) is to run.
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" ${1%% *} "* ]]; }
+
 run_scenario() { # label ctx kind
   local label=$1 ctx=$2 kind=$3
+  wanted "$label" || return 0
   for tool in kiln buildah docker; do
     if [ "$kind" != cold ]; then "reset_$tool"; "build_$tool" "$ctx" || true; fi
   done
@@ -174,6 +179,7 @@ export7_buildah()  { "${BUILDAH[@]}" push --quiet --format oci --compression-for
 export7_docker()   { local c; case $1 in gzip) c=(gzip);; zstd) c=(zstd -q -T0);; esac; /usr/bin/docker save bench-export 2>"$WORK/last.log" | "${c[@]}" >"$WORK/export.tar"; }
 run_export_scenario() { # label compression
   local label=$1 comp=$2
+  wanted "$label" || return 0
   for tool in buildah docker; do "prepare7_$tool" || { echo "FAILED: prepare $tool" >&2; tail -20 "$WORK/last.log" >&2; }; done
   for i in $(seq "$RUNS"); do
     for tool in kiln buildah docker; do
@@ -209,6 +215,7 @@ OUT=$WORK/table.md
       "4 four parallel stages (cold)" "5a big context, first build" "5b big context, unchanged" \
       "6 50 RUN steps (cold)" "8 20 RUN true steps (cold)" \
       "7a export 1 GB image to OCI tar, gzip (docker: save|gzip)" "7b export 1 GB image to OCI tar, zstd (docker: save|zstd -T0)"; do
+    wanted "$label" || continue
     k=$(echo ${RES["$label|kiln"]} | tr ' ' '\n' | median)
     b=$(echo ${RES["$label|buildah"]} | tr ' ' '\n' | median)
     d=$(echo ${RES["$label|docker"]} | tr ' ' '\n' | median)
@@ -217,6 +224,10 @@ OUT=$WORK/table.md
   done
 } >"$OUT"
 cat "$OUT"
+if [ -n "${ONLY:-}" ]; then
+  echo "ONLY=$ONLY: BENCHMARKS.md left as it was (kiln $KILN_COMMIT, load before $LOAD_BEFORE, after $LOAD_AFTER)"
+  exit 0
+fi
 
 {
   echo "# Benchmarks"

@@ -22,10 +22,12 @@ use kiln_solver::{EventSink, ImageSource, SolveRequest, Solver};
 use crate::executor::ContainerExecutor;
 use crate::remote_cache::{self, CacheOptions};
 
-/// A solver for `store` that runs RUN steps in real containers (state under
-/// `<root>/run`) and pulls base images through `images`.
+/// A solver for `store` that runs RUN steps in real containers (state as
+/// [`crate::runtime::Runtime::for_store`] places it) and pulls base images
+/// through `images`.
 pub fn new_solver(store: Arc<Store>, images: Arc<dyn ImageSource>) -> anyhow::Result<Solver> {
-    let executor = ContainerExecutor::new(store.root().join("run")).context("starting the container runtime")?;
+    let runtime = crate::runtime::Runtime::for_store(store.root()).context("starting the container runtime")?;
+    let executor = ContainerExecutor::new(runtime.state_root()).context("starting the container runtime")?;
     Ok(Solver::new(store, Arc::new(executor), images))
 }
 
@@ -36,6 +38,9 @@ pub struct BuildRequest {
     pub definition: Definition,
     /// Host directories of the local sources (`context` → the build context).
     pub locals: HashMap<String, PathBuf>,
+    /// The known content of some of `locals` (see
+    /// [`kiln_solver::SolveRequest::verified`]): the daemon's contexts.
+    pub verified: HashMap<String, Arc<kiln_solver::tree::VerifiedContent>>,
     /// `--secret` values by id.
     pub secrets: HashMap<String, Vec<u8>>,
     /// `--no-cache`.
@@ -141,6 +146,7 @@ async fn build_leased(solver: &Solver, mut req: BuildRequest, events: EventSink)
         .solve(SolveRequest {
             definition: req.definition.clone(),
             locals: req.locals.clone(),
+            verified: req.verified.clone(),
             secrets: std::mem::take(&mut req.secrets),
             no_cache: req.no_cache,
             events: events.clone(),

@@ -769,17 +769,17 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     };
     let mut request = Bytes::from(serde_json::to_vec(&options)?);
     let mut response = client.send(Method::POST, "/v1/build", full(request.clone()), Some("application/json")).await?;
-    // A daemon that does not keep the context (412 with nothing missing;
-    // 400 from a daemon that predates keys) gets the list; one that lacks
-    // some contents (new or changed files) gets those uploaded; then the
-    // build is sent again (a few times: a collection on the daemon may
-    // drop uploads not yet used). An unchanged context is one request.
+    // A daemon that does not keep the context (412 with nothing missing)
+    // gets the list; one that lacks some contents (new or changed files)
+    // gets those uploaded; then the build is sent again (a few times: a
+    // collection on the daemon may drop uploads not yet used). An
+    // unchanged context is one request. Any other answer, a 400 too, is
+    // the build's answer (a bad request stays bad with the list).
     for _ in 0..4 {
         let status = response.status();
         let by_key = options.context.is_empty();
         let wanted = match status {
             StatusCode::PRECONDITION_FAILED => missing_contents(response).await?,
-            StatusCode::BAD_REQUEST if by_key => Default::default(),
             _ => break,
         };
         if wanted.is_empty() {
@@ -797,7 +797,7 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
     }
     let mut body = check(response).await?.into_body();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let renderer = tokio::spawn(crate::progress::render(args.progress, rx));
+    let renderer = tokio::spawn(crate::progress::render(args.progress_mode(), rx));
     let mut pending = Vec::new();
     let mut outcome: Option<Result<(Option<String>, Vec<String>), String>> = None;
     // A client-side output arrives in pieces before the result.
@@ -842,12 +842,9 @@ async fn build_remote(client: &Client, args: commands::build::Args) -> anyhow::R
                 if let Some(path) = &args.iidfile {
                     std::fs::write(path, &id).with_context(|| format!("writing {}", path.display()))?;
                 }
-                eprintln!("writing image {id} done");
-                for t in &args.tags {
-                    eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
-                }
+                crate::commands::build::report_image(&args, &id);
             }
-            for line in pushed {
+            for line in pushed.iter().filter(|_| !args.quiet) {
                 eprintln!("{line}");
             }
             Ok(0)

@@ -75,6 +75,11 @@ pub struct ShimOptions {
     /// Stops this container; clone it before [`Shim::start`] to be able to
     /// stop the container while it is still starting.
     pub stopper: ShimStopper,
+    /// [`ShimProcess::wait`] returns as soon as the container has exited
+    /// and its upperdir holds only its diff, while the shim tears down the
+    /// rest (libcontainer state, state directory) on its own: what a build
+    /// step needs before it commits, a few milliseconds sooner.
+    pub report_exit_early: bool,
 }
 
 impl Default for ShimOptions {
@@ -84,6 +89,7 @@ impl Default for ShimOptions {
             tty: None,
             grace: TERM_GRACE,
             stopper: ShimStopper::default(),
+            report_exit_early: false,
         }
     }
 }
@@ -201,6 +207,7 @@ impl Shim {
             terminal: None,
             last: None,
             stopper,
+            teardown_unobserved: opts.report_exit_early,
         };
         // A shim that died early closed its end: its status says why.
         let _ = std::fs::File::from(spec_write).write_all(&json);
@@ -251,6 +258,7 @@ impl Shim {
             grace_ms: opts.grace.as_millis() as u64,
             stdin: stdin_pipe,
             tty: opts.tty.map(|s| (s.rows, s.cols)),
+            report_exit_early: opts.report_exit_early,
         };
         let Some(forked) = crate::zygote::fork_shim(&self.exe, &req, &fds)? else {
             return Ok(None);
@@ -288,6 +296,9 @@ impl Shim {
         if let Some(size) = opts.tty {
             cmd.arg("--tty").arg(format!("{}x{}", size.rows, size.cols));
         }
+        if opts.report_exit_early {
+            cmd.arg("--report-exit-early");
+        }
         let fds = [status.as_raw_fd(), spec.as_raw_fd()];
         // SAFETY: place_fds is async-signal-safe (no dup2 there
         // overwrites the other fd before it is placed).
@@ -313,7 +324,16 @@ impl Shim {
     /// its exit code (128+N if killed by signal N). Dropping the future
     /// stops the container (see [`ShimStopper::stop`]).
     pub async fn run(&self, spec: &ContainerSpec, log: LogSink) -> anyhow::Result<i32> {
-        let opts = ShimOptions::default();
+        self.run_with(spec, ShimOptions::default(), log).await
+    }
+
+    /// [`Shim::run`] with `opts` (stdin and tty are not wired up here).
+    pub async fn run_with(
+        &self,
+        spec: &ContainerSpec,
+        opts: ShimOptions,
+        log: LogSink,
+    ) -> anyhow::Result<i32> {
         let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
         let shim = self.clone();
         let spec = spec.clone();
@@ -378,6 +398,9 @@ pub struct ShimProcess {
     /// The final status message, when it was read early.
     last: Option<Option<String>>,
     stopper: ShimStopper,
+    /// [`ShimOptions::report_exit_early`]: after `exit N` an exec'd shim
+    /// is reaped in the background (a forked one always is, by its zygote).
+    teardown_unobserved: bool,
 }
 
 impl ShimProcess {
@@ -413,8 +436,10 @@ impl ShimProcess {
     }
 
     /// Wait for the container to exit (blocking); returns its exit code
-    /// (128+N if killed by signal N). By then the container's output was
-    /// all read; the shim may still be cleaning up after it.
+    /// (128+N if killed by signal N). Everything is cleaned up by then
+    /// (with [`ShimOptions::report_exit_early`]: the container's output
+    /// was all read, its upperdir holds only its diff, and the shim may
+    /// still be tearing down the rest).
     pub fn wait(mut self) -> anyhow::Result<i32> {
         self.finish()
     }
@@ -445,15 +470,13 @@ impl ShimProcess {
                 .map(ShimEnd::Signal)
                 .or_else(|| num("shim-exit ").map(|c| ShimEnd::Exit(Some(c))))
         });
-        let said_how = last
-            .as_ref()
-            .is_ok_and(|m| m.as_deref().is_some_and(|m| m.starts_with("exit ") || m.starts_with("error ")));
+        let exited = matches!(&last, Ok(Some(line)) if line.starts_with("exit "));
         match self.shim.take() {
-            // Reaped by its zygote; `exit N` may come before its teardown.
+            // Reaped by its zygote; its `exit N` comes after its teardown
+            // unless `report_exit_early`.
             Some(ShimHandle::Forked(_)) | None => {}
-            // It said how the container ended and may still be cleaning
-            // up: reaped without holding up the caller.
-            Some(ShimHandle::Exec(mut child)) if said_how => {
+            Some(ShimHandle::Exec(mut child)) if exited && self.teardown_unobserved => {
+                // It still tears down; `Runtime::new`'s sweep covers a crash.
                 std::thread::spawn(move || child.wait());
             }
             Some(ShimHandle::Exec(mut child)) => {
@@ -656,6 +679,10 @@ pub fn container_spec(req: ExecRequest) -> ContainerSpec {
 #[async_trait::async_trait]
 impl Executor for ContainerExecutor {
     async fn exec(&self, req: ExecRequest, log: LogSink) -> anyhow::Result<i32> {
-        self.shim.run(&container_spec(req), log).await
+        let opts = ShimOptions {
+            report_exit_early: true,
+            ..Default::default()
+        };
+        self.shim.run_with(&container_spec(req), opts, log).await
     }
 }

@@ -27,6 +27,9 @@ pub enum ProgressMode {
     Plain,
     /// One JSON event per line.
     Json,
+    /// Nothing while it runs; when a step fails, the whole plain log (as
+    /// `docker build -q`, which then shows what went wrong).
+    Quiet,
 }
 
 /// Render `events` to stderr until the stream ends.
@@ -41,6 +44,21 @@ pub async fn render(mode: ProgressMode, mut events: UnboundedReceiver<Event>) {
         ProgressMode::Json => {
             while let Some(e) = events.recv().await {
                 let _ = writeln!(std::io::stderr().lock(), "{}", json_line(&e));
+            }
+        }
+        ProgressMode::Quiet => {
+            let mut plain = Plain::new();
+            let mut log = Vec::new();
+            let mut failed = false;
+            while let Some(e) = events.recv().await {
+                failed |= matches!(e, Event::Error { .. });
+                log.extend(plain.lines(&e));
+            }
+            if failed {
+                let mut err = std::io::stderr().lock();
+                for line in log {
+                    let _ = writeln!(err, "{line}");
+                }
             }
         }
         _ => {

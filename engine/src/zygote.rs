@@ -81,6 +81,8 @@ pub(crate) struct Request {
     pub stdin: bool,
     /// Run on a pseudo-terminal of this size (rows, columns).
     pub tty: Option<(u16, u16)>,
+    /// `exit N` before the teardown (`__container-shim --report-exit-early`).
+    pub report_exit_early: bool,
 }
 
 /// The fds a shim works on, in the order they are sent.
@@ -554,6 +556,7 @@ fn become_shim(req: &Request, fds: [OwnedFd; 5], parent: RawFd) -> ! {
         grace: Duration::from_millis(req.grace_ms),
         stdin: req.stdin,
         tty: req.tty.map(|(rows, cols)| WindowSize { rows, cols }),
+        report_exit_early: req.report_exit_early,
     };
     let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: placed at 3, 4 and 5 just above, owned by nothing else.

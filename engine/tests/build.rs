@@ -79,6 +79,13 @@ fn builds_a_dockerfile_with_cache() {
     assert!(again.stderr.contains("CACHED"), "{}", again.stderr);
     let run_done = again.stderr.lines().filter(|l| l.contains(" DONE ")).count();
     assert_eq!(run_done, 1, "only the image source may report DONE on a cached rebuild:\n{}", again.stderr);
+    // `-q`: the image ID alone on stdout, nothing on stderr.
+    let mirror = format!("docker.io=http://{}", reg.addr);
+    let quiet = kiln(&root, &["--registry-mirror", &mirror, "build", "-q", "-t", "e2e:1", ctx_s]);
+    assert!(quiet.status.success(), "{}", String::from_utf8_lossy(&quiet.stderr));
+    let quiet_id = String::from_utf8_lossy(&quiet.stdout).into_owned();
+    assert!(quiet_id.starts_with("sha256:") && quiet_id.trim().len() == 71 && quiet_id.lines().count() == 1, "{quiet_id:?}");
+    assert!(quiet.stderr.is_empty(), "{}", String::from_utf8_lossy(&quiet.stderr));
     // The layers are the very same snapshots (the config's `created` moves).
     let layers = |name: &str| {
         let store = kiln_cache::Store::open(&root).unwrap();
@@ -105,6 +112,11 @@ fn builds_a_dockerfile_with_cache() {
     assert!(!failed.ok);
     assert!(failed.stderr.contains("line 2") && failed.stderr.contains("about-to-fail") && failed.stderr.contains("exit code: 4"),
         "{}", failed.stderr);
+    // `-q` and a failure: the log after all, and no ID.
+    let failed_quietly = kiln(&root, &["--registry-mirror", &mirror, "build", "-q", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&failed_quietly.stderr);
+    assert!(!failed_quietly.status.success() && failed_quietly.stdout.is_empty(), "{err}");
+    assert!(err.lines().any(|l| l.starts_with('#') && l.ends_with(" about-to-fail")), "no step log: {err}");
 }
 
 /// `kiln` with a deadline: a hang fails the test instead of stalling it.

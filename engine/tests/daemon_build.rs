@@ -115,6 +115,68 @@ fn build_through_the_daemon_uploads_only_what_changed() {
     assert_eq!(remote.status.code(), embedded.status.code());
 }
 
+/// A context the daemon keeps is reused with its content known (no walk
+/// and no hashing on the daemon, checksums remembered): another Dockerfile
+/// over it copies the right files, a changed file still changes the image,
+/// and a file changed back gives the first image again.
+#[test]
+fn a_kept_context_serves_other_builds_and_changes_back() {
+    let d = Daemon::start(true, &[]);
+    let ctx = tempfile::tempdir().unwrap();
+    write(ctx.path(), &[("Dockerfile", "FROM busybox\nCOPY . /app\n"), ("a.txt", "hello\n"), ("sub/b.txt", "b\n")]);
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), &[("Other.Dockerfile", "FROM busybox\nCOPY sub /s\nCOPY a.txt /a\n")]);
+    let c = ctx.path().to_str().unwrap();
+    let other_file = other.path().join("Other.Dockerfile");
+    let build = |tag: &str, file: Option<&Path>| {
+        let mut args = vec!["build", "--progress", "plain", "-t", tag];
+        if let Some(f) = file {
+            args.extend(["-f", f.to_str().unwrap()]);
+        }
+        args.push(c);
+        let out = d.client_reproducible(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        image_id(&stderr(&out))
+    };
+    let cat = |image: &str, paths: &[&str]| {
+        let mut args = vec!["run", "--rm", image, "cat"];
+        args.extend(paths);
+        let out = d.client(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let first = build("ctx:1", None);
+    assert_eq!(cat("ctx:1", &["/app/a.txt", "/app/sub/b.txt"]), "hello\nb\n");
+    // `-q` through the daemon: the image ID alone on stdout, as embedded.
+    let quiet = d.client_reproducible(&["build", "-q", "-t", "ctx:1", c]);
+    assert!(quiet.status.success() && stderr(&quiet).is_empty(), "{}", stderr(&quiet));
+    assert_eq!(stdout(&quiet), format!("{first}\n"));
+    // A build over a kept context is one request naming it by key: no 412.
+    let refusals = || requests(&d.log(), "/v1/build", 412);
+    assert_eq!(refusals(), 2, "{}", d.log());
+
+    // Another Dockerfile (outside the context) over the kept context.
+    build("other:1", Some(&other_file));
+    assert_eq!(refusals(), 2, "the context is named by its key: {}", d.log());
+    assert_eq!(cat("other:1", &["/a", "/s/b.txt"]), "hello\nb\n");
+
+    // Changed: a new context, a new image with the new content.
+    write(ctx.path(), &[("a.txt", "changed\n")]);
+    let changed = build("ctx:2", None);
+    assert_ne!(changed, first);
+    assert_eq!(cat("ctx:2", &["/app/a.txt"]), "changed\n");
+    build("other:2", Some(&other_file));
+    assert_eq!(cat("other:2", &["/a", "/s/b.txt"]), "changed\nb\n");
+
+    // Changed back: the first context is still kept, and gives the first image.
+    write(ctx.path(), &[("a.txt", "hello\n")]);
+    let before = refusals();
+    assert_eq!(build("ctx:3", None), first);
+    assert_eq!(refusals(), before, "{}", d.log());
+    build("other:3", Some(&other_file));
+    assert_eq!(cat("other:3", &["/a"]), "hello\n");
+}
+
 #[test]
 fn concurrent_builds_and_a_client_killed_mid_build() {
     let d = Daemon::start(true, &[]);

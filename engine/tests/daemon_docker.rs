@@ -22,6 +22,22 @@ fn docker(d: &Daemon, config: &std::path::Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Whether the docker CLI is there (else test `test` says it is skipped).
+fn have_docker(test: &str) -> bool {
+    let there = std::path::Path::new(DOCKER).is_file();
+    if !there {
+        println!("skipped: {test} because {DOCKER} is not installed (apt-get install docker.io)");
+    }
+    there
+}
+
+/// A fresh `DOCKER_CONFIG` directory for the CLI, next to the daemon's log.
+fn docker_config(d: &Daemon) -> std::path::PathBuf {
+    let config = d.dir.path().join("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
+    config
+}
+
 fn ok(out: Output, what: &str) -> String {
     assert!(out.status.success(), "docker {what} failed ({}):\n{}\n{}", out.status, stdout(&out), stderr(&out));
     stdout(&out)
@@ -29,8 +45,7 @@ fn ok(out: Output, what: &str) -> String {
 
 #[test]
 fn docker_cli_end_to_end() {
-    if !std::path::Path::new(DOCKER).is_file() {
-        println!("skipped: docker_cli_end_to_end because {DOCKER} is not installed (apt-get install docker.io)");
+    if !have_docker("docker_cli_end_to_end") {
         return;
     }
     if !common::have("docker-registry", "docker_cli_end_to_end") || !common::have("skopeo", "docker_cli_end_to_end") {
@@ -39,8 +54,7 @@ fn docker_cli_end_to_end() {
     let reg = TestRegistry::with_busybox();
     let mirror = format!("docker.io=http://{}", reg.addr);
     let d = Daemon::start(false, &["--insecure-registry", &reg.addr, "--registry-mirror", &mirror]);
-    let config = d.dir.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
+    let config = docker_config(&d);
 
     let version = ok(docker(&d, &config, &["version"]), "version");
     assert!(version.contains("Server: kiln") && version.contains("1.41"), "{version}");
@@ -78,13 +92,11 @@ fn docker_cli_end_to_end() {
 
 #[test]
 fn docker_logs_of_detached_containers() {
-    if !std::path::Path::new(DOCKER).is_file() {
-        println!("skipped: docker_logs_of_detached_containers because {DOCKER} is not installed (apt-get install docker.io)");
+    if !have_docker("docker_logs_of_detached_containers") {
         return;
     }
     let d = Daemon::start(true, &[]);
-    let config = d.dir.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
+    let config = docker_config(&d);
     let id = ok(docker(&d, &config, &["run", "-d", "--name", "logged", "busybox", "sh", "-c", "echo one; sleep 0.3; echo two >&2; sleep 0.3; printf 'thr'; sleep 0.2; echo ee"]), "run -d");
     assert_eq!(id.trim().len(), 64, "{id}");
     assert_eq!(ok(docker(&d, &config, &["wait", "logged"]), "wait").trim(), "0");
@@ -113,13 +125,11 @@ fn docker_logs_of_detached_containers() {
 
 #[test]
 fn docker_run_interactive_and_tty() {
-    if !std::path::Path::new(DOCKER).is_file() {
-        println!("skipped: docker_run_interactive_and_tty because {DOCKER} is not installed (apt-get install docker.io)");
+    if !have_docker("docker_run_interactive_and_tty") {
         return;
     }
     let d = Daemon::start(true, &[]);
-    let config = d.dir.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
+    let config = docker_config(&d);
     // -i: the CLI's stdin reaches the container; its end closes the container's.
     let mut child = Command::new(DOCKER)
         .args(["run", "-i", "--rm", "busybox", "sh", "-c", "wc -l; echo after-eof"])
@@ -162,16 +172,14 @@ fn docker_run_interactive_and_tty() {
 /// `logs` answer as before, and `docker rm` removes them for good.
 #[test]
 fn docker_containers_survive_a_daemon_restart() {
-    if !std::path::Path::new(DOCKER).is_file() {
-        println!("skipped: docker_containers_survive_a_daemon_restart because {DOCKER} is not installed (apt-get install docker.io)");
+    if !have_docker("docker_containers_survive_a_daemon_restart") {
         return;
     }
     if !common::can_run_containers("docker_containers_survive_a_daemon_restart", &[]) {
         return;
     }
     let mut d = Daemon::start(true, &[]);
-    let config = d.dir.path().join("docker-config");
-    std::fs::create_dir_all(&config).unwrap();
+    let config = docker_config(&d);
     let out = docker(&d, &config, &["run", "--name", "done", "busybox", "sh", "-c", "echo out; echo err >&2; exit 4"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     ok(docker(&d, &config, &["create", "--name", "fresh", "busybox", "true"]), "create");
@@ -202,4 +210,47 @@ fn docker_containers_survive_a_daemon_restart() {
     d.restart(&[]);
     let all = ok(docker(&d, &config, &["ps", "-a", "-q"]), "ps -a after rm and a restart");
     assert_eq!(all, "", "removed containers stay removed");
+}
+
+/// `docker start` of an exited container runs it again, as with dockerd:
+/// the same command on the filesystem it left, the log continued, the new
+/// exit code; also after a daemon restart, and for one that was running
+/// when the daemon died. `docker rm` then removes its filesystem too.
+#[test]
+fn docker_start_runs_an_exited_container_again_across_a_restart() {
+    if !have_docker("docker_start_runs_an_exited_container_again_across_a_restart") {
+        return;
+    }
+    if !common::can_run_containers("docker_start_runs_an_exited_container_again_across_a_restart", &[]) {
+        return;
+    }
+    let mut d = Daemon::start(true, &[]);
+    let config = docker_config(&d);
+    // Each run appends to a file in the container and prints how many runs it saw.
+    let script = "echo run >> /runs; wc -l < /runs; exit 3";
+    let first = docker(&d, &config, &["run", "--name", "again", "busybox", "sh", "-c", script]);
+    assert_eq!((stdout(&first).trim(), first.status.code()), ("1", Some(3)), "{}", stderr(&first));
+    let second = docker(&d, &config, &["start", "-a", "again"]);
+    assert_eq!((stdout(&second).trim(), second.status.code()), ("2", Some(3)), "{}", stderr(&second));
+    ok(docker(&d, &config, &["run", "-d", "--name", "long", "busybox", "sleep", "600"]), "run -d");
+
+    unsafe { libc::kill(d.pid(), libc::SIGKILL) };
+    assert!(!d.stop(), "a killed daemon does not exit 0");
+    d.restart(&[]);
+    let third = docker(&d, &config, &["start", "-a", "again"]);
+    assert_eq!((stdout(&third).trim(), third.status.code()), ("3", Some(3)), "{}", stderr(&third));
+    // Detached: start, then wait for its exit code.
+    ok(docker(&d, &config, &["start", "again"]), "start");
+    assert_eq!(ok(docker(&d, &config, &["wait", "again"]), "wait").trim(), "3");
+    assert_eq!(ok(docker(&d, &config, &["logs", "again"]), "logs"), "1\n2\n3\n4\n");
+    // The one that was running when the daemon died runs again too.
+    ok(docker(&d, &config, &["start", "long"]), "start long");
+    let running = ok(docker(&d, &config, &["ps"]), "ps");
+    assert!(running.contains("long") && !running.contains("again"), "{running}");
+    let id = ok(docker(&d, &config, &["inspect", "--format", "{{.Id}}", "again"]), "inspect");
+    let fs = d.root.join("daemon/containers").join(format!("{}.fs", id.trim()));
+    assert!(fs.join("upper/runs").is_file(), "{} holds the container's changes", fs.display());
+    ok(docker(&d, &config, &["rm", "-f", "again", "long"]), "rm -f");
+    assert!(!fs.exists(), "{} is left after docker rm", fs.display());
+    assert_eq!(ok(docker(&d, &config, &["ps", "-a", "-q"]), "ps -a"), "");
 }

@@ -395,6 +395,99 @@ fn run_interactive_over_the_json_line_protocol() {
     assert!(text.contains("{\"exit\":0}"), "{text}");
 }
 
+/// A script for a tty container: print the terminal's size, wait (up to
+/// 20 s) for it to change from 24x80, print it again.
+const SIZE_WATCHER: &str = "stty size; i=0; while [ \"$(stty size)\" = '24 80' ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done; stty size";
+
+/// The container output (decoded `stdout` lines) of a `/v1/containers/run`
+/// answer so far.
+fn run_stdout(answer: &[u8]) -> String {
+    String::from_utf8_lossy(answer)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("stdout").and_then(|d| d.as_str()).map(str::to_string))
+        .map(|b64| String::from_utf8_lossy(&base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()).into_owned())
+        .collect()
+}
+
+/// Read from `stream` into `answer` until `done` holds of it.
+fn read_until(stream: &mut impl std::io::Read, answer: &mut Vec<u8>, done: impl Fn(&[u8]) -> bool) {
+    let mut buf = [0u8; 4096];
+    while !done(answer) {
+        let n = stream.read(&mut buf).expect("the daemon's answer");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A terminal resized while the container runs: a size frame of
+/// `kiln-attach-2` (and a `{"resize": ...}` line of the first protocol)
+/// reaches the container's pty, as does docker's
+/// `POST /containers/{id}/resize`.
+#[test]
+fn resizing_a_running_tty_container() {
+    use std::io::Write;
+    let d = Daemon::start(true, &[]);
+    let socket = d.host().strip_prefix("unix://").unwrap().to_string();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "image": "busybox", "cmd": ["sh", "-c", SIZE_WATCHER], "tty": true, "console_size": [24, 80]
+    }))
+    .unwrap();
+    let mut frame = vec![2u8, 0, 0, 0, 4];
+    frame.extend_from_slice(&50u16.to_be_bytes());
+    frame.extend_from_slice(&132u16.to_be_bytes());
+    for (protocol, resize) in [("kiln-attach-2", frame), ("kiln-attach", b"{\"resize\":[50,132]}\n".to_vec())] {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(60))).unwrap();
+        let head = format!(
+            "POST /v1/containers/run HTTP/1.1\r\nHost: kiln\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body).unwrap();
+        let mut answer = Vec::new();
+        read_until(&mut stream, &mut answer, |a| run_stdout(a).contains("24 80"));
+        stream.write_all(&resize).unwrap();
+        read_until(&mut stream, &mut answer, |a| String::from_utf8_lossy(a).contains("{\"exit\":"));
+        let out = run_stdout(&answer);
+        assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["24", "80", "50", "132"], "{protocol}: {}", String::from_utf8_lossy(&answer));
+        assert!(String::from_utf8_lossy(&answer).contains("{\"exit\":0}"), "{protocol}");
+    }
+
+    // Docker's route: create with a tty, start, resize, read the log.
+    let create = serde_json::to_vec(&serde_json::json!({
+        "Image": "busybox", "Cmd": ["sh", "-c", SIZE_WATCHER], "Tty": true, "HostConfig": {"ConsoleSize": [24, 80]}
+    }))
+    .unwrap();
+    let (status, _, created) = daemon_support::raw_http(&d.socket, "POST", "/v1.41/containers/create", &[("Content-Type", "application/json")], &create);
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&created));
+    let id = serde_json::from_slice::<serde_json::Value>(&created).unwrap()["Id"].as_str().unwrap().to_string();
+    let (status, _, _) = d.http("POST", &format!("/v1.41/containers/{id}/start"), b"");
+    assert_eq!(status, 204);
+    // The output in the log's 8-byte frames (stream, 0, 0, 0, length).
+    let logs = || {
+        let (_, _, log) = d.http("GET", &format!("/v1.41/containers/{id}/logs?stdout=1"), b"");
+        let (mut rest, mut out) = (&log[..], Vec::new());
+        while rest.len() >= 8 {
+            let len = u32::from_be_bytes(rest[4..8].try_into().unwrap()) as usize;
+            out.extend_from_slice(&rest[8..8 + len]);
+            rest = &rest[8 + len..];
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !logs().contains("24 80") {
+        assert!(std::time::Instant::now() < deadline, "no first size: {:?}", logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (status, _, answer) = d.http("POST", &format!("/v1.41/containers/{id}/resize?h=40&w=100"), b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let (status, _, waited) = d.http("POST", &format!("/v1.41/containers/{id}/wait"), b"");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&waited).contains("\"StatusCode\":0"), "{}", String::from_utf8_lossy(&waited));
+    assert_eq!(logs().split_whitespace().collect::<Vec<_>>(), ["24", "80", "40", "100"], "{:?}", logs());
+}
+
 #[test]
 fn run_tty_gives_the_container_a_terminal_of_the_clients_size() {
     if !common::have("script", "run_tty_gives_the_container_a_terminal_of_the_clients_size") {

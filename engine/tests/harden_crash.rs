@@ -29,13 +29,23 @@ impl Rng {
     }
 }
 
-/// Mount points at or under `root`, from our mountinfo.
+/// The store root and the directory of its containers' state (on a tmpfs
+/// elsewhere when there is one: `Runtime::for_store`), as path strings.
+fn store_dirs(root: &Path) -> Vec<String> {
+    let mut dirs = vec![root.to_string_lossy().into_owned()];
+    if let Ok(state) = kiln_engine::runtime::Runtime::state_root_of_store(root) {
+        dirs.push(state.to_string_lossy().into_owned());
+    }
+    dirs
+}
+
+/// Mount points at or under `root` or its state dir, from our mountinfo.
 fn mounts_under(root: &Path) -> Vec<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let root = root.to_string_lossy().into_owned();
+    let dirs = store_dirs(root);
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&root))
+        .filter(|m| dirs.iter().any(|d| m.starts_with(d.as_str())))
         .map(str::to_string)
         .collect()
 }
@@ -45,9 +55,10 @@ fn mounts_under(root: &Path) -> Vec<String> {
 /// container's state lock, so the runtime's sweep thinks it is alive).
 /// Returns how many there were.
 fn kill_orphans(root: &Path) -> usize {
-    let needle = root.to_string_lossy().into_owned();
+    let needles = store_dirs(root);
     kill_where(|proc_dir| {
-        std::fs::read(proc_dir.join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+        std::fs::read(proc_dir.join("cmdline"))
+            .is_ok_and(|c| needles.iter().any(|n| String::from_utf8_lossy(&c).contains(n.as_str())))
     })
 }
 

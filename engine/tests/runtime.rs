@@ -520,3 +520,121 @@ fn concurrent_containers_from_threads() {
     }
     assert_clean(&s);
 }
+
+/// A state root reached through a symlink (e.g. `--root` on a linked
+/// path): the container's mounts are still found and detached, so its
+/// state is removed and a second container runs too.
+#[test]
+fn state_root_behind_a_symlink_is_cleaned_up() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let real = s.path().join("real-state");
+    std::fs::create_dir_all(&real).unwrap();
+    let link = s.path().join("linked-state");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let shim = kiln_engine::executor::Shim::new(env!("CARGO_BIN_EXE_kiln"), &link);
+    for i in 0..2 {
+        let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], &format!("l{i}")), sh("echo hi > /x"));
+        let code = shim
+            .start(&spec, ShimOptions::default(), Capture::default().sink())
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(code, 0);
+    }
+    assert_nothing_left(s.path(), &real);
+}
+
+/// `Runtime::for_store`: the state goes to a tmpfs when there is one (here
+/// `/run` or `/dev/shm`), named after the store; throw-away changes go to
+/// the store's own disk and are removed with the container.
+#[test]
+fn store_runtime_keeps_state_on_a_tmpfs_and_changes_on_disk() {
+    require_containers!();
+    let s = Scratch::new();
+    let store = s.path().join("store");
+    let rt = kiln_engine::runtime::Runtime::for_store(&store).unwrap();
+    let tmpfs = ["/run", "/dev/shm"].iter().any(|m| {
+        nix::sys::statfs::statfs(*m).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    });
+    let state = rt.state_root().to_path_buf();
+    if tmpfs {
+        let fs = nix::sys::statfs::statfs(&state).unwrap();
+        assert_eq!(fs.filesystem_type(), nix::sys::statfs::TMPFS_MAGIC, "{}", state.display());
+        assert!(!state.starts_with(s.path()), "{}", state.display());
+    } else {
+        println!("no tmpfs at /run or /dev/shm: state stays at {}", state.display());
+        assert_eq!(state, std::fs::canonicalize(&store).unwrap().join("run"));
+    }
+    // The same store always gets the same state dir; another store another.
+    assert_eq!(kiln_engine::runtime::Runtime::for_store(&store).unwrap().state_root(), state);
+    let other = kiln_engine::runtime::Runtime::for_store(&s.path().join("other")).unwrap();
+    assert_ne!(other.state_root(), state);
+
+    // A throw-away container (as `kiln run`): its changes are written under
+    // <store>/run/scratch while it runs, and gone afterwards.
+    let base = s.busybox_layer("base");
+    let shim = kiln_engine::executor::Shim::new(env!("CARGO_BIN_EXE_kiln"), &state);
+    let scratch = std::fs::canonicalize(&store).unwrap().join("run/scratch");
+    let spec = ContainerSpec::new(
+        kiln_engine::runtime::Rootfs::throwaway(vec![base.clone()]),
+        sh("echo data > /written; ls /written; sleep 0.3"),
+    );
+    let cap = Capture::default();
+    let probe = scratch.clone();
+    let seen = std::thread::spawn(move || {
+        // The upper exists, on disk, while the container runs.
+        for _ in 0..500 {
+            if let Ok(d) = std::fs::read_dir(&probe) {
+                if d.count() > 0 {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    });
+    let code = shim.start(&spec, ShimOptions::default(), cap.sink()).unwrap().wait().unwrap();
+    assert_eq!((code, cap.out().as_str()), (0, "/written\n"));
+    assert!(seen.join().unwrap(), "no scratch dir appeared under {}", scratch.display());
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "scratch left behind");
+    assert_nothing_left(s.path(), &state);
+    assert!(mounts_below(&state).is_empty(), "{:?}", mounts_below(&state));
+    // A deleted store's state dir goes when another store first runs here.
+    let other_state = other.state_root().to_path_buf();
+    std::fs::remove_dir_all(s.path().join("other")).unwrap();
+    let third = kiln_engine::runtime::Runtime::for_store(&s.path().join("third")).unwrap();
+    if tmpfs {
+        assert!(!other_state.exists(), "{} outlived its store", other_state.display());
+        assert!(state.exists(), "the state of a store still there went too");
+    }
+    for dir in [&state, &other_state, &third.state_root().to_path_buf()] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The standard mount points come from a layer of their own (docker's
+/// init layer): a RUN that writes into the image's `/etc` copies up an
+/// `/etc` with the image's owner and mode, and the upperdir holds exactly
+/// the step's diff; the image's own `/etc/hosts` is covered by kiln's.
+#[test]
+fn mount_point_layer_keeps_the_images_etc() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    std::fs::write(base.join("etc/hosts"), "10.9.9.9 from-the-image\n").unwrap();
+    std::os::unix::fs::chown(base.join("etc"), Some(0), Some(4)).unwrap();
+    std::fs::set_permissions(base.join("etc"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let rootfs = s.rootfs(vec![base.clone()], "m");
+    let upper = rootfs.upper.clone();
+    let spec = ContainerSpec::new(rootfs, sh("echo x > /etc/new; grep -c from-the-image /etc/hosts; ls -d /proc/1 /dev/null /sys/kernel"));
+    let cap = Capture::default();
+    let code = s.run(&spec, cap.sink()).unwrap();
+    assert_eq!(code, 0, "{}", cap.err());
+    assert_eq!(cap.out(), "0\n/dev/null\n/proc/1\n/sys/kernel\n", "{}", cap.err());
+    assert_eq!(tree(&upper), vec!["etc", "etc/new"]);
+    let etc = std::fs::metadata(upper.join("etc")).unwrap();
+    assert_eq!((etc.mode() & 0o7777, etc.uid(), etc.gid()), (0o750, 0, 4));
+}

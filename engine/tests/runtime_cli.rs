@@ -257,6 +257,8 @@ fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
     let base = s.busybox_layer("base");
     let marker = s.layer("marker");
     let root = s.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let state_root = kiln_engine::runtime::Runtime::state_root_of_store(&root).unwrap();
     let mut child = kiln()
         .arg("--root")
         .arg(&root)
@@ -268,14 +270,14 @@ fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
         .spawn()
         .unwrap();
     wait_for("container start", || marker.join("ready").exists());
-    let state = root.join("run/containers/victim");
+    let state = state_root.join("containers/victim");
     assert!(state.exists());
     let init = container_pids(child.id() as i32);
     assert!(!init.is_empty(), "the container runs in its own pid namespace");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(
-        root.join("run/libcontainer/victim").exists(),
+        state_root.join("libcontainer/victim").exists(),
         "expected kill -9 to leave state behind"
     );
     // PR_SET_PDEATHSIG: the container dies with kiln (its pid namespace too).
@@ -283,7 +285,7 @@ fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
         init.iter().all(|p| is_dead(*p))
     });
     // The next kiln start sweeps the rest.
-    assert_nothing_left(s.path(), &root.join("run"));
+    assert_nothing_left(s.path(), &state_root);
     assert!(!state.exists());
 }
 
@@ -314,7 +316,7 @@ fn kill_9_of_kiln_mid_start_leaves_nothing() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-    assert_nothing_left(s.path(), &root.join("run"));
+    assert_nothing_left(s.path(), &kiln_engine::runtime::Runtime::state_root_of_store(&root).unwrap());
 }
 
 /// `kiln run -it` on a real pty (opened here, made kiln's controlling

@@ -453,3 +453,35 @@ fn a_start_that_timed_out_is_tried_once_more() {
     assert!(format!("{err}").contains("did not start within"), "{err:#}");
     assert_eq!(std::fs::read_to_string(&count).unwrap(), "start\nstart\n", "tried exactly twice");
 }
+
+/// With `report_exit_early` (what build steps use), `wait` returns once the
+/// container has exited, with all of its output and an upperdir that holds
+/// exactly its diff (no mount-point stubs such as /proc, /dev, /sys or
+/// /etc/hosts, even on a base layer that lacks them all); the shim's
+/// teardown finishes on its own afterwards and leaves nothing behind.
+#[test]
+fn early_exit_report_gives_the_exact_diff_and_the_teardown_still_completes() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    for i in 0..5 {
+        let rootfs = s.rootfs(vec![base.clone()], &format!("e{i}"));
+        let upper = rootfs.upper.clone();
+        let spec = ContainerSpec::new(
+            rootfs,
+            sh(&format!("echo out{i}; echo err{i} >&2; echo {i} > /made; exit {}", i + 3)),
+        );
+        let cap = Capture::default();
+        let opts = ShimOptions {
+            report_exit_early: true,
+            ..Default::default()
+        };
+        let code = s.start(&spec, cap.sink(), opts).wait().unwrap();
+        assert_eq!(code, (i + 3) as i32);
+        assert_eq!(cap.out(), format!("out{i}\n"));
+        assert_eq!(cap.err(), format!("err{i}\n"));
+        assert_eq!(runtime_common::tree(&upper), vec!["made".to_string()]);
+        assert_eq!(std::fs::read_to_string(upper.join("made")).unwrap(), format!("{i}\n"));
+    }
+    assert_nothing_left(s.path(), &s.path().join("run"));
+}

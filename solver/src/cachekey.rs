@@ -73,6 +73,21 @@ struct Item {
 
 /// Content checksum of the files one COPY/ADD reads from a build context.
 pub fn copy_checksum(tree: &SourceTree, action: &CopyAction) -> anyhow::Result<String> {
+    // Everything of the action the checksum depends on.
+    let what = format!("copy\0{:?}\0{:?}\0{}\0{}", action.sources, action.exclude, action.follow_symlinks, action.mode.is_none());
+    remembered(tree, &what, || copy_checksum_now(tree, action))
+}
+
+/// A context's checksum of `what`: remembered across builds when its
+/// content is verified (see [`crate::tree::VerifiedContent`]).
+fn remembered(tree: &SourceTree, what: &str, compute: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<String> {
+    match tree {
+        SourceTree::Context(ctx) => ctx.remembered(what, compute),
+        SourceTree::Layers(_) => compute(),
+    }
+}
+
+fn copy_checksum_now(tree: &SourceTree, action: &CopyAction) -> anyhow::Result<String> {
     let excludes = Matcher::new(&action.exclude)?;
     let mut items = Vec::new();
     for source in &action.sources {
@@ -89,10 +104,12 @@ pub fn copy_checksum(tree: &SourceTree, action: &CopyAction) -> anyhow::Result<S
 /// Content checksum of everything under `path` of a build context (a bind
 /// mount's source).
 pub fn subtree_checksum(tree: &SourceTree, path: &str) -> anyhow::Result<String> {
-    let root = tree.resolve(Path::new(&pattern::clean(path)), true)?;
-    let mut items = Vec::new();
-    collect(tree, &root, &Matcher::default(), true, &mut items)?;
-    finish(tree, path, items)
+    remembered(tree, &format!("subtree\0{path}"), || {
+        let root = tree.resolve(Path::new(&pattern::clean(path)), true)?;
+        let mut items = Vec::new();
+        collect(tree, &root, &Matcher::default(), true, &mut items)?;
+        finish(tree, path, items)
+    })
 }
 
 /// A path still to walk: relative path, what is there, and the path
@@ -227,5 +244,41 @@ mod tests {
         let mut chmod = CopyAction::new(0, vec!["d".into()], "/");
         chmod.mode = Some(0o700);
         assert_eq!(copy_checksum(&tree, &chmod).unwrap(), "sha256:02433efb41f309f5d5b68bc51f7c552cb1e3e4341a33fdbb664d4707bc36871c");
+    }
+
+    /// A verified context gives the checksum a checked one gives, takes
+    /// file digests from its list (never reading the files) and remembers
+    /// a checksum across contexts opened over the same content.
+    #[test]
+    fn a_verified_context_takes_digests_from_its_list_and_remembers_checksums() {
+        use crate::tree::VerifiedContent;
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("d")).unwrap();
+        std::fs::write(ctx.join("a"), "x").unwrap();
+        std::fs::write(ctx.join("d/b"), "bb").unwrap();
+        let sha = |s: &str| hex::encode(Sha256::digest(s.as_bytes()));
+        let checked = LocalContext::open("context", &ctx, &[], dir.path().join("sums.json")).unwrap();
+        let checked = SourceTree::Context(std::sync::Arc::new(checked));
+        let all = CopyAction::new(0, vec![".".into()], "/");
+        let only_d = CopyAction::new(0, vec!["d".into()], "/");
+        let verified = |content: &std::sync::Arc<VerifiedContent>| {
+            SourceTree::Context(std::sync::Arc::new(LocalContext::from_verified("context", &ctx, &[], content.clone()).unwrap()))
+        };
+        let truthful = std::sync::Arc::new(VerifiedContent::new([("a".to_string(), sha("x")), ("d/b".to_string(), sha("bb"))]));
+        assert_eq!(copy_checksum(&verified(&truthful), &all).unwrap(), copy_checksum(&checked, &all).unwrap());
+        // A planted digest is what a verified context uses: the file is not read.
+        let planted = std::sync::Arc::new(VerifiedContent::new([("a".to_string(), sha("x")), ("d/b".to_string(), sha("other"))]));
+        let first = copy_checksum(&verified(&planted), &all).unwrap();
+        assert_ne!(first, copy_checksum(&checked, &all).unwrap());
+        // Remembered per action and ignore rules: a later context over the
+        // same content does not walk again (a file added behind its back
+        // is not seen), another action is computed afresh.
+        std::fs::write(ctx.join("new"), "n").unwrap();
+        assert_eq!(copy_checksum(&verified(&planted), &all).unwrap(), first);
+        assert_ne!(copy_checksum(&verified(&planted), &only_d).unwrap(), first);
+        let ignoring = LocalContext::from_verified("context", &ctx, &["a".to_string()], planted.clone()).unwrap();
+        assert_ne!(copy_checksum(&SourceTree::Context(std::sync::Arc::new(ignoring)), &all).unwrap(), first);
+        assert_ne!(copy_checksum(&verified(&truthful), &all).unwrap(), copy_checksum(&checked, &all).unwrap());
     }
 }

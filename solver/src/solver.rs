@@ -41,7 +41,7 @@ use tokio::sync::Semaphore;
 use crate::cachekey;
 use crate::error::SolveError;
 use crate::events::{Event, EventSink};
-use crate::tree::{LocalContext, SourceTree};
+use crate::tree::{LocalContext, SourceTree, VerifiedContent};
 use crate::worker::{CacheImport, Executor, ImageSource, ResolvedImage};
 
 /// What one build asks for.
@@ -52,6 +52,11 @@ pub struct SolveRequest {
     /// Host directories of `Source::Local` names (`context` → the build
     /// context).
     pub locals: HashMap<String, PathBuf>,
+    /// The known content of some of `locals` (by the same name): those are
+    /// opened with [`LocalContext::from_verified`], so their files are not
+    /// checked or hashed again. Only for directories the caller wrote from
+    /// contents it verified and that nothing changes.
+    pub verified: HashMap<String, Arc<VerifiedContent>>,
     /// Secret values by id, for `RUN --mount=type=secret`. They reach only
     /// the process that asks for them: never a key, a layer or a log.
     pub secrets: HashMap<String, Vec<u8>>,
@@ -136,6 +141,7 @@ pub(crate) struct Inner {
 struct SolveCtx {
     def: Definition,
     locals: HashMap<String, PathBuf>,
+    verified: HashMap<String, Arc<VerifiedContent>>,
     secrets: Arc<HashMap<String, Vec<u8>>>,
     no_cache: bool,
     events: EventSink,
@@ -190,6 +196,7 @@ impl Solver {
         let ctx = Arc::new(SolveCtx {
             def: req.definition,
             locals: req.locals,
+            verified: req.verified,
             secrets: Arc::new(req.secrets),
             no_cache: req.no_cache,
             events: req.events,
@@ -365,11 +372,17 @@ async fn run_node(inner: Arc<Inner>, ctx: Arc<SolveCtx>, idx: usize, inputs: Vec
         Op::Source(SourceOp::Scratch) => Ok(Arc::new(Computed { key: vertex, output: Output::Layers(vec![]) })),
         Op::Source(SourceOp::Local { name: local, exclude, .. }) => {
             let dir = ctx.locals.get(local).ok_or_else(|| fail(format!("no local directory given for {local:?}")))?;
-            let checksum_file = inner.store.root().join("context-checksums").join(format!(
-                "{}.json",
-                hex::encode(Sha256::digest(dir.to_string_lossy().as_bytes()))
-            ));
-            let context = LocalContext::open(local, dir, exclude, checksum_file).map_err(|e| fail(format!("{e:#}")))?;
+            let context = match ctx.verified.get(local) {
+                Some(content) => LocalContext::from_verified(local, dir, exclude, content.clone()),
+                None => {
+                    let checksum_file = inner.store.root().join("context-checksums").join(format!(
+                        "{}.json",
+                        hex::encode(Sha256::digest(dir.to_string_lossy().as_bytes()))
+                    ));
+                    LocalContext::open(local, dir, exclude, checksum_file)
+                }
+            }
+            .map_err(|e| fail(format!("{e:#}")))?;
             let context = Arc::new(context);
             ctx.contexts.lock().unwrap().push(context.clone());
             Ok(Arc::new(Computed { key: vertex, output: Output::Context(context) }))

@@ -28,6 +28,31 @@ pub struct LocalContext {
     /// `.dockerignore` patterns.
     pub matcher: Matcher,
     checksums: ChecksumCache,
+    /// The ignore patterns, as part of what a remembered checksum depends on.
+    exclude: Vec<String>,
+}
+
+/// The content of a context directory known before any build reads it:
+/// the sha256 of every file, given by whoever wrote the directory from
+/// contents it verified itself, and the content checksums builds computed
+/// over it so far. Only for a directory nobody changes while this lives
+/// (the caller's guarantee): its files are then never stat'ed for
+/// freshness, read or hashed, and a checksum computed once is reused by
+/// every later build ([`LocalContext::from_verified`]).
+#[derive(Debug, Default)]
+pub struct VerifiedContent {
+    /// sha256 (hex) by relative `/`-separated path.
+    files: HashMap<String, String>,
+    /// Content checksums by what was checksummed (see [`LocalContext::remembered`]).
+    checksums: Mutex<HashMap<String, String>>,
+}
+
+impl VerifiedContent {
+    /// The content of a directory holding `files`: (relative path, sha256
+    /// hex) for every regular file.
+    pub fn new(files: impl IntoIterator<Item = (String, String)>) -> VerifiedContent {
+        VerifiedContent { files: files.into_iter().collect(), checksums: Mutex::default() }
+    }
 }
 
 impl LocalContext {
@@ -41,7 +66,37 @@ impl LocalContext {
             dir,
             matcher: Matcher::new(exclude)?,
             checksums: ChecksumCache::load(checksum_file),
+            exclude: exclude.to_vec(),
         })
+    }
+
+    /// Open context `name` at `dir` whose content is `verified`: no
+    /// checksum file is read or written, file digests come from `verified`
+    /// (a file it does not list is hashed), and checksums are remembered in
+    /// it across builds.
+    pub fn from_verified(name: &str, dir: &Path, exclude: &[String], verified: std::sync::Arc<VerifiedContent>) -> anyhow::Result<LocalContext> {
+        anyhow::ensure!(dir.is_dir(), "build context {} is not a directory", dir.display());
+        Ok(LocalContext {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            matcher: Matcher::new(exclude)?,
+            checksums: ChecksumCache::verified(verified),
+            exclude: exclude.to_vec(),
+        })
+    }
+
+    /// The checksum of `what` (a description of everything it depends on
+    /// besides the context's content) from `compute`, or, for a verified
+    /// context, as computed before: its content cannot have changed.
+    pub(crate) fn remembered(&self, what: &str, compute: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<String> {
+        let Some(verified) = &self.checksums.verified else { return compute() };
+        let key = format!("{:?}\0{what}", self.exclude);
+        if let Some(sum) = verified.checksums.lock().unwrap().get(&key) {
+            return Ok(sum.clone());
+        }
+        let sum = compute()?;
+        verified.checksums.lock().unwrap().insert(key, sum.clone());
+        Ok(sum)
     }
 
     /// sha256 (hex) of the content of regular file `rel` at `host`: taken
@@ -72,10 +127,13 @@ struct ChecksumRecord {
 
 type ChecksumRecords = HashMap<String, ChecksumRecord>;
 
-/// File checksums keyed by path and validated by (inode, size, mtime, ctime).
+/// File checksums keyed by path and validated by (inode, size, mtime, ctime),
+/// or known beforehand ([`VerifiedContent`]).
 #[derive(Debug)]
 struct ChecksumCache {
-    file: PathBuf,
+    /// Where the records persist; `None` for verified content.
+    file: Option<PathBuf>,
+    verified: Option<std::sync::Arc<VerifiedContent>>,
     /// The records, once [`Self::records`] has waited for `loading`.
     records: Mutex<Option<ChecksumRecords>>,
     /// Reading and parsing the file (megabytes for a big context) runs on
@@ -99,9 +157,22 @@ impl ChecksumCache {
             }
         };
         ChecksumCache {
-            file,
+            file: Some(file),
+            verified: None,
             records: Mutex::new(records),
             loading: Mutex::new(loading),
+            dirty: Default::default(),
+            reads: Default::default(),
+        }
+    }
+
+    /// Digests taken from `verified`; nothing loaded or saved.
+    fn verified(verified: std::sync::Arc<VerifiedContent>) -> ChecksumCache {
+        ChecksumCache {
+            file: None,
+            verified: Some(verified),
+            records: Mutex::new(Some(ChecksumRecords::new())),
+            loading: Mutex::new(None),
             dirty: Default::default(),
             reads: Default::default(),
         }
@@ -118,6 +189,9 @@ impl ChecksumCache {
     }
 
     fn file_sha256(&self, rel: &str, host: &Path, meta: &std::fs::Metadata) -> io::Result<String> {
+        if let Some(sha) = self.verified.as_ref().and_then(|v| v.files.get(rel)) {
+            return Ok(sha.clone());
+        }
         let stamp = |sha256: String| ChecksumRecord {
             ino: meta.ino(),
             size: meta.size(),
@@ -139,11 +213,12 @@ impl ChecksumCache {
     }
 
     fn save(&self) -> anyhow::Result<()> {
+        let Some(file) = &self.file else { return Ok(()) };
         if !self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         let bytes = serde_json::to_vec(self.records().get_or_insert_default())?;
-        kiln_cache::fsutil::write_atomic(&self.file, &bytes)?;
+        kiln_cache::fsutil::write_atomic(file, &bytes)?;
         Ok(())
     }
 }

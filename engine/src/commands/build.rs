@@ -1,5 +1,5 @@
 //! `kiln build [-f FILE] [-t NAME:TAG]... [--build-arg K=V]... [--target S]
-//! [--no-cache] [--pull] [--progress auto|tty|plain|json] [--platform P]
+//! [--no-cache] [--pull] [-q] [--progress auto|tty|plain|json|quiet] [--platform P]
 //! [--secret id=ID,src=PATH|env=VAR] [--network default|none|host]
 //! [--label K=V] [--iidfile F] [-o OUTPUT] [--cache-to SPEC]...
 //! [--cache-from SPEC]... CONTEXT`
@@ -50,6 +50,9 @@ pub struct Args {
     /// Progress output.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
+    /// Print only the image ID (on stdout); the build's log only if it fails.
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Target platform (only the host's is supported).
     #[arg(long)]
     pub platform: Option<String>,
@@ -228,24 +231,44 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()),
         cache,
         keep_storage: args.keep_storage.as_deref().map(kiln_solver::gc::parse_size).transpose()?,
+        ..Default::default()
     };
     let result = rt.block_on(async {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let renderer = tokio::spawn(render(args.progress, rx));
+        let renderer = tokio::spawn(render(args.progress_mode(), rx));
         let result = build(&solver, req, EventSink(Some(tx))).await;
         let _ = renderer.await;
         result
     })?;
     if let Some(id) = result.image_id() {
-        eprintln!("writing image {id} done");
-        for t in &args.tags {
-            eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
-        }
+        report_image(&args, &id);
     }
     for line in rt.block_on(push_output(&registry, solver.store(), push.as_ref(), &args.tags))? {
-        eprintln!("{line}");
+        if !args.quiet {
+            eprintln!("{line}");
+        }
     }
     Ok(0)
+}
+
+impl Args {
+    /// `--progress`, or quiet with `-q`.
+    pub(crate) fn progress_mode(&self) -> ProgressMode {
+        if self.quiet { ProgressMode::Quiet } else { self.progress }
+    }
+}
+
+/// What a finished build says about the image it made: the ID alone on
+/// stdout with `-q`, else docker's two closing lines on stderr.
+pub(crate) fn report_image(args: &Args, id: &str) {
+    if args.quiet {
+        println!("{id}");
+        return;
+    }
+    eprintln!("writing image {id} done");
+    for t in &args.tags {
+        eprintln!("naming to {}", kiln_cache::images::normalize_reference(t).unwrap_or_else(|_| t.clone()));
+    }
 }
 
 /// `-o type=registry` (or `type=image,push=true`): push the built image

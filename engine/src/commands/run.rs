@@ -157,7 +157,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
         },
     };
 
-    let runtime = Runtime::new(global.root.join("run"))?;
+    let runtime = Runtime::for_store(&global.root)?;
     let spec = ContainerSpec {
         name: args.name.clone(),
         rootfs: Rootfs::throwaway(image.layers),
@@ -190,6 +190,7 @@ pub fn run(global: &Global, args: Args) -> anyhow::Result<i32> {
     let sup = Supervision {
         grace: STOP_GRACE,
         parent: None,
+        exited: None,
     };
     run_supervised(&runtime, &spec, stdio, sup, |_| Ok(()))
 }
@@ -204,7 +205,8 @@ fn run_on_terminal(
     interactive: bool,
 ) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("locating the kiln executable")?;
-    let shim = crate::executor::Shim::new(exe, global.root.join("run"));
+    let runtime = Runtime::for_store(&global.root)?;
+    let shim = crate::executor::Shim::new(exe, runtime.state_root());
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let size = WindowSize::of(stdin.as_fd())
@@ -360,6 +362,9 @@ pub(crate) struct Supervision {
     /// A pidfd of the process that asked for this container: when it dies,
     /// the container is stopped as if SIGTERM had arrived.
     pub parent: Option<OwnedFd>,
+    /// Called with the exit code before the teardown (see
+    /// [`Running::wait_reporting_exit`]).
+    pub exited: Option<Box<dyn FnOnce(i32) -> anyhow::Result<()>>>,
 }
 
 /// Seconds a container may take to start before the starting process is
@@ -396,7 +401,10 @@ pub(crate) fn run_supervised(
     CONTAINER_PID.store(0, Ordering::SeqCst);
     // On error `running` drops, which kills the container and cleans up.
     result?;
-    running.wait()
+    match sup.exited.take() {
+        Some(exited) => running.wait_reporting_exit(exited),
+        None => running.wait(),
+    }
 }
 
 /// Wait until process `pid` (our child) exits, stopping it as `sup` says.

@@ -11,7 +11,10 @@
 //!   all three are a pty instead;
 //! - on the `--status-fd` socket (SOCK_SEQPACKET), one message per event:
 //!   `started <pid>` (with the pty master attached under `--tty`) once the
-//!   container runs, then `exit <code>` or `error <message>`;
+//!   container runs, then `exit <code>` or `error <message>`; with
+//!   `--report-exit-early`, `exit <code>` comes as soon as the container's
+//!   upperdir holds only its diff, stdout/stderr are closed with it, and
+//!   the teardown follows;
 //! - SIGTERM (and SIGINT/SIGHUP/SIGQUIT) are forwarded to the container,
 //!   which gets `--grace-ms` to exit before it is SIGKILLed; the same
 //!   happens when the process `--parent-pid` dies. The container's process
@@ -21,8 +24,10 @@
 //! A [zygote](crate::zygote) runs the same logic ([`serve`]) in a forked
 //! child instead of an exec'd process, on the same fds and messages.
 
+use std::cell::Cell;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +62,11 @@ pub struct Args {
     /// Run on a pseudo-terminal of this size, `ROWSxCOLS` (`0x0` = unknown).
     #[arg(long, value_name = "ROWSxCOLS")]
     pub tty: Option<String>,
+    /// Send `exit <code>` as soon as the container has exited and its
+    /// upperdir holds only its diff, and close stdout/stderr then; the
+    /// teardown (libcontainer state, state directory) follows unobserved.
+    #[arg(long)]
+    pub report_exit_early: bool,
 }
 
 /// What a shim runs besides its fds: the flags of `kiln __container-shim`,
@@ -70,6 +80,8 @@ pub(crate) struct ShimJob {
     pub stdin: bool,
     /// Run on a pseudo-terminal of this size.
     pub tty: Option<WindowSize>,
+    /// See [`Args::report_exit_early`].
+    pub report_exit_early: bool,
 }
 
 /// Run the container; the process exits with its exit code (125 when it
@@ -97,6 +109,7 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
             grace: Duration::from_millis(args.grace_ms),
             stdin: args.stdin,
             tty: args.tty.as_deref().map(parse_size).transpose()?,
+            report_exit_early: args.report_exit_early,
         };
         Ok((job, parent))
     })
@@ -116,7 +129,16 @@ pub(crate) fn serve(
         // SAFETY: fcntl on fds we own.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    let result = setup().and_then(|(job, parent)| run_spec(&job, parent, spec_fd, status.as_fd()));
+    let reported = Rc::new(Cell::new(None));
+    let result = setup()
+        .and_then(|(job, parent)| run_spec(&job, parent, spec_fd, status.as_fd(), &reported));
+    if let Some(code) = reported.get() {
+        // The caller has its answer; what went wrong after it is only logged.
+        if let Err(e) = result {
+            tracing::warn!("tearing down after the container exited: {e:#}");
+        }
+        return Ok(code);
+    }
     let (line, code) = match result {
         Ok(code) => (format!("exit {code}"), code),
         Err(e) => (format!("error {e:#}"), 125),
@@ -130,6 +152,7 @@ fn run_spec(
     parent: Option<OwnedFd>,
     spec_fd: OwnedFd,
     status: BorrowedFd<'_>,
+    reported: &Rc<Cell<Option<i32>>>,
 ) -> anyhow::Result<i32> {
     let mut json = Vec::new();
     std::fs::File::from(spec_fd)
@@ -150,9 +173,30 @@ fn run_spec(
         },
         output,
     };
+    let exited = job.report_exit_early.then(|| {
+        let reported = reported.clone();
+        let status_fd = status.as_raw_fd();
+        Box::new(move |code: i32| -> anyhow::Result<()> {
+            // The caller's output readers see their EOF now, not after the
+            // teardown: the container's processes held the only other copies.
+            let null = std::fs::File::options().write(true).open("/dev/null")?;
+            for fd in [1, 2] {
+                // SAFETY: dup2 onto this process's own stdout/stderr.
+                if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+                    return Err(std::io::Error::last_os_error()).context("closing the shim's output");
+                }
+            }
+            // SAFETY: the status socket stays open until `run` returns.
+            let status = unsafe { BorrowedFd::borrow_raw(status_fd) };
+            send_with_fd(status, format!("exit {code}").as_bytes(), None)?;
+            reported.set(Some(code));
+            Ok(())
+        }) as Box<dyn FnOnce(i32) -> anyhow::Result<()>>
+    });
     let sup = Supervision {
         grace: job.grace,
         parent,
+        exited,
     };
     run_supervised(&runtime, &spec, stdio, sup, |running| {
         let pid = running.pid().unwrap_or(0);

@@ -592,8 +592,8 @@ async fn build(state: Arc<State>, mut opts: BuildOptions) -> ApiResult {
     tokio::spawn(async move {
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let gone = lines.clone();
-        let path = dir.path.clone();
-        let work = super::build::run_build(&state, opts, path, tx);
+        let (path, content) = (dir.path.clone(), dir.content.clone());
+        let work = super::build::run_build(&state, opts, path, Some(content), tx);
         tokio::pin!(work);
         let result = loop {
             tokio::select! {

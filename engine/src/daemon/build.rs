@@ -14,6 +14,7 @@ use kiln_frontend::Platform;
 use kiln_frontend::graph::{NetworkMode, Op};
 use kiln_frontend::lower::{LowerOptions, lower, parse_platform};
 use kiln_exporter::{OciDest, Output};
+use kiln_solver::tree::VerifiedContent;
 use kiln_solver::{Event, EventSink, ImageSource, Solver};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -153,12 +154,14 @@ pub fn tar_dir(dir: &Path, into: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lower and build `opts` on the context at `context_dir`, sending events
-/// to `events`.
+/// Lower and build `opts` on the context at `context_dir` (whose content
+/// is `verified`, for a directory the daemon laid out itself), sending
+/// events to `events`.
 pub async fn run_build(
     state: &State,
     opts: BuildOptions,
     context_dir: PathBuf,
+    verified: Option<Arc<VerifiedContent>>,
     events: mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<BuildDone> {
     let output = opts.output.as_deref().map(Output::parse).transpose()?;
@@ -223,6 +226,7 @@ pub async fn run_build(
     let request = BuildRequest {
         definition,
         locals: HashMap::from([("context".to_string(), context_dir)]),
+        verified: verified.into_iter().map(|v| ("context".to_string(), v)).collect(),
         secrets,
         no_cache: opts.no_cache,
         labels: opts.labels.clone(),
@@ -286,9 +290,24 @@ fn context_dir_in(root: &Path) -> anyhow::Result<tempfile::TempDir> {
 /// their context, so concurrent builds of one context share it. The least
 /// recently used contexts beyond [`ContextCache::KEEP`] are removed when no
 /// build uses them.
+///
+/// Each context's content is handed to the solver as verified
+/// ([`VerifiedContent`]: no walk to check files, no hashing, checksums
+/// remembered across builds). That is sound because only the daemon
+/// writes under this directory, from blobs of its content store (each
+/// verified against its digest when uploaded), and builds never write to
+/// a context: bind mounts of it are read-only, or overlaid when `rw`.
 pub struct ContextCache {
     dir: PathBuf,
-    uses: std::sync::Mutex<HashMap<String, (usize, std::time::Instant)>>,
+    uses: std::sync::Mutex<HashMap<String, ContextUse>>,
+}
+
+/// One kept context: builds using it, its last use, and its content.
+struct ContextUse {
+    builds: usize,
+    last: std::time::Instant,
+    /// `None` until a lease with the list gives it.
+    content: Option<Arc<VerifiedContent>>,
 }
 
 /// A context in use by one build; releases it on drop.
@@ -297,12 +316,14 @@ pub struct ContextLease {
     key: String,
     /// The context directory.
     pub path: PathBuf,
+    /// What the directory holds (see [`ContextCache`]).
+    pub content: Arc<VerifiedContent>,
 }
 
 impl Drop for ContextLease {
     fn drop(&mut self) {
         if let Some(u) = self.cache.uses.lock().unwrap().get_mut(&self.key) {
-            u.0 = u.0.saturating_sub(1);
+            u.builds = u.builds.saturating_sub(1);
         }
     }
 }
@@ -324,7 +345,14 @@ impl ContextCache {
         super::context::validate(entries)?;
         let key = super::context::list_key(entries);
         let path = self.dir.join(&key);
-        let lease = self.take(key);
+        let content = || {
+            let files = entries.iter().filter_map(|e| {
+                let sha = e.digest.as_deref()?.strip_prefix("sha256:")?;
+                Some((e.path.clone(), sha.to_string()))
+            });
+            Arc::new(VerifiedContent::new(files))
+        };
+        let lease = self.take(key, Some(&content)).expect("a content is given");
         let internal = |e: std::io::Error| super::web::ApiError::new(http::StatusCode::INTERNAL_SERVER_ERROR, format!("context: {e}"));
         if !path.is_dir() {
             // A context laid out before had every content; a new one may
@@ -354,28 +382,34 @@ impl ContextCache {
         if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
             return None;
         }
-        let lease = self.take(key.to_string());
+        let lease = self.take(key.to_string(), None)?;
         // Taken first, then checked: eviction skips contexts in use.
         lease.path.is_dir().then_some(lease)
     }
 
-    /// Count one more use of context `key` (released with the lease).
-    fn take(self: &Arc<Self>, key: String) -> ContextLease {
-        {
+    /// Count one more use of context `key` (released with the lease). Its
+    /// content is the one kept, else `content()`; `None` if neither is there.
+    fn take(self: &Arc<Self>, key: String, content: Option<&dyn Fn() -> Arc<VerifiedContent>>) -> Option<ContextLease> {
+        let content = {
             let mut uses = self.uses.lock().unwrap();
-            let u = uses.entry(key.clone()).or_insert((0, std::time::Instant::now()));
-            u.0 += 1;
-            u.1 = std::time::Instant::now();
-        }
+            let now = std::time::Instant::now();
+            let kept = uses.get(&key).and_then(|u| u.content.clone());
+            let content = kept.or_else(|| content.map(|c| c()))?;
+            let u = uses.entry(key.clone()).or_insert(ContextUse { builds: 0, last: now, content: None });
+            u.builds += 1;
+            u.last = now;
+            u.content = Some(content.clone());
+            content
+        };
         let path = self.dir.join(&key);
-        ContextLease { cache: self.clone(), key, path }
+        Some(ContextLease { cache: self.clone(), key, path, content })
     }
 
     fn evict(&self) {
         let doomed: Vec<String> = {
             let mut uses = self.uses.lock().unwrap();
             let mut idle: Vec<(String, std::time::Instant)> =
-                uses.iter().filter(|(_, (n, _))| *n == 0).map(|(k, (_, t))| (k.clone(), *t)).collect();
+                uses.iter().filter(|(_, u)| u.builds == 0).map(|(k, u)| (k.clone(), u.last)).collect();
             idle.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
             let doomed: Vec<String> = idle.into_iter().skip(Self::KEEP).map(|(k, _)| k).collect();
             for k in &doomed {

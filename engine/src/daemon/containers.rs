@@ -245,20 +245,13 @@ pub struct Container {
     /// with `stdin=1`, and the receiving end, taken by start.
     pub stdin: Mutex<(Option<mpsc::Sender<Bytes>>, Option<mpsc::Receiver<Bytes>>)>,
     /// Terminal sizes (`POST /containers/{id}/resize`); start takes the receiver.
-    pub resize: (mpsc::UnboundedSender<WindowSize>, Mutex<Option<mpsc::UnboundedReceiver<WindowSize>>>),
+    pub resize: Mutex<(mpsc::UnboundedSender<WindowSize>, Option<mpsc::UnboundedReceiver<WindowSize>>)>,
 }
 
 impl Container {
     /// A container not started yet.
     fn new(id: String, name: String, request: RunRequest, auto_remove: bool, created: i64) -> Container {
-        let stdin = match request.interactive {
-            true => {
-                let (tx, rx) = mpsc::channel(16);
-                (Some(tx), Some(rx))
-            }
-            false => (None, None),
-        };
-        let (resize_tx, resize_rx) = mpsc::unbounded_channel();
+        let (stdin, resize) = Self::streams(&request);
         Container {
             id,
             name,
@@ -272,8 +265,36 @@ impl Container {
             kill: Mutex::new(None),
             log: ContainerLog::default(),
             stdin: Mutex::new(stdin),
-            resize: (resize_tx, Mutex::new(Some(resize_rx))),
+            resize: Mutex::new(resize),
         }
+    }
+
+    /// Fresh stdin (if interactive) and resize channels for one run.
+    #[allow(clippy::type_complexity)]
+    fn streams(
+        request: &RunRequest,
+    ) -> (
+        (Option<mpsc::Sender<Bytes>>, Option<mpsc::Receiver<Bytes>>),
+        (mpsc::UnboundedSender<WindowSize>, Option<mpsc::UnboundedReceiver<WindowSize>>),
+    ) {
+        let stdin = match request.interactive {
+            true => {
+                let (tx, rx) = mpsc::channel(16);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let (resize_tx, resize_rx) = mpsc::unbounded_channel();
+        (stdin, (resize_tx, Some(resize_rx)))
+    }
+
+    /// After an exit: new stdin and resize channels, so that the container
+    /// can be attached to and started again (`docker start` of an exited
+    /// container runs it anew, on the filesystem it left).
+    pub fn rearm(&self) {
+        let (stdin, resize) = Self::streams(&self.request);
+        *self.stdin.lock().unwrap() = stdin;
+        *self.resize.lock().unwrap() = resize;
     }
 }
 
@@ -330,9 +351,10 @@ impl ContainerLog {
 
 /// The daemon's containers, by ID. With a directory ([`ContainerTable::open`])
 /// each container also has a record there (`<id>.json`, written atomically
-/// when it is created, started and exits) and, once exited, its output
-/// (`<id>.log`), so that a restarted daemon still lists, inspects, shows
-/// the logs of and removes it.
+/// when it is created, started and exits), once exited its output
+/// (`<id>.log`), and once started its filesystem changes (`<id>.fs/`), so
+/// that a restarted daemon still lists, inspects, shows the logs of,
+/// starts again and removes it.
 #[derive(Default, Clone)]
 pub struct ContainerTable {
     table: Arc<Mutex<HashMap<String, Arc<Container>>>>,
@@ -473,8 +495,22 @@ impl ContainerTable {
         self.len() == 0
     }
 
-    /// Forget the container (and its record) and wake those waiting for
-    /// its removal.
+    /// The upper and work directories that keep the filesystem changes of
+    /// container `id` from one start to the next (created if new), as
+    /// docker keeps a container's; `None` for a table without a directory
+    /// (each run then starts from the image).
+    pub fn filesystem(&self, id: &str) -> anyhow::Result<Option<(std::path::PathBuf, std::path::PathBuf)>> {
+        let Some(dir) = &self.dir else { return Ok(None) };
+        let fs = dir.join(format!("{id}.fs"));
+        let (upper, work) = (fs.join("upper"), fs.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        Ok(Some((upper, work)))
+    }
+
+    /// Forget the container (its record, output and filesystem) and wake
+    /// those waiting for its removal.
     pub fn remove(&self, id: &str) -> Option<Arc<Container>> {
         let removed = self.table.lock().unwrap().remove(id);
         if let Some(c) = &removed {
@@ -484,6 +520,10 @@ impl ContainerTable {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(id, "removing {file}: {e}"),
                         _ => {}
                     }
+                }
+                match std::fs::remove_dir_all(dir.join(format!("{id}.fs"))) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!(id, "removing its filesystem: {e}"),
+                    _ => {}
                 }
             }
             c.removed.send_replace(true);

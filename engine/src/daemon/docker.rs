@@ -422,18 +422,36 @@ async fn containers_route(state: Arc<State>, mut req: Request<Incoming>, method:
             let (Some(rows), Some(cols)) = (size("h"), size("w")) else {
                 return Err(ApiError::bad_request("resize: h and w must be numbers of rows and columns"));
             };
-            let _ = container.resize.0.send(crate::runtime::tty::WindowSize { rows, cols });
+            let _ = container.resize.lock().unwrap().0.send(crate::runtime::tty::WindowSize { rows, cols });
             Ok(empty(StatusCode::OK))
         }
         (&Method::POST, "start") => start(state, container).await,
         (&Method::POST, "wait") => {
             let removed = query.get("condition") == Some("removed");
             let (response, mut lines) = streaming("application/json");
+            // `next-exit` (docker start -a, docker run) on an exited
+            // container waits for the exit of its next run.
+            let next = query.get("condition") == Some("next-exit");
             tokio::spawn(async move {
                 let mut exit = container.exit.subscribe();
-                let code = match exit.wait_for(|e| e.is_some()).await {
-                    Ok(code) => code.unwrap_or(0),
-                    Err(_) => return,
+                let current = *exit.borrow_and_update();
+                let code = match current {
+                    Some(code) if !next => code,
+                    // Any change from here is seen (a quick None then
+                    // Some(code) may show as one): the next exit is the
+                    // first Some after a change.
+                    Some(_) => loop {
+                        if exit.changed().await.is_err() {
+                            return;
+                        }
+                        if let Some(code) = *exit.borrow_and_update() {
+                            break code;
+                        }
+                    },
+                    None => match exit.wait_for(|e| e.is_some()).await {
+                        Ok(code) => code.unwrap_or(0),
+                        Err(_) => return,
+                    },
                 };
                 if removed {
                     let mut gone = container.removed.subscribe();
@@ -550,20 +568,40 @@ pub fn frame_header(stream: u8, len: usize) -> [u8; 8] {
     [stream, 0, 0, 0, n[0], n[1], n[2], n[3]]
 }
 
+/// `POST /containers/{id}/start`: run a created container, or run an
+/// exited one again (as dockerd does: same command, same filesystem, the
+/// log continues); 304 if it is running.
 async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
-    {
+    let exited_before = {
         let mut started = container.started.lock().unwrap();
-        if *started {
+        let exited = *container.exit.borrow();
+        if *started && exited.is_none() {
             return Ok(empty(StatusCode::NOT_MODIFIED));
         }
         *started = true;
-    }
-    let (store, request) = (state.store.clone(), container.request.clone());
+        // Running from here on (the exit code is the next run's).
+        container.exit.send_replace(None);
+        exited
+    };
+    let undo = |container: &Container| {
+        *container.started.lock().unwrap() = exited_before.is_some();
+        container.exit.send_replace(exited_before);
+    };
+    let (store, request, table, id) = (state.store.clone(), container.request.clone(), state.containers.clone(), container.id.clone());
     // The lease is held until the container exits: GC keeps its layers.
-    let (spec, lease) = match blocking(move || leased_spec(&store, &request)).await {
+    let prepared = blocking(move || {
+        let (mut spec, lease) = leased_spec(&store, &request)?;
+        if let Some((upper, work)) = table.filesystem(&id)? {
+            spec.rootfs.upper = upper;
+            spec.rootfs.work = work;
+        }
+        Ok((spec, lease))
+    })
+    .await;
+    let (spec, lease) = match prepared {
         Ok(spec_and_lease) => spec_and_lease,
         Err(e) => {
-            *container.started.lock().unwrap() = false;
+            undo(&container);
             return Err(e);
         }
     };
@@ -588,7 +626,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
             let [rows, cols] = container.request.console_size.unwrap_or_default();
             crate::runtime::tty::WindowSize { rows, cols }
         }),
-        resize: container.resize.1.lock().unwrap().take(),
+        resize: container.resize.lock().unwrap().1.take(),
     };
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     *container.kill.lock().unwrap() = Some(kill_tx);
@@ -613,6 +651,7 @@ async fn start(state: Arc<State>, container: Arc<Container>) -> ApiResult {
         // All output is logged before the exit shows.
         let _ = logger.await;
         tracing::info!(id = %container.id, code, "container exited");
+        container.rearm();
         container.exit.send_replace(Some(code));
         if container.auto_remove {
             state.containers.remove(&container.id);
@@ -774,7 +813,7 @@ async fn build(state: Arc<State>, query: &Query, body: bytes::Bytes) -> ApiResul
         let mut plain = crate::progress::Plain::new();
         let gone = lines.clone();
         let context = dir.path().to_path_buf();
-        let work = async { super::build::run_build(&state, opts, context, tx).await.map(|done| done.image_id) };
+        let work = async { super::build::run_build(&state, opts, context, None, tx).await.map(|done| done.image_id) };
         tokio::pin!(work);
         let result = loop {
             tokio::select! {

@@ -115,7 +115,7 @@ pub fn serve(global: &Global, options: ServeOptions) -> anyhow::Result<()> {
     let _owner = kiln_cache::lock::FileLock::try_exclusive(&lock_path)
         .with_context(|| format!("locking {}", lock_path.display()))?
         .with_context(|| format!("another kiln daemon already serves the store {}", global.root.display()))?;
-    let runtime = Runtime::new(global.root.join("run"))?;
+    let runtime = Runtime::for_store(&global.root)?;
     match runtime.sweep() {
         Ok(0) => {}
         Ok(n) => tracing::info!(containers = n, "removed leftovers of containers from a previous run"),

@@ -124,6 +124,9 @@ impl Stubs {
     /// Remove from the (unmounted) upperdir every stub that is still exactly
     /// what kiln created, newest first. Entries the process changed stay.
     pub fn remove_from_upper(&self, upper: &Path) -> anyhow::Result<()> {
+        if self.made.is_empty() {
+            return Ok(());
+        }
         let upper_fd = fsat::open_dir(upper)
             .with_context(|| format!("opening upperdir {}", upper.display()))?;
         for made in self.made.iter().rev() {

@@ -292,11 +292,13 @@ pub fn assert_nothing_left(scratch: &Path, state_root: &Path) {
             .collect();
         assert!(left.is_empty(), "{sub} state left: {left:?}");
     }
-    assert!(
-        mounts_below(scratch).is_empty(),
-        "mounts left: {:?}",
-        mounts_below(scratch)
-    );
+    for dir in [scratch, rt.state_root()] {
+        assert!(
+            mounts_below(dir).is_empty(),
+            "mounts left: {:?}",
+            mounts_below(dir)
+        );
+    }
     let cgroups = cgroups_with_prefix(&prefix);
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }
