@@ -1,8 +1,9 @@
-//! The shim zygote: one `kiln __shim-zygote` process per kiln process (and
-//! `kiln` binary and state root), exec'd once and single-threaded forever, that forks a
-//! container shim per container instead of kiln exec'ing a fresh
-//! `kiln __container-shim` each time (an exec of the 30 MB binary costs a
-//! few ms of CPU per RUN step).
+//! The shim zygote: one `kiln __shim-zygote` process per kiln process
+//! (per `kiln` binary and state root), exec'd once, lazily, and
+//! single-threaded forever, that forks a container shim per container
+//! instead of kiln exec'ing a fresh `kiln __container-shim` each time (an
+//! exec of the 30 MB binary costs a few ms of CPU per RUN step). Requests
+//! from concurrent threads take turns; each is one round trip and a fork.
 //!
 //! Why a process at all: libcontainer must clone from a single-threaded
 //! process (see [`crate::executor`]); the zygote is one, and so is every
