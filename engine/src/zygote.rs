@@ -140,7 +140,10 @@ fn slot(exe: &Path, state_root: &Path) -> Arc<Mutex<Slot>> {
 /// Pid of this process's running zygote of `exe` for containers with
 /// state under `state_root`, if there is one.
 pub(crate) fn running_pid(exe: &Path, state_root: &Path) -> Option<u32> {
-    match &*slot(exe, state_root).lock().unwrap_or_else(|e| e.into_inner()) {
+    match &*slot(exe, state_root)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+    {
         Slot::Running(z) => Some(z.process.id()),
         _ => None,
     }
@@ -149,7 +152,11 @@ pub(crate) fn running_pid(exe: &Path, state_root: &Path) -> Option<u32> {
 /// Have the zygote of `exe` fork a shim on `fds` (starting the zygote if
 /// needed, once more if it died). `Ok(None)`: no zygote can run here;
 /// exec a shim instead.
-pub(crate) fn fork_shim(exe: &Path, req: &Request, fds: &ShimFds<'_>) -> anyhow::Result<Option<Forked>> {
+pub(crate) fn fork_shim(
+    exe: &Path,
+    req: &Request,
+    fds: &ShimFds<'_>,
+) -> anyhow::Result<Option<Forked>> {
     let json = serde_json::to_vec(req).context("encoding the shim request")?;
     let slot = slot(exe, &req.state_root);
     let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
@@ -266,7 +273,9 @@ impl Zygote {
         let pid = reply.strip_prefix("ok ").and_then(|p| p.parse().ok());
         match (pid, got.pop()) {
             (Some(pid), Some(pidfd)) => Ok(Forked { pid, pidfd }),
-            _ => Err(RequestError::Refused(format!("unexpected answer {reply:?}"))),
+            _ => Err(RequestError::Refused(format!(
+                "unexpected answer {reply:?}"
+            ))),
         }
     }
 
@@ -313,7 +322,11 @@ fn send_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> std::io::Result
 
 /// Receive one message into `buf`: its length (0 at end of stream) and
 /// the fds attached to it (close-on-exec), in order.
-fn recv_fds(sock: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+fn recv_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = [IoSliceMut::new(buf)];
     let mut space = nix::cmsg_space!([RawFd; 8]);
     let msg = loop {
@@ -331,7 +344,10 @@ fn recv_fds(sock: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> std::io::R
     for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = cmsg {
             // SAFETY: the kernel installed these fds for us.
-            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     Ok((msg.bytes, fds))
@@ -341,8 +357,13 @@ fn recv_fds(sock: BorrowedFd<'_>, buf: &mut [u8], flags: MsgFlags) -> std::io::R
 /// started it is gone.
 pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
     // fork() below is only sound while this process has one thread.
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
-    anyhow::ensure!(threads == 1, "the shim zygote must be single-threaded (has {threads} threads)");
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    anyhow::ensure!(
+        threads == 1,
+        "the shim zygote must be single-threaded (has {threads} threads)"
+    );
     // SAFETY: the fd was passed to us for exactly this purpose.
     let sock = unsafe { OwnedFd::from_raw_fd(args.socket_fd) };
     set_cloexec(sock.as_raw_fd());
@@ -377,13 +398,7 @@ fn sigchld_fd() -> anyhow::Result<OwnedFd> {
     set.add(Signal::SIGCHLD);
     set.thread_block().context("blocking SIGCHLD")?;
     // SAFETY: signalfd(2) on a valid sigset; returns a new fd or -1.
-    let fd = unsafe {
-        libc::signalfd(
-            -1,
-            set.as_ref(),
-            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
-        )
-    };
+    let fd = unsafe { libc::signalfd(-1, set.as_ref(), libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     anyhow::ensure!(fd >= 0, "signalfd: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh fd that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -481,7 +496,9 @@ impl Server {
         loop {
             let (pid, msg) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, format!("shim-exit {code}")),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, format!("shim-signal {}", sig as i32)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    (pid, format!("shim-signal {}", sig as i32))
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
             };

@@ -25,9 +25,16 @@ fn parent_of(pid: u32) -> u32 {
 /// The live children of `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        out.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
     }
     out.retain(|&p| !is_dead(p as i32));
     out
@@ -64,7 +71,10 @@ fn many_containers_at_once_through_one_zygote() {
                     let i = t * EACH + k;
                     let spec = ContainerSpec::new(
                         s.rootfs(vec![base.clone()], &format!("c{i}")),
-                        sh(&format!("read line; echo \"got $line\"; echo err{i} >&2; exit {}", i % 7)),
+                        sh(&format!(
+                            "read line; echo \"got $line\"; echo err{i} >&2; exit {}",
+                            i % 7
+                        )),
                     );
                     let cap = Capture::default();
                     let opts = ShimOptions {
@@ -86,11 +96,22 @@ fn many_containers_at_once_through_one_zygote() {
             })
         })
         .collect();
-    let mut parents: Vec<u32> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut parents: Vec<u32> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     parents.dedup();
     let zygote = shim.zygote_pid().expect("a zygote runs");
-    assert_eq!(parents, vec![zygote], "every shim was forked by the one zygote");
-    assert!(cmdline(zygote).contains("__shim-zygote"), "{}", cmdline(zygote));
+    assert_eq!(
+        parents,
+        vec![zygote],
+        "every shim was forked by the one zygote"
+    );
+    assert!(
+        cmdline(zygote).contains("__shim-zygote"),
+        "{}",
+        cmdline(zygote)
+    );
     assert_nothing_left(s.path(), &s.path().join("run"));
 }
 
@@ -114,7 +135,9 @@ fn a_killed_zygote_is_replaced_and_its_shims_carry_on() {
         readonly: false,
     });
     let cap = Capture::default();
-    let long = shim.start(&spec, ShimOptions::default(), cap.sink()).unwrap();
+    let long = shim
+        .start(&spec, ShimOptions::default(), cap.sink())
+        .unwrap();
     wait_for("the container to run", || marker.join("ready").exists());
     let first = shim.zygote_pid().expect("a zygote runs");
     nix::sys::signal::kill(
@@ -156,7 +179,9 @@ fn kill_9_of_kiln_takes_its_zygote_shims_and_containers_along() {
         .arg(format!("{}:/m", marker.display()))
         .arg("--rootfs")
         .arg(&base)
-        .args(sh("trap 'exit 0' TERM; touch /m/ready; while :; do sleep 0.05; done"))
+        .args(sh(
+            "trap 'exit 0' TERM; touch /m/ready; while :; do sleep 0.05; done",
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
@@ -178,7 +203,9 @@ fn kill_9_of_kiln_takes_its_zygote_shims_and_containers_along() {
         .into_iter()
         .chain(containers.iter().map(|&c| ("container", c)))
     {
-        wait_for(&format!("the {what} to die with kiln"), || is_dead(pid as i32));
+        wait_for(&format!("the {what} to die with kiln"), || {
+            is_dead(pid as i32)
+        });
     }
     // The shim saw kiln die and SIGTERMed the container, which exits on
     // it: well within `kiln run`'s 10 s stop grace (after which the
@@ -216,14 +243,17 @@ fn a_forked_shim_ended_by_sigalrm_before_starting_is_a_start_timeout() {
     let mut alarmed = Vec::new();
     for attempt in 0..2 {
         let mut waiting = None;
-        wait_for(&format!("shim {attempt} to wait for the sweep lock"), || {
-            let zygote = shim.zygote_pid();
-            waiting = zygote
-                .into_iter()
-                .flat_map(children)
-                .find(|p| !alarmed.contains(p));
-            waiting.is_some()
-        });
+        wait_for(
+            &format!("shim {attempt} to wait for the sweep lock"),
+            || {
+                let zygote = shim.zygote_pid();
+                waiting = zygote
+                    .into_iter()
+                    .flat_map(children)
+                    .find(|p| !alarmed.contains(p));
+                waiting.is_some()
+            },
+        );
         let pid = waiting.unwrap();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
