@@ -322,6 +322,7 @@ async fn run_async(client: &Client, command: Command) -> anyhow::Result<i32> {
             Ok(r.code)
         }
         Command::ContainerShim(_) => bail!("kiln __container-shim: internal, never sent to a daemon"),
+        Command::ShimZygote(_) => bail!("kiln __shim-zygote: internal, never sent to a daemon"),
         Command::Import(args) => {
             std::fs::metadata(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
             let mut path = format!(

@@ -18,6 +18,11 @@
 //! shim: stop = SIGTERM, SIGKILL after the grace; a killed shim takes its
 //! container along (`PR_SET_PDEATHSIG`); a shim killed mid-start leaves
 //! state that the next [`Runtime::new`] sweeps.
+//!
+//! The shim is normally not exec'd per container but forked by a
+//! [zygote](crate::zygote) (one `kiln __shim-zygote` per kiln process,
+//! single-threaded too), which saves an exec of kiln per container;
+//! `KILN_SHIM_ZYGOTE=0` turns that off.
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -34,6 +39,8 @@ use crate::runtime::tty::{WindowSize, recv_with_fd};
 use crate::runtime::{ContainerSpec, Mount, MountSource, Rootfs, Runtime};
 
 /// Env var naming the `kiln` binary that runs containers (see [`Shim::find`]).
+/// Its companion [`ZYGOTE_ENV`](crate::zygote::ZYGOTE_ENV), `KILN_SHIM_ZYGOTE=0`,
+/// execs that binary per container instead of forking shims from a zygote.
 pub const SHIM_ENV: &str = "KILN_SHIM";
 
 /// How long a stopped container gets between SIGTERM and SIGKILL.
@@ -48,6 +55,8 @@ const SHIM_GRACE: Duration = Duration::from_secs(5);
 pub struct Shim {
     exe: PathBuf,
     state_root: PathBuf,
+    /// Fork shims from a zygote (else exec one per container).
+    zygote: bool,
 }
 
 /// How a container run by a [`Shim`] is attached.
@@ -86,12 +95,27 @@ impl Default for ShimOptions {
 }
 
 impl Shim {
-    /// A shim running `exe __container-shim` with state under `state_root`.
+    /// A shim running `exe __container-shim` (forked by `exe
+    /// __shim-zygote` unless `KILN_SHIM_ZYGOTE=0`) with state under
+    /// `state_root`.
     pub fn new(exe: impl Into<PathBuf>, state_root: impl Into<PathBuf>) -> Self {
         Shim {
             exe: exe.into(),
             state_root: state_root.into(),
+            zygote: std::env::var_os(crate::zygote::ZYGOTE_ENV).is_none_or(|v| v != "0"),
         }
+    }
+
+    /// Fork shims from a zygote (`true`) or exec one per container.
+    pub fn with_zygote(mut self, zygote: bool) -> Self {
+        self.zygote = zygote;
+        self
+    }
+
+    /// Pid of this process's zygote for this shim's binary and state
+    /// root, while one runs.
+    pub fn zygote_pid(&self) -> Option<u32> {
+        crate::zygote::running_pid(&self.exe, &self.state_root)
     }
 
     /// The `kiln` binary, in this order: `$KILN_SHIM`; this executable if
@@ -155,6 +179,101 @@ impl Shim {
         .context("socketpair")?;
         let (spec_read, spec_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+        let forked = match self.zygote {
+            true => self.fork(&opts, &shim_status, &spec_read)?,
+            false => None,
+        };
+        let launched = match forked {
+            Some(l) => l,
+            None => self.exec(&opts, &shim_status, &spec_read)?,
+        };
+        drop(shim_status);
+        drop(spec_read);
+        let stopper = opts.stopper.clone();
+        stopper.attach(launched.pidfd, opts.grace + SHIM_GRACE);
+        let readers = [
+            (launched.stdout, LogStream::Stdout),
+            (launched.stderr, LogStream::Stderr),
+        ]
+        .into_iter()
+        .map(|(fd, stream)| crate::runtime::spawn_reader(fd, stream, log.clone()))
+        .collect::<Vec<_>>();
+        let mut process = ShimProcess {
+            stdin: launched.stdin,
+            shim: Some(launched.shim),
+            status,
+            readers,
+            container_pid: 0,
+            terminal: None,
+            last: None,
+            stopper,
+            teardown_unobserved: opts.report_exit_early,
+        };
+        // A shim that died early closed its end: its status says why.
+        let _ = std::fs::File::from(spec_write).write_all(&json);
+        match process.next_message()? {
+            (Some(started), fd) if started.starts_with("started ") => {
+                process.container_pid = started["started ".len()..].parse().unwrap_or(0);
+                process.terminal = fd;
+                Ok(process)
+            }
+            (last, _) => {
+                process.last = Some(last);
+                match process.finish() {
+                    Ok(code) => anyhow::bail!("container shim ended with {code} before starting"),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Have the zygote fork a shim on `status` and `spec`; `None` when no
+    /// zygote runs here (exec one then).
+    fn fork(
+        &self,
+        opts: &ShimOptions,
+        status: &OwnedFd,
+        spec: &OwnedFd,
+    ) -> anyhow::Result<Option<Launched>> {
+        let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe");
+        let (out_read, out_write) = pipe()?;
+        let (err_read, err_write) = pipe()?;
+        let stdin_pipe = opts.stdin && opts.tty.is_none();
+        let (stdin_write, stdin_read) = if stdin_pipe {
+            let (read, write) = pipe()?;
+            (Some(write), read)
+        } else {
+            let null = std::fs::File::open("/dev/null").context("opening /dev/null")?;
+            (None, OwnedFd::from(null))
+        };
+        let fds = crate::zygote::ShimFds {
+            status: status.as_fd(),
+            spec: spec.as_fd(),
+            stdin: stdin_read.as_fd(),
+            stdout: out_write.as_fd(),
+            stderr: err_write.as_fd(),
+        };
+        let req = crate::zygote::Request {
+            state_root: self.state_root.clone(),
+            grace_ms: opts.grace.as_millis() as u64,
+            stdin: stdin_pipe,
+            tty: opts.tty.map(|s| (s.rows, s.cols)),
+            report_exit_early: opts.report_exit_early,
+        };
+        let Some(forked) = crate::zygote::fork_shim(&self.exe, &req, &fds)? else {
+            return Ok(None);
+        };
+        Ok(Some(Launched {
+            shim: ShimHandle::Forked(forked.pid),
+            pidfd: Some(forked.pidfd),
+            stdin: stdin_write.map(std::process::ChildStdin::from),
+            stdout: out_read,
+            stderr: err_read,
+        }))
+    }
+
+    /// Exec `kiln __container-shim` on `status` and `spec`.
+    fn exec(&self, opts: &ShimOptions, status: &OwnedFd, spec: &OwnedFd) -> anyhow::Result<Launched> {
         let mut cmd = std::process::Command::new(&self.exe);
         cmd.arg("__container-shim")
             .arg("--state-root")
@@ -180,62 +299,25 @@ impl Shim {
         if opts.report_exit_early {
             cmd.arg("--report-exit-early");
         }
-        let fds = [shim_status.as_raw_fd(), spec_read.as_raw_fd()];
-        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
-        // and exec. The fds are first moved above 3 and 4 so that neither
-        // dup2 can overwrite the other's source.
+        let fds = [status.as_raw_fd(), spec.as_raw_fd()];
+        // SAFETY: place_fds is async-signal-safe (no dup2 there
+        // overwrites the other fd before it is placed).
         unsafe {
-            cmd.pre_exec(move || {
-                for (target, fd) in [3, 4].into_iter().zip(fds) {
-                    let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                    if high < 0 || libc::dup2(high, target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::zygote::place_fds(&fds, 3));
         }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} __container-shim", self.exe.display()))?;
-        drop(shim_status);
-        drop(spec_read);
-        let stopper = opts.stopper.clone();
-        stopper.attach(child.id(), opts.grace + SHIM_GRACE);
-        let readers = [
-            (child.stdout.take().map(OwnedFd::from), LogStream::Stdout),
-            (child.stderr.take().map(OwnedFd::from), LogStream::Stderr),
-        ]
-        .into_iter()
-        .filter_map(|(fd, stream)| fd.map(|fd| crate::runtime::spawn_reader(fd, stream, log.clone())))
-        .collect::<Vec<_>>();
-        let mut process = ShimProcess {
+        let pidfd = crate::commands::run::pidfd_open(child.id() as i32).ok();
+        let stdout = child.stdout.take().context("the shim's stdout pipe")?;
+        let stderr = child.stderr.take().context("the shim's stderr pipe")?;
+        Ok(Launched {
             stdin: child.stdin.take(),
-            child: Some(child),
-            status,
-            readers,
-            container_pid: 0,
-            terminal: None,
-            last: None,
-            stopper,
-            teardown_unobserved: opts.report_exit_early,
-        };
-        // A shim that died early closed its end: its status says why.
-        let _ = std::fs::File::from(spec_write).write_all(&json);
-        match process.next_message()? {
-            (Some(started), fd) if started.starts_with("started ") => {
-                process.container_pid = started["started ".len()..].parse().unwrap_or(0);
-                process.terminal = fd;
-                Ok(process)
-            }
-            (last, _) => {
-                process.last = Some(last);
-                match process.finish() {
-                    Ok(code) => anyhow::bail!("container shim ended with {code} before starting"),
-                    Err(e) => Err(e),
-                }
-            }
-        }
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            pidfd,
+            shim: ShimHandle::Exec(child),
+        })
     }
 
     /// Run `spec` to the end in a shim, its output going to `log`; returns
@@ -280,10 +362,34 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// A shim just launched, before its container starts.
+struct Launched {
+    shim: ShimHandle,
+    /// pidfd of the shim process, for its [`ShimStopper`].
+    pidfd: Option<OwnedFd>,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// The shim process of a container.
+enum ShimHandle {
+    /// Exec'd by this process, which reaps it.
+    Exec(std::process::Child),
+    /// Forked by the zygote (pid), which reaps it.
+    Forked(u32),
+}
+
+/// How a shim ended without saying `exit` or `error`.
+enum ShimEnd {
+    Signal(i32),
+    Exit(Option<i32>),
+}
+
 /// A container running in a shim (from [`Shim::start`]). Dropping it
 /// without [`ShimProcess::wait`] stops the container.
 pub struct ShimProcess {
-    child: Option<std::process::Child>,
+    shim: Option<ShimHandle>,
     status: OwnedFd,
     stdin: Option<std::process::ChildStdin>,
     terminal: Option<OwnedFd>,
@@ -292,8 +398,8 @@ pub struct ShimProcess {
     /// The final status message, when it was read early.
     last: Option<Option<String>>,
     stopper: ShimStopper,
-    /// [`ShimOptions::report_exit_early`]: after `exit N` the shim is
-    /// reaped in the background.
+    /// [`ShimOptions::report_exit_early`]: after `exit N` an exec'd shim
+    /// is reaped in the background (a forked one always is, by its zygote).
     teardown_unobserved: bool,
 }
 
@@ -305,7 +411,10 @@ impl ShimProcess {
 
     /// Pid of the shim process (signals sent to it reach the container).
     pub fn shim_pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
+        match self.shim.as_ref()? {
+            ShimHandle::Exec(c) => Some(c.id()),
+            ShimHandle::Forked(pid) => Some(*pid),
+        }
     }
 
     /// The container's stdin (with [`ShimOptions::stdin`], once); drop it
@@ -327,7 +436,10 @@ impl ShimProcess {
     }
 
     /// Wait for the container to exit (blocking); returns its exit code
-    /// (128+N if killed by signal N). Everything is cleaned up by then.
+    /// (128+N if killed by signal N). Everything is cleaned up by then
+    /// (with [`ShimOptions::report_exit_early`]: the container's output
+    /// was all read, its upperdir holds only its diff, and the shim may
+    /// still be tearing down the rest).
     pub fn wait(mut self) -> anyhow::Result<i32> {
         self.finish()
     }
@@ -343,23 +455,38 @@ impl ShimProcess {
         ))
     }
 
-    /// Read the final status, reap the shim, return the exit code.
+    /// Read the final status (and reap an exec'd shim), wait for the end
+    /// of the output, return the exit code.
     fn finish(&mut self) -> anyhow::Result<i32> {
         let last = match self.last.take() {
             Some(m) => Ok(m),
             None => self.next_message().map(|(m, _)| m),
         };
         self.stdin = None;
+        // The zygote's word on a forked shim that ended without its own.
+        let mut end = last.as_ref().ok().and_then(|m| m.as_deref()).and_then(|m| {
+            let num = |p: &str| m.strip_prefix(p).and_then(|n| n.parse().ok());
+            num("shim-signal ")
+                .map(ShimEnd::Signal)
+                .or_else(|| num("shim-exit ").map(|c| ShimEnd::Exit(Some(c))))
+        });
         let exited = matches!(&last, Ok(Some(line)) if line.starts_with("exit "));
-        let status = match self.child.take() {
-            Some(mut child) if exited && self.teardown_unobserved => {
+        match self.shim.take() {
+            // Reaped by its zygote; its `exit N` comes after its teardown
+            // unless `report_exit_early`.
+            Some(ShimHandle::Forked(_)) | None => {}
+            Some(ShimHandle::Exec(mut child)) if exited && self.teardown_unobserved => {
                 // It still tears down; `Runtime::new`'s sweep covers a crash.
                 std::thread::spawn(move || child.wait());
-                None
             }
-            Some(mut child) => Some(child.wait().context("waiting for the container shim")?),
-            None => None,
-        };
+            Some(ShimHandle::Exec(mut child)) => {
+                let status = child.wait().context("waiting for the container shim")?;
+                end = Some(match status.signal() {
+                    Some(sig) => ShimEnd::Signal(sig),
+                    None => ShimEnd::Exit(status.code()),
+                });
+            }
+        }
         self.stopper.detach();
         for r in self.readers.drain(..) {
             let _ = r.join();
@@ -373,27 +500,31 @@ impl ShimProcess {
         if let Some(msg) = line.strip_prefix("error ") {
             anyhow::bail!("{msg}");
         }
-        match status.map(|s| (s.code(), s.signal())) {
-            Some((_, Some(libc::SIGALRM))) if self.container_pid == 0 => Err(StartTimedOut.into()),
-            Some((_, Some(sig))) => anyhow::bail!("container shim killed by signal {sig}"),
-            other => anyhow::bail!(
-                "container shim exited with {:?} without a status",
-                other.and_then(|(c, _)| c)
-            ),
+        match end {
+            Some(ShimEnd::Signal(libc::SIGALRM)) if self.container_pid == 0 => {
+                Err(StartTimedOut.into())
+            }
+            Some(ShimEnd::Signal(sig)) => anyhow::bail!("container shim killed by signal {sig}"),
+            Some(ShimEnd::Exit(code)) => {
+                anyhow::bail!("container shim exited with {code:?} without a status")
+            }
+            None => anyhow::bail!("container shim ended without a status (its zygote is gone)"),
         }
     }
 }
 
 impl Drop for ShimProcess {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(shim) = self.shim.take() else {
             return;
         };
         self.stopper.stop();
         // Reap it (and its output readers) without blocking the dropper.
         let readers = std::mem::take(&mut self.readers);
         std::thread::spawn(move || {
-            let _ = child.wait();
+            if let ShimHandle::Exec(mut child) = shim {
+                let _ = child.wait();
+            }
             for r in readers {
                 let _ = r.join();
             }
@@ -439,9 +570,9 @@ impl ShimStopper {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).stopped
     }
 
-    fn attach(&self, pid: u32, shim_grace: Duration) {
+    fn attach(&self, pidfd: Option<OwnedFd>, shim_grace: Duration) {
         let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Ok(fd) = crate::commands::run::pidfd_open(pid as i32) else {
+        let Some(fd) = pidfd else {
             return;
         };
         st.shim_grace = shim_grace;
@@ -451,7 +582,7 @@ impl ShimStopper {
         st.shim = Some(fd);
     }
 
-    /// The shim was reaped: from now on its pid means nothing.
+    /// The container ended: nothing more to stop.
     fn detach(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).shim = None;
     }

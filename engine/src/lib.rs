@@ -22,3 +22,4 @@ pub mod registry;
 pub mod remote_cache;
 pub mod runtime;
 pub mod unpack;
+pub mod zygote;

@@ -63,6 +63,9 @@ pub enum Command {
     /// Internal: run one container in this (single-threaded) process.
     #[command(name = "__container-shim", hide = true)]
     ContainerShim(shim::Args),
+    /// Internal: fork container shims on request (see `kiln_engine::zygote`).
+    #[command(name = "__shim-zygote", hide = true)]
+    ShimZygote(crate::zygote::Args),
 }
 
 /// Run one subcommand; returns the process exit code.
@@ -70,7 +73,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
     // With --host / KILN_HOST, commands are requests to a daemon (`serve`
     // listens there instead; `debug` is always local).
     if let Some(host) = &global.host {
-        if !matches!(command, Command::Serve(_) | Command::Debug(_) | Command::ContainerShim(_)) {
+        if !matches!(command, Command::Serve(_) | Command::Debug(_) | Command::ContainerShim(_) | Command::ShimZygote(_)) {
             return crate::client::run(global, host, command);
         }
     }
@@ -93,6 +96,7 @@ pub fn dispatch(global: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Prune(a) => prune::run(global, a),
         Command::Check(a) => check::run(global, a),
         Command::ContainerShim(a) => shim::run(global, a),
+        Command::ShimZygote(a) => crate::zygote::run(global, a),
     }
 }
 

@@ -20,6 +20,9 @@
 //!   happens when the process `--parent-pid` dies. The container's process
 //!   dies with this one (`PR_SET_PDEATHSIG`), and a shim killed while
 //!   starting one leaves state that the next kiln's sweep removes.
+//!
+//! A [zygote](crate::zygote) runs the same logic ([`serve`]) in a forked
+//! child instead of an exec'd process, on the same fds and messages.
 
 use std::cell::Cell;
 use std::io::Read;
@@ -66,6 +69,21 @@ pub struct Args {
     pub report_exit_early: bool,
 }
 
+/// What a shim runs besides its fds: the flags of `kiln __container-shim`,
+/// or a [zygote](crate::zygote)'s request.
+pub(crate) struct ShimJob {
+    /// The runtime's state directory.
+    pub state_root: PathBuf,
+    /// Between a forwarded SIGTERM and SIGKILL.
+    pub grace: Duration,
+    /// The container reads this process's stdin (else `/dev/null`).
+    pub stdin: bool,
+    /// Run on a pseudo-terminal of this size.
+    pub tty: Option<WindowSize>,
+    /// See [`Args::report_exit_early`].
+    pub report_exit_early: bool,
+}
+
 /// Run the container; the process exits with its exit code (125 when it
 /// could not be run).
 pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
@@ -73,13 +91,47 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
     let status = unsafe { OwnedFd::from_raw_fd(args.status_fd) };
     // SAFETY: as above.
     let spec_fd = unsafe { OwnedFd::from_raw_fd(args.spec_fd) };
+    serve(status, spec_fd, || {
+        let parent = match args.parent_pid {
+            Some(pid) => {
+                let fd = pidfd_open(pid).ok();
+                // Reparented already: the parent died before we could watch it.
+                anyhow::ensure!(
+                    fd.is_some() && nix::unistd::getppid().as_raw() == pid,
+                    "the process that started this shim is gone"
+                );
+                fd
+            }
+            None => None,
+        };
+        let job = ShimJob {
+            state_root: args.state_root.clone(),
+            grace: Duration::from_millis(args.grace_ms),
+            stdin: args.stdin,
+            tty: args.tty.as_deref().map(parse_size).transpose()?,
+            report_exit_early: args.report_exit_early,
+        };
+        Ok((job, parent))
+    })
+}
+
+/// The shim's work, exec'd or forked by a zygote: read the spec from
+/// `spec_fd`, run it as `setup` says (the job, and a pidfd of the process
+/// whose death stops the container), report on `status`; returns the exit
+/// code for this process.
+pub(crate) fn serve(
+    status: OwnedFd,
+    spec_fd: OwnedFd,
+    setup: impl FnOnce() -> anyhow::Result<(ShimJob, Option<OwnedFd>)>,
+) -> anyhow::Result<i32> {
     // Keep them out of the container.
-    for fd in [args.status_fd, args.spec_fd] {
+    for fd in [status.as_raw_fd(), spec_fd.as_raw_fd()] {
         // SAFETY: fcntl on fds we own.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
     let reported = Rc::new(Cell::new(None));
-    let result = run_spec(&args, spec_fd, status.as_fd(), &reported);
+    let result = setup()
+        .and_then(|(job, parent)| run_spec(&job, parent, spec_fd, status.as_fd(), &reported));
     if let Some(code) = reported.get() {
         // The caller has its answer; what went wrong after it is only logged.
         if let Err(e) = result {
@@ -96,43 +148,32 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
 }
 
 fn run_spec(
-    args: &Args,
+    job: &ShimJob,
+    parent: Option<OwnedFd>,
     spec_fd: OwnedFd,
     status: BorrowedFd<'_>,
     reported: &Rc<Cell<Option<i32>>>,
 ) -> anyhow::Result<i32> {
-    let parent = match args.parent_pid {
-        Some(pid) => {
-            let fd = pidfd_open(pid).ok();
-            // Reparented already: the parent died before we could watch it.
-            anyhow::ensure!(
-                fd.is_some() && nix::unistd::getppid().as_raw() == pid,
-                "the process that started this shim is gone"
-            );
-            fd
-        }
-        None => None,
-    };
     let mut json = Vec::new();
     std::fs::File::from(spec_fd)
         .read_to_end(&mut json)
         .context("reading the container spec")?;
     let spec: ContainerSpec =
         serde_json::from_slice(&json).context("parsing the container spec")?;
-    let runtime = Runtime::new(&args.state_root)?;
-    let output = match &args.tty {
-        Some(size) => Output::Terminal(parse_size(size)?),
+    let runtime = Runtime::new(&job.state_root)?;
+    let output = match job.tty {
+        Some(size) => Output::Terminal(size),
         None => Output::Inherit,
     };
     let stdio = Stdio {
-        stdin: if args.stdin {
+        stdin: if job.stdin {
             Stdin::Inherit
         } else {
             Stdin::Null
         },
         output,
     };
-    let exited = args.report_exit_early.then(|| {
+    let exited = job.report_exit_early.then(|| {
         let reported = reported.clone();
         let status_fd = status.as_raw_fd();
         Box::new(move |code: i32| -> anyhow::Result<()> {
@@ -153,7 +194,7 @@ fn run_spec(
         }) as Box<dyn FnOnce(i32) -> anyhow::Result<()>>
     });
     let sup = Supervision {
-        grace: Duration::from_millis(args.grace_ms),
+        grace: job.grace,
         parent,
         exited,
     };
