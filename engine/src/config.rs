@@ -37,7 +37,10 @@ impl GlobalArgs {
     /// Validate the flags and fill in defaults.
     pub fn resolve(self) -> anyhow::Result<Global> {
         let root = match self.root {
-            Some(root) => root,
+            // Absolute from here on: paths under the root go to container
+            // runtimes and mounts, which resolve them elsewhere.
+            Some(root) => std::path::absolute(&root)
+                .map_err(|e| anyhow::anyhow!("--root {}: {e}", root.display()))?,
             None => default_root(),
         };
         let mut registry_mirrors = Vec::new();

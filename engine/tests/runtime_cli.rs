@@ -488,3 +488,26 @@ async fn container_executor_runs_solver_requests_in_parallel() {
     }
     assert!(mounts_below(s.path()).is_empty());
 }
+
+/// A relative `--root` (resolved against kiln's working directory): a
+/// build with a RUN step and a `kiln run` of its result both work, and the
+/// store is where the user meant.
+#[test]
+fn a_relative_root_builds_and_runs() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let tar = s.path().join("base.tar");
+    assert!(Command::new("tar").arg("-C").arg(&base).arg("-cf").arg(&tar).arg(".").status().unwrap().success());
+    let ctx = s.layer("ctx");
+    std::fs::write(ctx.join("Dockerfile"), "FROM rel:base\nRUN echo built > /x\n").unwrap();
+    let in_scratch = |args: &[&str]| {
+        let out = kiln().current_dir(s.path()).args(["--root", "rel-root"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    in_scratch(&["import", "base.tar", "rel:base"]);
+    in_scratch(&["build", "--progress", "plain", "-t", "rel:built", "ctx"]);
+    assert_eq!(in_scratch(&["run", "--rm", "rel:built", "cat", "/x"]), "built\n");
+    assert!(s.path().join("rel-root/images").exists(), "the store is not under the working directory");
+}
