@@ -175,9 +175,19 @@ fn two_clients_at_once_and_a_killed_client() {
         std::io::BufReader::new(victim.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line, "started\n");
     }
-    // The container runs in a shim process of the daemon's, not inside it.
-    let shims = Command::new("pgrep").args(["-f", "-P", &d.pid().to_string(), "__container-shim"]).output().unwrap();
-    assert!(shims.status.success(), "no container shim under the daemon (pid {})", d.pid());
+    // The container runs in a shim process of the daemon's, not inside it:
+    // forked by the daemon's shim zygote (or, without one, exec'd by it).
+    let starters = Command::new("pgrep")
+        .args(["-f", "-P", &d.pid().to_string(), "__shim-zygote|__container-shim"])
+        .output()
+        .unwrap();
+    assert!(starters.status.success(), "no shim zygote or shim under the daemon (pid {})", d.pid());
+    let zygote_shims = stdout(&starters)
+        .lines()
+        .filter_map(|pid| Command::new("pgrep").args(["-P", pid.trim(), "-x", "kiln-shim"]).output().ok())
+        .any(|o| o.status.success());
+    let exec_shim = Command::new("pgrep").args(["-f", "-P", &d.pid().to_string(), "__container-shim"]).output().unwrap();
+    assert!(zygote_shims || exec_shim.status.success(), "no container shim under the daemon (pid {})", d.pid());
     victim.kill().unwrap();
     victim.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
