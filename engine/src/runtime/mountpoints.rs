@@ -15,7 +15,7 @@
 //! the mounts hide them anyway.
 
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -91,33 +91,21 @@ pub(crate) fn remove_stale_temporaries(state_root: &Path) {
 /// The top-most `/etc` of `lower`, as overlayfs would show it; `None` if
 /// it is anything but a plain directory or missing.
 fn find_etc(lower: &[PathBuf]) -> anyhow::Result<Option<Etc>> {
-    for layer in lower.iter().rev() {
-        let path = layer.join("etc");
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {
-                if has_xattrs(&path)? {
-                    return Ok(None);
-                }
-                return Ok(Some(Etc::Dir {
-                    uid: m.uid(),
-                    gid: m.gid(),
-                    mode: m.mode() & 0o7777,
-                    mtime: (m.mtime(), m.mtime_nsec()),
-                }));
-            }
-            // A whiteout: removed in this layer.
-            Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => return Ok(Some(Etc::Missing)),
-            Ok(_) => return Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // An opaque root hides the layers below it.
-                if is_opaque(layer) {
-                    return Ok(Some(Etc::Missing));
-                }
-            }
-            Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
-        }
+    let view = kiln_cache::layered::LayeredView::new(lower.to_vec());
+    let found = view.lookup(Path::new("etc")).context("looking up /etc in the image's layers")?;
+    let Some(entry) = found else {
+        return Ok(Some(Etc::Missing));
+    };
+    let m = &entry.metadata;
+    if !m.is_dir() || has_xattrs(&entry.host_path)? {
+        return Ok(None);
     }
-    Ok(Some(Etc::Missing))
+    Ok(Some(Etc::Dir {
+        uid: m.uid(),
+        gid: m.gid(),
+        mode: m.mode() & 0o7777,
+        mtime: (m.mtime(), m.mtime_nsec()),
+    }))
 }
 
 /// Build the layer's tree at `dir`.
@@ -176,24 +164,6 @@ fn has_xattrs(path: &Path) -> anyhow::Result<bool> {
         .any(|name| !name.starts_with(b"trusted.overlay.") && !name.starts_with(b"user.overlay.")))
 }
 
-/// Whether directory `layer` carries `trusted.overlay.opaque=y`.
-fn is_opaque(layer: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(layer.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut value = [0u8; 1];
-    // SAFETY: NUL-terminated strings and a one-byte buffer.
-    let n = unsafe {
-        libc::lgetxattr(
-            c.as_ptr(),
-            c"trusted.overlay.opaque".as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    n == 1 && value[0] == b'y'
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +192,13 @@ mod tests {
         assert_eq!(find_etc(&[base.clone(), linked]).unwrap(), None);
         // Nothing anywhere: missing.
         assert_eq!(find_etc(&[empty]).unwrap(), Some(Etc::Missing));
+        // Whited out above (an overlay whiteout is a 0/0 char device: root only).
+        if nix::unistd::geteuid().is_root() {
+            let gone = layer(t.path(), "gone");
+            nix::sys::stat::mknod(&gone.join("etc"), nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0)
+                .unwrap();
+            assert_eq!(find_etc(&[base, gone]).unwrap(), Some(Etc::Missing));
+        }
     }
 
     #[test]
