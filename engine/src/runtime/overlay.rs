@@ -80,7 +80,7 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
     // start (`ovl_show_options` in `perf`). The kernel resolves each layer
     // when it is given, so the fd is closed right after.
     for dir in spec.lower.iter().rev() {
-        let layer = open_layer(dir).with_context(|| {
+        let layer = super::fsat::open_dir(dir).with_context(|| {
             format!("overlay at {}: layer {}", target.display(), dir.display())
         })?;
         let name = format!("/proc/self/fd/{}", layer.as_raw_fd());
@@ -158,24 +158,6 @@ pub fn mount_overlay(spec: &OverlaySpec<'_>, target: &Path) -> anyhow::Result<()
             .with_context(|| format!("move_mount overlay to {}", target.display()));
     }
     Ok(())
-}
-
-/// An `O_PATH` handle on a layer directory (ENOTDIR if it is not one).
-fn open_layer(dir: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
-    // SAFETY: NUL-terminated path; the returned fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: open returned a fresh fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The messages the kernel left in an fs context (e.g. "overlay: ... "), as
