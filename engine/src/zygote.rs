@@ -36,7 +36,7 @@
 //! cannot be started.
 
 use std::collections::HashMap;
-use std::io::{IoSlice, IoSliceMut, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -45,13 +45,13 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::MsgFlags;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::run::pidfd_open;
 use crate::commands::shim::{ShimJob, serve};
 use crate::config::Global;
-use crate::runtime::tty::WindowSize;
+use crate::runtime::tty::{WindowSize, recv_fds, send_fds};
 
 /// Env var: `0` runs each container through an exec'd shim instead of a
 /// zygote's fork.
@@ -259,7 +259,7 @@ impl Zygote {
 
     fn request(&mut self, json: &[u8], fds: &ShimFds<'_>) -> Result<Forked, RequestError> {
         let raw = [fds.status, fds.spec, fds.stdin, fds.stdout, fds.stderr].map(|f| f.as_raw_fd());
-        send_fds(self.sock.as_fd(), json, &raw).map_err(RequestError::NotSent)?;
+        send_fds(self.sock.as_fd(), json, &raw, MsgFlags::MSG_NOSIGNAL).map_err(RequestError::NotSent)?;
         let mut buf = vec![0u8; 64 * 1024];
         let (n, mut got) = recv_fds(self.sock.as_fd(), &mut buf, MsgFlags::empty())
             .map_err(|e| RequestError::Lost(e.into()))?;
@@ -297,62 +297,6 @@ fn seqpacket_pair() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     .context("socketpair")
 }
 
-/// Send `data` with `fds` attached (SCM_RIGHTS); never raises SIGPIPE.
-fn send_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let iov = [IoSlice::new(data)];
-    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(fds)]
-    };
-    loop {
-        match nix::sys::socket::sendmsg::<()>(
-            sock.as_raw_fd(),
-            &iov,
-            &cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(_) => return Ok(()),
-        }
-    }
-}
-
-/// Receive one message into `buf`: its length (0 at end of stream) and
-/// the fds attached to it (close-on-exec), in order.
-fn recv_fds(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-    flags: MsgFlags,
-) -> std::io::Result<(usize, Vec<OwnedFd>)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 8]);
-    let msg = loop {
-        match nix::sys::socket::recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            flags | MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other?,
-        }
-    };
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            // SAFETY: the kernel installed these fds for us.
-            fds.extend(
-                raw.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    Ok((msg.bytes, fds))
-}
-
 /// `kiln __shim-zygote`: serve fork requests until the kiln process that
 /// started it is gone.
 pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
@@ -380,7 +324,7 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let sigchld = sigchld_fd()?;
-    send_fds(sock.as_fd(), b"ready", &[]).context("greeting the kiln process")?;
+    send_fds(sock.as_fd(), b"ready", &[], MsgFlags::MSG_NOSIGNAL).context("greeting the kiln process")?;
     let mut zygote = Server {
         sock,
         sigchld,
@@ -455,7 +399,7 @@ impl Server {
                     Err(e) => (format!("error {e:#}"), None),
                 };
                 // A client that went away is seen at the next recv.
-                let _ = send_fds(self.sock.as_fd(), text.as_bytes(), pidfd.as_slice());
+                let _ = send_fds(self.sock.as_fd(), text.as_bytes(), pidfd.as_slice(), MsgFlags::MSG_NOSIGNAL);
             }
         }
     }

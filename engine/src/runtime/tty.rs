@@ -133,16 +133,8 @@ pub fn send_with_fd(
     data: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> anyhow::Result<()> {
-    let iov = [IoSlice::new(data)];
     let fds: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(&fds)]
-    };
-    nix::sys::socket::sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)
-        .context("sendmsg")?;
-    Ok(())
+    send_fds(sock, data, &fds, MsgFlags::empty()).context("sendmsg")
 }
 
 /// Receive one message into `buf` on a unix socket: its length (0 at end
@@ -151,30 +143,59 @@ pub fn recv_with_fd(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> anyhow::Result<(usize, Option<OwnedFd>)> {
+    let (n, fds) = recv_fds(sock, buf, MsgFlags::empty()).context("recvmsg")?;
+    Ok((n, fds.into_iter().next()))
+}
+
+/// Send `data` with `fds` attached (SCM_RIGHTS), with `flags` (e.g.
+/// `MSG_NOSIGNAL`, so a closed peer is an error instead of a SIGPIPE).
+pub(crate) fn send_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[RawFd],
+    flags: MsgFlags,
+) -> std::io::Result<()> {
+    let iov = [IoSlice::new(data)];
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(fds)]
+    };
+    loop {
+        match nix::sys::socket::sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, flags, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Receive one message into `buf`: its length (0 at end of stream) and
+/// the fds attached to it (close-on-exec), in order.
+pub(crate) fn recv_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = [IoSliceMut::new(buf)];
-    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let mut space = nix::cmsg_space!([RawFd; 8]);
     let msg = loop {
         match nix::sys::socket::recvmsg::<()>(
             sock.as_raw_fd(),
             &mut iov,
             Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
+            flags | MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.context("recvmsg")?,
+            other => break other?,
         }
     };
-    let mut fd = None;
-    for cmsg in msg.cmsgs().context("reading control messages")? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            for raw in fds {
-                // SAFETY: the kernel installed these fds for us.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                if fd.is_none() {
-                    fd = Some(owned);
-                }
-            }
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel installed these fds for us.
+            fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         }
     }
-    Ok((msg.bytes, fd))
+    Ok((msg.bytes, fds))
 }
