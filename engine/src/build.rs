@@ -43,7 +43,9 @@ pub fn set_build_network(definition: &mut Definition, network: NetworkMode) {
 /// through `images`.
 pub fn new_solver(store: Arc<Store>, images: Arc<dyn ImageSource>) -> anyhow::Result<Solver> {
     let runtime = crate::runtime::Runtime::for_store(store.root()).context("starting the container runtime")?;
-    let executor = ContainerExecutor::new(runtime.state_root()).context("starting the container runtime")?;
+    // `for_store` has swept the state root already: no second `Runtime::new`.
+    let shim = crate::executor::Shim::find(runtime.state_root()).context("starting the container runtime")?;
+    let executor = ContainerExecutor::with_shim(shim);
     Ok(Solver::new(store, Arc::new(executor), images))
 }
 
