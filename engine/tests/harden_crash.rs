@@ -160,6 +160,13 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
     // kills must not lose (killed runs may finish more of them).
     let first = kiln(&root, &build_args(1).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(first.status.success(), "first build failed:\n{}", String::from_utf8_lossy(&first.stderr));
+    // How long a build of the loop below takes here (its last step runs
+    // again): the kills are spread over twice that, so about half of them
+    // land mid-way however fast the machine and kiln are.
+    let timed = Instant::now();
+    let warm = kiln(&root, &build_args(2).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(warm.status.success(), "second build failed:\n{}", String::from_utf8_lossy(&warm.stderr));
+    let build_ms = (timed.elapsed().as_millis() as u64).max(20);
     let started = Instant::now();
     let (mut kills, mut finished, mut leftover_mounts, mut orphans) = (0, 0, 0, 0);
     // Builds (each with a fresh N, so the last step always has work),
@@ -179,7 +186,7 @@ fn sigkill_at_random_moments_leaves_a_consistent_store() {
         };
         i += 1;
         // Builds get a longer window so that some of them finish steps.
-        let after = Duration::from_millis(if what == "build" { rng.between(20, 700) } else { rng.between(5, 120) });
+        let after = Duration::from_millis(if what == "build" { rng.between(5, 2 * build_ms) } else { rng.between(5, 120) });
         if run_and_kill(&root, &args, after) {
             kills += 1;
         } else {
