@@ -224,6 +224,14 @@ impl Runtime {
     /// to the scratch directory recorded there by [`Runtime::for_store`],
     /// else to `<state_root>/scratch`.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let rt = Runtime::open(state_root)?;
+        rt.sweep()?;
+        Ok(rt)
+    }
+
+    /// [`Runtime::new`] without the sweep: for a container shim, whose
+    /// kiln process made (and swept) the runtime already.
+    pub fn open(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let state_root: PathBuf = state_root.into();
         let containers = state_root.join("containers");
         std::fs::create_dir_all(&containers)
@@ -245,7 +253,6 @@ impl Runtime {
         };
         std::fs::create_dir_all(rt.libcontainer_dir())
             .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
-        rt.sweep()?;
         Ok(rt)
     }
 
