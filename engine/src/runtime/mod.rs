@@ -1112,12 +1112,19 @@ impl Running {
         // them). Detach the host's copies while the container runs: an
         // unmount waits for an RCU grace period, which on a busy host costs
         // tens of milliseconds, and this keeps it off the critical path.
-        let host_mounts = overlay::mounts_under(&self.dir)?;
+        // Found by the thread too (a read of mountinfo): whatever is left
+        // when the process ends is unmounted by `release_upper`.
+        let dir = self.dir.clone();
         self.detacher = Some(std::thread::spawn(move || {
-            for m in host_mounts {
-                if let Err(e) = overlay::unmount(&m) {
-                    tracing::warn!("{e:#}");
+            match overlay::mounts_under(&dir) {
+                Ok(host_mounts) => {
+                    for m in host_mounts {
+                        if let Err(e) = overlay::unmount(&m) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
                 }
+                Err(e) => tracing::warn!("{e:#}"),
             }
             // The last reference to the namespace the container was created
             // in: its teardown waits for a grace period too.
