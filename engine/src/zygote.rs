@@ -5,6 +5,11 @@
 //! exec of the 30 MB binary costs a few ms of CPU per RUN step). Requests
 //! from concurrent threads take turns; each is one round trip and a fork.
 //!
+//! The zygote forks each shim ahead of its request (a [`Spare`], named
+//! `kiln-spare` until it gets its request): a request is handed to the
+//! waiting spare, and the next spare is forked after the answer, beside the
+//! container just started rather than before the next one.
+//!
 //! Why a process at all: libcontainer must clone from a single-threaded
 //! process (see [`crate::executor`]); the zygote is one, and so is every
 //! child it forks. Each child runs exactly the exec'd shim's logic
@@ -330,7 +335,9 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
         sigchld,
         parent,
         children: HashMap::new(),
+        spare: None,
     };
+    zygote.spare = zygote.fork_spare();
     zygote.serve()?;
     Ok(0)
 }
@@ -361,6 +368,19 @@ struct Server {
     parent: OwnedFd,
     /// Each running child's status socket end, for its `shim-*` message.
     children: HashMap<i32, OwnedFd>,
+    /// A child forked ahead, waiting for the next request (see [`Spare`]).
+    spare: Option<Spare>,
+}
+
+/// A shim forked before its request comes: the request's fork then
+/// happens beside the previous container, not before the next one. It waits
+/// on its end of a socketpair for the request and its fds (as the zygote
+/// got them), then runs exactly as a freshly forked shim; it exits when
+/// that socket ends (the zygote is gone).
+struct Spare {
+    pid: i32,
+    pidfd: OwnedFd,
+    sock: OwnedFd,
 }
 
 impl Server {
@@ -393,13 +413,60 @@ impl Server {
                 if n == 0 {
                     return Ok(());
                 }
-                let reply = self.fork_one(&buf[..n], got);
+                let reply = self.start_one(&buf[..n], got);
                 let (text, pidfd) = match &reply {
                     Ok((pid, fd)) => (format!("ok {pid}"), Some(fd.as_raw_fd())),
                     Err(e) => (format!("error {e:#}"), None),
                 };
                 // A client that went away is seen at the next recv.
                 let _ = send_fds(self.sock.as_fd(), text.as_bytes(), pidfd.as_slice(), MsgFlags::MSG_NOSIGNAL);
+                drop(reply);
+                if self.spare.is_none() {
+                    self.spare = self.fork_spare();
+                }
+            }
+        }
+    }
+
+    /// Start a shim for one request: hand it to the spare, else fork one.
+    /// Its pid and a pidfd of it.
+    fn start_one(&mut self, json: &[u8], fds: Vec<OwnedFd>) -> anyhow::Result<(i32, OwnedFd)> {
+        if let Some(spare) = self.spare.take() {
+            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+            if fds.len() == 5 && send_fds(spare.sock.as_fd(), json, &raw, MsgFlags::MSG_NOSIGNAL).is_ok() {
+                // Its copies are in the spare now; the status end is kept
+                // for the `shim-*` message, as for a forked child.
+                let mut fds = fds;
+                let status = fds.remove(0);
+                self.children.insert(spare.pid, status);
+                return Ok((spare.pid, spare.pidfd));
+            }
+            // Gone (killed?): reaped like any child; fork instead.
+            // SAFETY: pidfd_send_signal(2) on a pidfd we own.
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, spare.pidfd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
+        }
+        self.fork_one(json, fds)
+    }
+
+    /// Fork a [`Spare`]; `None` (and one fork per request) if that fails.
+    fn fork_spare(&mut self) -> Option<Spare> {
+        let (ours, theirs) = seqpacket_pair().ok()?;
+        // SAFETY: this process has a single thread (checked at start), so
+        // the child may run anything; it never returns here.
+        match unsafe { nix::unistd::fork() }.ok()? {
+            nix::unistd::ForkResult::Child => {
+                drop(ours);
+                await_request(theirs, self.parent.as_raw_fd())
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(theirs);
+                let pid = child.as_raw();
+                match pidfd_open(pid) {
+                    Ok(pidfd) => Some(Spare { pid, pidfd, sock: ours }),
+                    // Without a pidfd it cannot be handed out: let it go
+                    // (its socket's end ends it).
+                    Err(_) => None,
+                }
             }
         }
     }
@@ -479,6 +546,42 @@ pub(crate) fn place_fds(sources: &[RawFd], first: RawFd) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// A [`Spare`]'s life: keep only its socket (at 3) and the kiln pidfd (at
+/// 4) of the zygote's fds, wait for a request, then become its shim.
+fn await_request(sock: OwnedFd, parent: RawFd) -> ! {
+    // SAFETY: prctl(2) with a static name; `ps` tells it from a shim.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"kiln-spare".as_ptr(), 0, 0, 0) };
+    // Nothing else of the zygote's stays open here: other shims' status
+    // ends held open by a spare would keep their clients from seeing the end.
+    if place_fds(&[sock.into_raw_fd(), parent], 3).is_err() {
+        // SAFETY: leaving the child at once.
+        unsafe { libc::_exit(127) };
+    }
+    // SAFETY: close_range(2) on fds nothing in this process uses anymore.
+    unsafe { libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) };
+    // SAFETY: placed at 3 just above, owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(3) };
+    let mut buf = vec![0u8; 64 * 1024];
+    let request = loop {
+        match recv_fds(sock.as_fd(), &mut buf, MsgFlags::empty()) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok((n, fds)) if n > 0 => break (n, fds),
+            // SAFETY: the zygote is gone (or the socket broke): leave.
+            _ => unsafe { libc::_exit(0) },
+        }
+    };
+    let (n, fds) = request;
+    let req: Option<Request> = serde_json::from_slice(&buf[..n]).ok();
+    let fds: Option<[OwnedFd; 5]> = fds.try_into().ok();
+    let (Some(req), Some([status, spec, stdin, stdout, stderr])) = (req, fds) else {
+        // SAFETY: a request the zygote would have refused; its client sees
+        // the `shim-exit` the zygote sends when it reaps this process.
+        unsafe { libc::_exit(125) };
+    };
+    drop(sock);
+    become_shim(&req, [stdin, stdout, stderr, status, spec], 4)
 }
 
 /// In a freshly forked child: put `fds` (stdin, stdout, stderr, status,

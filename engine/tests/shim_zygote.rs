@@ -40,6 +40,12 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_string())
+        .unwrap_or_default()
+}
+
 fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
@@ -192,15 +198,21 @@ fn kill_9_of_kiln_takes_its_zygote_shims_and_containers_along() {
         .into_iter()
         .find(|&p| cmdline(p).contains("__shim-zygote"))
         .expect("kiln run -t started a zygote");
-    let shims = children(zygote);
-    assert_eq!(shims.len(), 1, "one shim forked");
-    let containers = children(shims[0]);
-    assert!(!containers.is_empty(), "the shim's container");
+    // The shim of the container, and the spare forked for the next one.
+    let forked = children(zygote);
+    let shim = forked
+        .iter()
+        .copied()
+        .find(|&p| !children(p).is_empty())
+        .expect("a shim with its container");
+    assert!(forked.len() <= 2, "one shim and at most one spare: {forked:?}");
+    let containers = children(shim);
     kiln.kill().unwrap();
     kiln.wait().unwrap();
     let killed = std::time::Instant::now();
-    for (what, pid) in [("zygote", zygote), ("shim", shims[0])]
+    for (what, pid) in [("zygote", zygote)]
         .into_iter()
+        .chain(forked.iter().map(|&p| (if p == shim { "shim" } else { "spare shim" }, p)))
         .chain(containers.iter().map(|&c| ("container", c)))
     {
         wait_for(&format!("the {what} to die with kiln"), || {
@@ -247,10 +259,11 @@ fn a_forked_shim_ended_by_sigalrm_before_starting_is_a_start_timeout() {
             &format!("shim {attempt} to wait for the sweep lock"),
             || {
                 let zygote = shim.zygote_pid();
+                // A shim, not the spare waiting for the next request.
                 waiting = zygote
                     .into_iter()
                     .flat_map(children)
-                    .find(|p| !alarmed.contains(p));
+                    .find(|p| !alarmed.contains(p) && comm(*p) == "kiln-shim");
                 waiting.is_some()
             },
         );
@@ -267,4 +280,47 @@ fn a_forked_shim_ended_by_sigalrm_before_starting_is_a_start_timeout() {
     assert!(err.is::<StartTimedOut>(), "{err:#}");
     assert_eq!(cap.out(), "", "the container never ran");
     assert_nothing_left(s.path(), &state);
+}
+
+/// The zygote keeps one shim forked ahead: the next container runs in that
+/// spare (forked before it was asked for), and a spare killed while it
+/// waits is replaced by a fork at the next request.
+#[test]
+fn the_next_container_runs_in_the_spare_forked_ahead() {
+    require_containers!();
+    let s = Scratch::new();
+    let base = s.busybox_layer("base");
+    let shim = shim(&s);
+    let run = |name: &str, script: &str| -> (u32, i32, String) {
+        let spec = ContainerSpec::new(s.rootfs(vec![base.clone()], name), sh(script));
+        let cap = Capture::default();
+        let p = shim.start(&spec, ShimOptions::default(), cap.sink()).unwrap();
+        let pid = p.shim_pid().unwrap();
+        let code = p.wait().unwrap();
+        (pid, code, cap.out())
+    };
+    let (first, code, out) = run("a", "echo a");
+    assert_eq!((code, out.as_str()), (0, "a\n"));
+    let zygote = shim.zygote_pid().expect("a zygote runs");
+    let idle_spare = |not: u32| {
+        let c = children(zygote);
+        (c.len() == 1 && c[0] != not && children(c[0]).is_empty()).then(|| c[0])
+    };
+    wait_for("the spare alone", || idle_spare(first).is_some());
+    let spare = idle_spare(first).unwrap();
+    assert_eq!(comm(spare), "kiln-spare");
+    let (pid, code, out) = run("b", "echo b; exit 4");
+    assert_eq!((pid, code, out.as_str()), (spare, 4, "b\n"), "ran in the spare");
+    wait_for("a new spare", || idle_spare(spare).is_some());
+    let dead = idle_spare(spare).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dead as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the killed spare to be reaped", || !children(zygote).contains(&dead));
+    let (pid, code, out) = run("c", "echo c; exit 6");
+    assert_ne!(pid, dead);
+    assert_eq!((code, out.as_str()), (6, "c\n"));
+    assert_nothing_left(s.path(), &s.path().join("run"));
 }
