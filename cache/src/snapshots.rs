@@ -10,18 +10,34 @@
 //! theirs kept (same id means same content). Prepared but
 //! uncommitted snapshots live under `tmp/` and are removed at the next open
 //! that holds no lock on them (see the store's `check`).
+//!
+//! Durability is a separate step, so a build step need not wait for
+//! fsyncs: [`Snapshotter::commit_deferred`] makes the snapshot usable at
+//! once (by this and other processes) and [`Snapshotter::make_durable`]
+//! later fsyncs its `meta.json`, its directory and `snapshots/`. Whoever
+//! writes a record naming a snapshot makes it durable first, so after a
+//! power loss a record never names a snapshot that is not there. A
+//! snapshot dir left with a missing or torn `meta.json` (a power loss
+//! before `make_durable`) is no snapshot: [`Snapshotter::commit`] replaces
+//! it. As before, the layer's own files are never fsynced: a process
+//! crash cannot tear them (the rename into `snapshots/` is atomic).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{sync_dir, unique_name, write_atomic};
-use crate::lock::FileLock;
+use crate::lock::{FileLock, TransientLock};
 
 /// Snapshots under `snapshots/` of the store root.
 pub struct Snapshotter {
     dir: PathBuf,
     tmp: PathBuf,
+    /// Ids committed (or adopted) by [`Snapshotter::commit_deferred`] whose
+    /// fsyncs [`Snapshotter::make_durable`] still owes.
+    unsynced: Mutex<HashSet<String>>,
 }
 
 /// A snapshot being written: mutable until committed. It holds a lock on
@@ -89,7 +105,7 @@ impl Snapshotter {
         let tmp = root.join("tmp").join("snapshots");
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&tmp)?;
-        Ok(Snapshotter { dir, tmp })
+        Ok(Snapshotter { dir, tmp, unsynced: Mutex::new(HashSet::new()) })
     }
 
     /// Start a new snapshot with an empty `fs/` directory.
@@ -134,9 +150,21 @@ impl Snapshotter {
         Ok(removed)
     }
 
-    /// Make `active` the immutable snapshot `id`. The overlay work dir is
-    /// dropped. If `id` already exists, `active` is discarded.
+    /// Make `active` the immutable snapshot `id`, durably: when this
+    /// returns, it survives a power loss. The overlay work dir is dropped.
+    /// If a valid snapshot `id` already exists, `active` is discarded; a
+    /// broken one (no `fs/`, or `meta.json` missing or unparseable) is
+    /// replaced.
     pub fn commit(&self, active: ActiveSnapshot, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
+        self.commit_deferred(active, id, meta)?;
+        self.make_durable(&[id])?;
+        Ok(())
+    }
+
+    /// [`Snapshotter::commit`] without its fsyncs: the snapshot is usable
+    /// at once, and durable only after [`Snapshotter::make_durable`] for
+    /// `id`, which anything recording `id` must call first.
+    pub fn commit_deferred(&self, active: ActiveSnapshot, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
         check_id(id)?;
         // The overlay work dir, if one was made (only an upperdir has one).
         let _ = std::fs::remove_dir_all(active.dir.join("work"));
@@ -145,23 +173,104 @@ impl Snapshotter {
         // Measured here, where the files were just written (cache-hot) and
         // can no longer change.
         meta.fs_bytes = Some(crate::usage::apparent_size(&active.fs()));
-        write_atomic(&active.dir.join("meta.json"), &serde_json::to_vec(&meta)?)?;
+        // The directory is ours alone until renamed: written in place (no
+        // temp file), complete before anyone can see it.
+        std::fs::write(active.dir.join(META_FILE), serde_json::to_vec(&meta)?)?;
+        self.install(active, id)?;
+        self.unsynced.lock().unwrap().insert(id.to_string());
+        Ok(())
+    }
+
+    /// Move the written `active` to `snapshots/<id>`, or adopt a valid
+    /// snapshot already there.
+    fn install(&self, active: ActiveSnapshot, id: &str) -> anyhow::Result<()> {
         let final_dir = self.dir.join(id);
-        if final_dir.exists() {
-            self.abort(active);
-            return Ok(());
-        }
         match std::fs::rename(&active.dir, &final_dir) {
             Ok(()) => {
                 release(active);
-                sync_dir(&self.dir).map_err(Into::into)
-            }
-            Err(_) if final_dir.exists() => {
-                self.abort(active);
                 Ok(())
+            }
+            // A non-empty `final_dir` (an empty one is simply replaced).
+            Err(_) if final_dir.exists() => {
+                if self.is_valid(id) {
+                    self.abort(active);
+                    return Ok(());
+                }
+                self.replace_broken(active, id)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Swap `active` in for the broken `snapshots/<id>` in one step
+    /// (`RENAME_EXCHANGE`), so a reader sees the old dir or the new one and
+    /// never no dir at all, then delete the broken one. Under a lock on the
+    /// id: two processes replacing it at once would otherwise each swap,
+    /// and the second delete the first one's valid snapshot, maybe in use.
+    fn replace_broken(&self, active: ActiveSnapshot, id: &str) -> anyhow::Result<()> {
+        use nix::fcntl::{RenameFlags, renameat2};
+        let final_dir = self.dir.join(id);
+        let _lock = TransientLock::acquire(&self.tmp.join(format!("replace-{id}.lock")))?;
+        if self.is_valid(id) {
+            // Replaced by someone else while we waited.
+            self.abort(active);
+            return Ok(());
+        }
+        tracing::warn!("snapshot {id}: replacing a broken copy (left by a crash before it was durable)");
+        match renameat2(None, &active.dir, None, &final_dir, RenameFlags::RENAME_EXCHANGE) {
+            // `active.dir` now holds the broken snapshot: still ours, locked.
+            Ok(()) => self.abort(active),
+            // Gone meanwhile (removed): a plain rename will do.
+            Err(nix::errno::Errno::ENOENT) => {
+                std::fs::rename(&active.dir, &final_dir)?;
+                release(active);
+            }
+            Err(e) => {
+                self.abort(active);
+                anyhow::bail!("replacing broken snapshot {id}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `snapshots/<id>` is a whole snapshot: `fs/` and a parseable
+    /// `meta.json`.
+    fn is_valid(&self, id: &str) -> bool {
+        self.exists(id) && self.meta(id).is_ok()
+    }
+
+    /// fsync what [`Snapshotter::commit_deferred`] left unsynced of the
+    /// snapshots `ids` (`meta.json`, the snapshot dir, `snapshots/`);
+    /// ids already durable are skipped. Returns how many were synced. An
+    /// error leaves them unsynced, so the caller must not record them.
+    pub fn make_durable<S: AsRef<str>>(&self, ids: &[S]) -> anyhow::Result<usize> {
+        let due: Vec<String> = {
+            let unsynced = self.unsynced.lock().unwrap();
+            ids.iter().map(AsRef::as_ref).filter(|id| unsynced.contains(*id)).map(str::to_string).collect()
+        };
+        if due.is_empty() {
+            return Ok(0);
+        }
+        for id in &due {
+            let dir = self.dir.join(id);
+            let synced = std::fs::File::open(dir.join(META_FILE)).and_then(|f| f.sync_all()).and_then(|()| sync_dir(&dir));
+            synced.map_err(|e| anyhow::anyhow!("making snapshot {id} durable: {e}"))?;
+        }
+        // One fsync of `snapshots/` covers every rename into it.
+        sync_dir(&self.dir).map_err(|e| anyhow::anyhow!("making snapshots durable: {e}"))?;
+        let mut unsynced = self.unsynced.lock().unwrap();
+        for id in &due {
+            unsynced.remove(id);
+        }
+        Ok(due.len())
+    }
+
+    /// Ids committed by [`Snapshotter::commit_deferred`] and not yet made
+    /// durable, sorted.
+    pub fn unsynced(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.unsynced.lock().unwrap().iter().cloned().collect();
+        ids.sort();
+        ids
     }
 
     /// Throw away an uncommitted snapshot.
@@ -183,14 +292,14 @@ impl Snapshotter {
     /// Metadata of snapshot `id`.
     pub fn meta(&self, id: &str) -> anyhow::Result<SnapshotMeta> {
         check_id(id)?;
-        let bytes = std::fs::read(self.dir.join(id).join("meta.json"))?;
+        let bytes = std::fs::read(self.dir.join(id).join(META_FILE))?;
         Ok(serde_json::from_slice(&bytes)?)
     }
 
     /// Replace the metadata of snapshot `id` (e.g. to record a new blob).
     pub fn set_meta(&self, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
         check_id(id)?;
-        write_atomic(&self.dir.join(id).join("meta.json"), &serde_json::to_vec(meta)?)?;
+        write_atomic(&self.dir.join(id).join(META_FILE), &serde_json::to_vec(meta)?)?;
         Ok(())
     }
 
@@ -211,11 +320,15 @@ impl Snapshotter {
         let doomed = self.tmp.join(unique_name("rm-"));
         let lock = FileLock::exclusive(&lock_path(&doomed))?;
         std::fs::rename(self.dir.join(id), &doomed)?;
+        self.unsynced.lock().unwrap().remove(id);
         std::fs::remove_dir_all(&doomed)?;
         let _ = std::fs::remove_file(lock.path());
         Ok(())
     }
 }
+
+/// A snapshot's metadata file, beside its `fs/`.
+const META_FILE: &str = "meta.json";
 
 /// `<dir>.lock`, the lock guarding a directory under `tmp/snapshots/`.
 fn lock_path(dir: &Path) -> PathBuf {
@@ -244,4 +357,120 @@ fn check_id(id: &str) -> anyhow::Result<()> {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
     anyhow::ensure!(ok, "invalid snapshot id {id:?}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A prepared snapshot holding one file `name` with `content`.
+    fn prepared(snapshots: &Snapshotter, name: &str, content: &str) -> ActiveSnapshot {
+        let active = snapshots.prepare().unwrap();
+        std::fs::write(active.fs().join(name), content).unwrap();
+        active
+    }
+
+    #[test]
+    fn deferred_commit_is_usable_at_once_and_durable_when_asked() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = Snapshotter::open(root.path()).unwrap();
+        let active = prepared(&snapshots, "f", "one");
+        active.make_work_dir().unwrap();
+        snapshots.commit_deferred(active, "a", &SnapshotMeta::default()).unwrap();
+        assert_eq!(std::fs::read_to_string(snapshots.path("a").join("f")).unwrap(), "one");
+        assert!(snapshots.meta("a").unwrap().fs_bytes.is_some_and(|b| b >= 3), "the size is measured");
+        assert!(!root.path().join("snapshots/a/work").exists(), "the overlay work dir is dropped");
+        assert_eq!(snapshots.unsynced(), ["a"]);
+        // Unknown and already durable ids cost nothing.
+        assert_eq!(snapshots.make_durable(&["a", "b"]).unwrap(), 1);
+        assert!(snapshots.unsynced().is_empty());
+        assert_eq!(snapshots.make_durable(&["a"]).unwrap(), 0);
+        // `commit` leaves nothing to sync; the tmp dir holds no leftovers.
+        snapshots.commit(prepared(&snapshots, "f", "two"), "c", &SnapshotMeta::default()).unwrap();
+        assert!(snapshots.unsynced().is_empty());
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_failed_sync_leaves_the_snapshot_unsynced() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = Snapshotter::open(root.path()).unwrap();
+        snapshots.commit_deferred(prepared(&snapshots, "f", "x"), "a", &SnapshotMeta::default()).unwrap();
+        std::fs::remove_file(root.path().join("snapshots/a/meta.json")).unwrap();
+        let err = snapshots.make_durable(&["a"]).unwrap_err();
+        assert!(format!("{err:#}").contains("snapshot a"), "{err:#}");
+        assert_eq!(snapshots.unsynced(), ["a"]);
+    }
+
+    #[test]
+    fn a_valid_existing_snapshot_is_adopted() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = Snapshotter::open(root.path()).unwrap();
+        let theirs = SnapshotMeta { diff_id: Some("sha256:theirs".into()), ..Default::default() };
+        snapshots.commit(prepared(&snapshots, "f", "theirs"), "a", &theirs).unwrap();
+        snapshots.commit_deferred(prepared(&snapshots, "f", "ours"), "a", &SnapshotMeta::default()).unwrap();
+        assert_eq!(std::fs::read_to_string(snapshots.path("a").join("f")).unwrap(), "theirs");
+        assert_eq!(snapshots.meta("a").unwrap().diff_id.as_deref(), Some("sha256:theirs"));
+        // Adopted: maybe not durable yet (its committer may have died
+        // before syncing it), so this process syncs it before recording it.
+        assert_eq!(snapshots.unsynced(), ["a"]);
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0, "ours is discarded");
+    }
+
+    #[test]
+    fn a_broken_existing_snapshot_is_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = Snapshotter::open(root.path()).unwrap();
+        // What a power loss before `make_durable` may leave: meta.json
+        // torn (empty), missing, or an empty snapshot dir.
+        let broken: [(&str, &dyn Fn(&Path)); 3] = [
+            ("torn", &|dir| std::fs::write(dir.join("meta.json"), b"").unwrap()),
+            ("missing", &|dir| std::fs::remove_file(dir.join("meta.json")).unwrap()),
+            ("empty", &|dir| {
+                std::fs::remove_dir_all(dir).unwrap();
+                std::fs::create_dir(dir).unwrap();
+            }),
+        ];
+        for (id, damage) in broken {
+            snapshots.commit(prepared(&snapshots, "f", "old"), id, &SnapshotMeta::default()).unwrap();
+            damage(&root.path().join("snapshots").join(id));
+            assert!(snapshots.meta(id).is_err());
+            snapshots.commit_deferred(prepared(&snapshots, "f", "new"), id, &SnapshotMeta::default()).unwrap();
+            assert_eq!(std::fs::read_to_string(snapshots.path(id).join("f")).unwrap(), "new", "{id}");
+            assert!(snapshots.meta(id).unwrap().fs_bytes.is_some(), "{id}");
+            assert_eq!(snapshots.make_durable(&[id]).unwrap(), 1);
+        }
+        // The broken copies and the replace locks are gone.
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn concurrent_commits_over_a_broken_snapshot_leave_one_valid_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = std::sync::Arc::new(Snapshotter::open(root.path()).unwrap());
+        for round in 0..20 {
+            let id = format!("s{round}");
+            snapshots.commit(prepared(&snapshots, "f", "old"), &id, &SnapshotMeta::default()).unwrap();
+            std::fs::write(root.path().join("snapshots").join(&id).join("meta.json"), b"{").unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|t| {
+                    let (snapshots, barrier, id) = (snapshots.clone(), barrier.clone(), id.clone());
+                    std::thread::spawn(move || {
+                        let active = prepared(&snapshots, "f", &format!("new{t}"));
+                        barrier.wait();
+                        snapshots.commit_deferred(active, &id, &SnapshotMeta::default()).unwrap();
+                        // Whoever won, every committer sees a whole snapshot.
+                        assert!(snapshots.meta(&id).is_ok());
+                        std::fs::read_to_string(snapshots.path(&id).join("f")).unwrap()
+                    })
+                })
+                .collect();
+            let seen: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let kept = std::fs::read_to_string(snapshots.path(&id).join("f")).unwrap();
+            assert!(kept.starts_with("new"), "{kept}");
+            assert!(seen.iter().all(|s| *s == kept), "one replacement, seen by all: {seen:?} vs {kept}");
+        }
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
+    }
 }

@@ -316,7 +316,12 @@ impl Inner {
         kiln_cache::lease::use_snapshots(&self.store, &record.layers).ok()?.then_some(record.layers)
     }
 
+    /// Record `layers` as the result of `key`. The snapshots are made
+    /// durable first (those committed with `commit_deferred`, this step's
+    /// and maybe earlier steps' still in flight), so after a power loss a
+    /// record never names a snapshot that did not survive.
     fn remember(&self, key: &str, layers: &[String]) -> anyhow::Result<()> {
+        self.store.snapshots.make_durable(layers)?;
         let record = serde_json::to_vec(&CacheRecord { layers: layers.to_vec() })?;
         self.store.index.put(key, &record)
     }
@@ -576,10 +581,11 @@ async fn compute(
     };
     match result {
         Ok(layers) => {
-            // The record (two fsyncs) is written while the next step starts:
-            // nothing here needs it, the key lock goes with it (so another
-            // process on this store waits for it), and the solve waits for
-            // it before it ends.
+            // The layer's fsyncs and then the record's (five in all) are
+            // done while the next step starts: nothing here needs them, the
+            // key lock goes with them (so another process on this store
+            // waits for the record), and the solve waits for them before it
+            // ends.
             let (recorder, key, recorded) = (inner.clone(), key.clone(), layers.clone());
             let key_lock = _key_lock.take();
             let write = tokio::task::spawn_blocking(move || {
@@ -673,12 +679,63 @@ async fn run_file(
         inner.store.snapshots.abort(active);
         return Err(op_error(node, format!("{e:#}"), vec![]));
     }
+    // Made durable with the step's record (see `compute`).
     inner
         .store
         .snapshots
-        .commit(active, snapshot_id, &SnapshotMeta::default())
+        .commit_deferred(active, snapshot_id, &SnapshotMeta::default())
         .map_err(|e| op_error(node, format!("committing layer: {e:#}"), vec![]))?;
     let mut layers = base;
     layers.push(snapshot_id.to_string());
     Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This test runs no op: a solver's seams it never calls.
+    struct Unused;
+
+    #[async_trait::async_trait]
+    impl Executor for Unused {
+        async fn exec(&self, _: crate::worker::ExecRequest, _: crate::worker::LogSink) -> anyhow::Result<i32> {
+            anyhow::bail!("no process runs in this test")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ImageSource for Unused {
+        async fn resolve(&self, reference: &str, _: &kiln_frontend::graph::Platform) -> anyhow::Result<ResolvedImage> {
+            anyhow::bail!("no image {reference} in this test")
+        }
+    }
+
+    #[test]
+    fn a_record_is_written_only_after_its_snapshots_are_durable() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(root.path()).unwrap());
+        let solver = Solver::new(store.clone(), Arc::new(Unused), Arc::new(Unused));
+        let commit = |id: &str| {
+            let active = store.snapshots.prepare().unwrap();
+            std::fs::write(active.fs().join("f"), id).unwrap();
+            store.snapshots.commit_deferred(active, id, &SnapshotMeta::default()).unwrap();
+        };
+        let (key_a, key_b) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+
+        // A step and the next one, whose record names both layers: the
+        // first's sync may still be due when the second's record is made.
+        commit("base");
+        commit("top");
+        let chain = vec!["base".to_string(), "top".to_string()];
+        solver.inner.remember(&key_b, &chain).unwrap();
+        assert!(store.snapshots.unsynced().is_empty(), "every layer the record names is synced first");
+        assert!(store.index.get(&key_b).unwrap().is_some());
+
+        // A snapshot that cannot be synced is never recorded.
+        commit("lost");
+        std::fs::remove_file(root.path().join("snapshots/lost/meta.json")).unwrap();
+        assert!(solver.inner.remember(&key_a, &["lost".to_string()]).is_err());
+        assert_eq!(store.index.get(&key_a).unwrap(), None, "no record before its snapshot is durable");
+    }
 }
