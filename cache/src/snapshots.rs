@@ -2,27 +2,30 @@
 //!
 //! Lifecycle, as containerd's snapshotter: [`Snapshotter::prepare`] gives an
 //! [`ActiveSnapshot`] — an empty `fs/` to write into (an overlay upperdir or
-//! an unpack target); an upperdir asks for a `work/` dir beside it on the
-//! same filesystem ([`ActiveSnapshot::make_work_dir`]).
-//! [`Snapshotter::commit`] records the bytes of `fs/` in `meta.json`,
-//! renames it to `snapshots/<id>/` and from then on it is immutable. If
-//! another process committed the same id first, ours is discarded and
-//! theirs kept (same id means same content). Prepared but
-//! uncommitted snapshots live under `tmp/` and are removed at the next open
-//! that holds no lock on them (see the store's `check`).
+//! an unpack target); an upperdir asks for a work dir on the same
+//! filesystem ([`ActiveSnapshot::make_work_dir`]: `<dir>.work`, beside the
+//! snapshot dir, so a commit leaves it behind). [`Snapshotter::commit`]
+//! records the bytes of `fs/` in `meta.json`, renames the snapshot dir to
+//! `snapshots/<id>/` and from then on it is immutable. If another process
+//! committed the same id first, ours is discarded and theirs kept (same id
+//! means same content). Prepared but uncommitted snapshots live under
+//! `tmp/` and are removed at the next open that holds no lock on them (see
+//! the store's `check`).
 //!
-//! Durability is a separate step, so a build step need not wait for
-//! fsyncs: [`Snapshotter::commit_deferred`] makes the snapshot usable at
-//! once (by this and other processes) and [`Snapshotter::make_durable`]
-//! later fsyncs its `meta.json`, its directory and `snapshots/`. Whoever
-//! writes a record naming a snapshot makes it durable first, so after a
-//! power loss a record never names a snapshot that is not there. A
-//! snapshot dir left with a missing or torn `meta.json` (a power loss
-//! before `make_durable`) is no snapshot: [`Snapshotter::commit`] replaces
-//! it. As before, the layer's own files are never fsynced: a process
-//! crash cannot tear them (the rename into `snapshots/` is atomic).
+//! Durability is a separate step, so a build step need not wait for it:
+//! [`Snapshotter::commit_deferred`] makes the snapshot usable at once (by
+//! this and other processes) and [`Snapshotter::make_durable`] later
+//! fsyncs its `meta.json`, its directory and `snapshots/`, then removes the
+//! work dir and the lock file (removing a directory frees a block, which on
+//! a filesystem mounted with `discard` waits for the disk). Whoever writes
+//! a record naming a snapshot makes it durable first, so after a power loss
+//! a record never names a snapshot that is not there. A snapshot dir left
+//! with a missing or torn `meta.json` (a power loss before `make_durable`)
+//! is no snapshot: a commit of its id replaces it. As before, the layer's
+//! own files are never fsynced: a process crash cannot tear them (the
+//! rename into `snapshots/` is atomic).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -36,8 +39,22 @@ pub struct Snapshotter {
     dir: PathBuf,
     tmp: PathBuf,
     /// Ids committed (or adopted) by [`Snapshotter::commit_deferred`] whose
-    /// fsyncs [`Snapshotter::make_durable`] still owes.
-    unsynced: Mutex<HashSet<String>>,
+    /// fsyncs (and cleanup) [`Snapshotter::make_durable`] still owes.
+    unsynced: Mutex<HashMap<String, Vec<Leftover>>>,
+}
+
+/// What a deferred commit leaves under `tmp/snapshots/` to remove later:
+/// the overlay work dir, if one was made, and the lock guarding it.
+struct Leftover {
+    work: PathBuf,
+    lock: FileLock,
+}
+
+impl Leftover {
+    fn remove(self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+        let _ = std::fs::remove_file(self.lock.path());
+    }
 }
 
 /// A snapshot being written: mutable until committed. It holds a lock on
@@ -55,11 +72,12 @@ impl ActiveSnapshot {
     }
 
     /// Create and return an empty overlayfs work directory on the same
-    /// filesystem as `fs()`. Only an overlay upperdir needs one, so
-    /// [`Snapshotter::prepare`] does not make it: a COPY or an unpack
-    /// creates (and commit deletes) one directory less.
+    /// filesystem as `fs()` (beside the snapshot dir, under the same lock).
+    /// Only an overlay upperdir needs one, so [`Snapshotter::prepare`] does
+    /// not make it: a COPY or an unpack creates (and deletes) one directory
+    /// less.
     pub fn make_work_dir(&self) -> std::io::Result<PathBuf> {
-        let work = self.dir.join("work");
+        let work = work_path(&self.dir);
         std::fs::create_dir(&work)?;
         Ok(work)
     }
@@ -105,7 +123,7 @@ impl Snapshotter {
         let tmp = root.join("tmp").join("snapshots");
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&tmp)?;
-        Ok(Snapshotter { dir, tmp, unsynced: Mutex::new(HashSet::new()) })
+        Ok(Snapshotter { dir, tmp, unsynced: Mutex::new(HashMap::new()) })
     }
 
     /// Start a new snapshot with an empty `fs/` directory.
@@ -130,19 +148,22 @@ impl Snapshotter {
         for entry in std::fs::read_dir(&self.tmp)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "lock") {
-                // A lock whose directory is gone (its owner died in between).
+                // A lock whose directories are gone (its owner died in between).
                 if !path.with_extension("").exists()
+                    && !path.with_extension("work").exists()
                     && let Some(_lock) = FileLock::try_exclusive(&path)?
                 {
                     let _ = std::fs::remove_file(&path);
                 }
                 continue;
             }
-            let lock_file = lock_path(&path);
+            // `s-X` and its work dir `s-X.work` are guarded by `s-X.lock`.
+            let lock_file = if is_work_dir(&path) { path.with_extension("lock") } else { lock_path(&path) };
             if let Some(_lock) = FileLock::try_exclusive(&lock_file)? {
                 if path.exists() {
                     std::fs::remove_dir_all(&path)?;
-                    removed += 1;
+                    // A snapshot counts once, with or without a work dir.
+                    removed += !is_work_dir(&path) as usize;
                 }
                 let _ = std::fs::remove_file(&lock_file);
             }
@@ -163,11 +184,10 @@ impl Snapshotter {
 
     /// [`Snapshotter::commit`] without its fsyncs: the snapshot is usable
     /// at once, and durable only after [`Snapshotter::make_durable`] for
-    /// `id`, which anything recording `id` must call first.
+    /// `id`, which anything recording `id` must call first. The work dir
+    /// and the lock are removed then too.
     pub fn commit_deferred(&self, active: ActiveSnapshot, id: &str, meta: &SnapshotMeta) -> anyhow::Result<()> {
         check_id(id)?;
-        // The overlay work dir, if one was made (only an upperdir has one).
-        let _ = std::fs::remove_dir_all(active.dir.join("work"));
         let mut meta = meta.clone();
         meta.created.get_or_insert_with(unix_now);
         // Measured here, where the files were just written (cache-hot) and
@@ -176,25 +196,22 @@ impl Snapshotter {
         // The directory is ours alone until renamed: written in place (no
         // temp file), complete before anyone can see it.
         std::fs::write(active.dir.join(META_FILE), serde_json::to_vec(&meta)?)?;
-        self.install(active, id)?;
-        self.unsynced.lock().unwrap().insert(id.to_string());
+        let leftover = self.install(active, id)?;
+        self.unsynced.lock().unwrap().entry(id.to_string()).or_default().extend(leftover);
         Ok(())
     }
 
     /// Move the written `active` to `snapshots/<id>`, or adopt a valid
-    /// snapshot already there.
-    fn install(&self, active: ActiveSnapshot, id: &str) -> anyhow::Result<()> {
+    /// snapshot already there. Returns what is left to remove.
+    fn install(&self, active: ActiveSnapshot, id: &str) -> anyhow::Result<Option<Leftover>> {
         let final_dir = self.dir.join(id);
         match std::fs::rename(&active.dir, &final_dir) {
-            Ok(()) => {
-                release(active);
-                Ok(())
-            }
+            Ok(()) => Ok(leftover(active)),
             // A non-empty `final_dir` (an empty one is simply replaced).
             Err(_) if final_dir.exists() => {
                 if self.is_valid(id) {
                     self.abort(active);
-                    return Ok(());
+                    return Ok(None);
                 }
                 self.replace_broken(active, id)
             }
@@ -207,30 +224,32 @@ impl Snapshotter {
     /// never no dir at all, then delete the broken one. Under a lock on the
     /// id: two processes replacing it at once would otherwise each swap,
     /// and the second delete the first one's valid snapshot, maybe in use.
-    fn replace_broken(&self, active: ActiveSnapshot, id: &str) -> anyhow::Result<()> {
+    fn replace_broken(&self, active: ActiveSnapshot, id: &str) -> anyhow::Result<Option<Leftover>> {
         use nix::fcntl::{RenameFlags, renameat2};
         let final_dir = self.dir.join(id);
         let _lock = TransientLock::acquire(&self.tmp.join(format!("replace-{id}.lock")))?;
         if self.is_valid(id) {
             // Replaced by someone else while we waited.
             self.abort(active);
-            return Ok(());
+            return Ok(None);
         }
         tracing::warn!("snapshot {id}: replacing a broken copy (left by a crash before it was durable)");
         match renameat2(None, &active.dir, None, &final_dir, RenameFlags::RENAME_EXCHANGE) {
             // `active.dir` now holds the broken snapshot: still ours, locked.
-            Ok(()) => self.abort(active),
+            Ok(()) => {
+                self.abort(active);
+                Ok(None)
+            }
             // Gone meanwhile (removed): a plain rename will do.
             Err(nix::errno::Errno::ENOENT) => {
                 std::fs::rename(&active.dir, &final_dir)?;
-                release(active);
+                Ok(leftover(active))
             }
             Err(e) => {
                 self.abort(active);
                 anyhow::bail!("replacing broken snapshot {id}: {e}");
             }
         }
-        Ok(())
     }
 
     /// Whether `snapshots/<id>` is a whole snapshot: `fs/` and a parseable
@@ -240,13 +259,14 @@ impl Snapshotter {
     }
 
     /// fsync what [`Snapshotter::commit_deferred`] left unsynced of the
-    /// snapshots `ids` (`meta.json`, the snapshot dir, `snapshots/`);
-    /// ids already durable are skipped. Returns how many were synced. An
-    /// error leaves them unsynced, so the caller must not record them.
+    /// snapshots `ids` (`meta.json`, the snapshot dir, `snapshots/`), then
+    /// remove their work dirs and locks; ids already durable are skipped.
+    /// Returns how many were synced. An error leaves them unsynced, so the
+    /// caller must not record them.
     pub fn make_durable<S: AsRef<str>>(&self, ids: &[S]) -> anyhow::Result<usize> {
         let due: Vec<String> = {
             let unsynced = self.unsynced.lock().unwrap();
-            ids.iter().map(AsRef::as_ref).filter(|id| unsynced.contains(*id)).map(str::to_string).collect()
+            ids.iter().map(AsRef::as_ref).filter(|id| unsynced.contains_key(*id)).map(str::to_string).collect()
         };
         if due.is_empty() {
             return Ok(0);
@@ -258,17 +278,18 @@ impl Snapshotter {
         }
         // One fsync of `snapshots/` covers every rename into it.
         sync_dir(&self.dir).map_err(|e| anyhow::anyhow!("making snapshots durable: {e}"))?;
-        let mut unsynced = self.unsynced.lock().unwrap();
-        for id in &due {
-            unsynced.remove(id);
-        }
+        let leftovers: Vec<Leftover> = {
+            let mut unsynced = self.unsynced.lock().unwrap();
+            due.iter().filter_map(|id| unsynced.remove(id)).flatten().collect()
+        };
+        leftovers.into_iter().for_each(Leftover::remove);
         Ok(due.len())
     }
 
     /// Ids committed by [`Snapshotter::commit_deferred`] and not yet made
     /// durable, sorted.
     pub fn unsynced(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.unsynced.lock().unwrap().iter().cloned().collect();
+        let mut ids: Vec<String> = self.unsynced.lock().unwrap().keys().cloned().collect();
         ids.sort();
         ids
     }
@@ -276,7 +297,9 @@ impl Snapshotter {
     /// Throw away an uncommitted snapshot.
     pub fn abort(&self, active: ActiveSnapshot) {
         let _ = std::fs::remove_dir_all(&active.dir);
-        release(active);
+        if let Some(leftover) = leftover(active) {
+            leftover.remove();
+        }
     }
 
     /// Whether snapshot `id` is committed.
@@ -320,7 +343,8 @@ impl Snapshotter {
         let doomed = self.tmp.join(unique_name("rm-"));
         let lock = FileLock::exclusive(&lock_path(&doomed))?;
         std::fs::rename(self.dir.join(id), &doomed)?;
-        self.unsynced.lock().unwrap().remove(id);
+        let leftovers = self.unsynced.lock().unwrap().remove(id);
+        leftovers.into_iter().flatten().for_each(Leftover::remove);
         std::fs::remove_dir_all(&doomed)?;
         let _ = std::fs::remove_file(lock.path());
         Ok(())
@@ -337,12 +361,22 @@ fn lock_path(dir: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Forget the lock of a snapshot that is committed or gone: remove the lock
-/// file while still holding it, then unlock.
-fn release(mut active: ActiveSnapshot) {
-    if let Some(lock) = active.lock.take() {
-        let _ = std::fs::remove_file(lock.path());
-    }
+/// `<dir>.work`, the overlay work dir of the snapshot being written in `dir`.
+fn work_path(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".work");
+    PathBuf::from(name)
+}
+
+fn is_work_dir(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "work")
+}
+
+/// What is left of `active` once its dir is committed or gone: its work dir
+/// (maybe never made) and its lock, to be removed while the lock is held.
+fn leftover(mut active: ActiveSnapshot) -> Option<Leftover> {
+    let lock = active.lock.take()?;
+    Some(Leftover { work: work_path(&active.dir), lock })
 }
 
 fn unix_now() -> i64 {
@@ -379,15 +413,43 @@ mod tests {
         snapshots.commit_deferred(active, "a", &SnapshotMeta::default()).unwrap();
         assert_eq!(std::fs::read_to_string(snapshots.path("a").join("f")).unwrap(), "one");
         assert!(snapshots.meta("a").unwrap().fs_bytes.is_some_and(|b| b >= 3), "the size is measured");
-        assert!(!root.path().join("snapshots/a/work").exists(), "the overlay work dir is dropped");
         assert_eq!(snapshots.unsynced(), ["a"]);
+        // The work dir and the lock wait for the sync.
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 2);
         // Unknown and already durable ids cost nothing.
         assert_eq!(snapshots.make_durable(&["a", "b"]).unwrap(), 1);
         assert!(snapshots.unsynced().is_empty());
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
         assert_eq!(snapshots.make_durable(&["a"]).unwrap(), 0);
         // `commit` leaves nothing to sync; the tmp dir holds no leftovers.
         snapshots.commit(prepared(&snapshots, "f", "two"), "c", &SnapshotMeta::default()).unwrap();
         assert!(snapshots.unsynced().is_empty());
+        assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn stale_snapshots_and_their_work_dirs_are_removed_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = Snapshotter::open(root.path()).unwrap();
+        let live = prepared(&snapshots, "f", "live");
+        live.make_work_dir().unwrap();
+        // A process that died mid-step: its lock is gone with it.
+        let dead = prepared(&snapshots, "f", "dead");
+        dead.make_work_dir().unwrap();
+        drop(dead);
+        // A deferred commit whose work dir and lock wait for the sync.
+        let committed = prepared(&snapshots, "f", "c");
+        committed.make_work_dir().unwrap();
+        snapshots.commit_deferred(committed, "c", &SnapshotMeta::default()).unwrap();
+        assert_eq!(snapshots.remove_stale().unwrap(), 1, "the dead one, with its work dir");
+        let mut left: Vec<String> = std::fs::read_dir(root.path().join("tmp/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().path().extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["", "lock", "lock", "work", "work"], "live: dir, lock, work dir; committed: lock, work dir");
+        snapshots.make_durable(&["c"]).unwrap();
+        snapshots.abort(live);
         assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
     }
 
@@ -423,10 +485,11 @@ mod tests {
         let snapshots = Snapshotter::open(root.path()).unwrap();
         // What a power loss before `make_durable` may leave: meta.json
         // torn (empty), missing, or an empty snapshot dir.
-        let broken: [(&str, &dyn Fn(&Path)); 3] = [
-            ("torn", &|dir| std::fs::write(dir.join("meta.json"), b"").unwrap()),
-            ("missing", &|dir| std::fs::remove_file(dir.join("meta.json")).unwrap()),
-            ("empty", &|dir| {
+        type Damage = fn(&Path);
+        let broken: [(&str, Damage); 3] = [
+            ("torn", |dir| std::fs::write(dir.join("meta.json"), b"").unwrap()),
+            ("missing", |dir| std::fs::remove_file(dir.join("meta.json")).unwrap()),
+            ("empty", |dir| {
                 std::fs::remove_dir_all(dir).unwrap();
                 std::fs::create_dir(dir).unwrap();
             }),

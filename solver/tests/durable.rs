@@ -24,6 +24,9 @@ async fn a_solve_makes_every_layer_durable_before_it_returns() {
         assert_eq!(out.layers.len(), 6, "no_cache={no_cache}");
         assert!(h.store.snapshots.unsynced().is_empty(), "no_cache={no_cache}: {:?}", h.store.snapshots.unsynced());
         assert_eq!(read_merged(&h, &out.layers, "step4").as_deref(), Some("4"));
+        // The steps' work dirs and locks went with the syncs.
+        let tmp = h.store.root().join("tmp/snapshots");
+        assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{:?}", std::fs::read_dir(&tmp).unwrap().collect::<Vec<_>>());
         // Each step's record is there, naming the whole chain so far.
         for step in &out.steps {
             let record = h.store.index.get(&step.key).unwrap().expect("recorded");
