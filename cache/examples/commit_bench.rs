@@ -1,7 +1,8 @@
 //! Time a build step's snapshot work on its critical path: `prepare` (+
 //! the overlay work dir) and the commit, durable (`commit`) or deferred
 //! (`commit_deferred`, with `make_durable` and a cache record written on
-//! another thread, as the solver does).
+//! another thread, as the solver does), and deferred with snapshots
+//! prepared ahead (`prepare_ahead`).
 //!
 //! `cargo run --release -p kiln-cache --example commit_bench -- DIR [STEPS]`
 //! (DIR: a scratch store root on the filesystem to measure; it is removed).
@@ -16,8 +17,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn run(root: &std::path::Path, steps: usize, deferred: bool) -> anyhow::Result<(Duration, Duration)> {
+fn run(root: &std::path::Path, steps: usize, deferred: bool, ahead: bool) -> anyhow::Result<(Duration, Duration)> {
     let store = std::sync::Arc::new(Store::open(root)?);
+    let _ahead = ahead.then(|| store.snapshots.prepare_ahead());
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let syncer = {
         let store = store.clone();
@@ -37,7 +39,7 @@ fn run(root: &std::path::Path, steps: usize, deferred: bool) -> anyhow::Result<(
         // What the container and overlayfs leave: a file, `work/work`.
         std::fs::create_dir(work.join("work"))?;
         std::fs::write(active.fs().join(format!("step{step}")), format!("step {step}\n"))?;
-        let id = format!("{:064x}", step + if deferred { 1 << 32 } else { 0 });
+        let id = format!("{step:064x}");
         let t1 = Instant::now();
         if deferred {
             store.snapshots.commit_deferred(active, &id, &SnapshotMeta::default())?;
@@ -115,10 +117,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     for round in 0..3 {
-        for deferred in [false, true] {
-            let root = dir.join(format!("r{round}-{deferred}"));
-            let (prepare, commit) = run(&root, steps, deferred)?;
-            println!("{:<9} prepare {:>7.3} ms  commit {:>7.3} ms", if deferred { "deferred" } else { "durable" }, prepare.as_secs_f64() * 1e3, commit.as_secs_f64() * 1e3);
+        for (name, deferred, ahead) in [("durable", false, false), ("deferred", true, false), ("ahead", true, true)] {
+            let root = dir.join(format!("r{round}-{name}"));
+            let (prepare, commit) = run(&root, steps, deferred, ahead)?;
+            println!("{name:<9} prepare {:>7.3} ms  commit {:>7.3} ms", prepare.as_secs_f64() * 1e3, commit.as_secs_f64() * 1e3);
             std::fs::remove_dir_all(&root)?;
         }
     }

@@ -27,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +41,45 @@ pub struct Snapshotter {
     /// Ids committed (or adopted) by [`Snapshotter::commit_deferred`] whose
     /// fsyncs (and cleanup) [`Snapshotter::make_durable`] still owes.
     unsynced: Mutex<HashMap<String, Vec<Leftover>>>,
+    ahead: Arc<Ahead>,
+}
+
+/// How many snapshots [`Snapshotter::prepare_ahead`] keeps ready: one is
+/// made while a step runs, in time for the next; parallel steps beyond it
+/// prepare their own.
+const PREPARED_AHEAD: usize = 1;
+
+/// Snapshots prepared ahead by a worker thread while someone holds a
+/// [`PrepareAhead`].
+#[derive(Default)]
+struct Ahead {
+    state: Mutex<AheadState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct AheadState {
+    /// Live [`PrepareAhead`] guards.
+    users: usize,
+    ready: Vec<ActiveSnapshot>,
+    /// Whether a worker thread runs.
+    worker: bool,
+}
+
+/// While held, [`Snapshotter::prepare`] takes snapshots made ahead of time
+/// (dirs, lock, `meta.json` and work dir already created) instead of
+/// creating them on the caller's critical path. Dropping the last one
+/// removes the unused ones (on the worker thread; if the process exits
+/// first, the next open does, as for any snapshot left by a dead process).
+pub struct PrepareAhead {
+    ahead: Arc<Ahead>,
+}
+
+impl Drop for PrepareAhead {
+    fn drop(&mut self) {
+        self.ahead.state.lock().unwrap().users -= 1;
+        self.ahead.changed.notify_all();
+    }
 }
 
 /// What a deferred commit leaves under `tmp/snapshots/` to remove later:
@@ -78,8 +117,11 @@ impl ActiveSnapshot {
     /// less.
     pub fn make_work_dir(&self) -> std::io::Result<PathBuf> {
         let work = work_path(&self.dir);
-        std::fs::create_dir(&work)?;
-        Ok(work)
+        match std::fs::create_dir(&work) {
+            // Prepared ahead (see [`PrepareAhead`]): made empty, still empty.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(work),
+            other => other.map(|()| work),
+        }
     }
 }
 
@@ -123,21 +165,33 @@ impl Snapshotter {
         let tmp = root.join("tmp").join("snapshots");
         std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&tmp)?;
-        Ok(Snapshotter { dir, tmp, unsynced: Mutex::new(HashMap::new()) })
+        Ok(Snapshotter { dir, tmp, unsynced: Mutex::new(HashMap::new()), ahead: Arc::default() })
     }
 
-    /// Start a new snapshot with an empty `fs/` directory.
+    /// Start a new snapshot with an empty `fs/` directory: one made ahead
+    /// if a [`PrepareAhead`] is held and one is ready, else a new one.
     pub fn prepare(&self) -> anyhow::Result<ActiveSnapshot> {
-        let dir = self.tmp.join(unique_name("s-"));
-        // Lock before the directory exists, so cleanup never sees it unlocked.
-        let lock = FileLock::exclusive(&lock_path(&dir))?;
-        // `tmp/snapshots/` is made by open; made again only if it went away.
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(&dir)?,
-            other => other?,
+        if let Some(ready) = self.ahead.state.lock().unwrap().ready.pop() {
+            self.ahead.changed.notify_all();
+            return Ok(ready);
         }
-        std::fs::create_dir(dir.join("fs"))?;
-        Ok(ActiveSnapshot { dir, lock: Some(lock) })
+        make_active(&self.tmp, false)
+    }
+
+    /// Keep a snapshot prepared ahead while the guard lives (a solve holds
+    /// one): a worker thread makes the next one while a step runs.
+    pub fn prepare_ahead(&self) -> PrepareAhead {
+        let mut state = self.ahead.state.lock().unwrap();
+        state.users += 1;
+        if !state.worker {
+            let (ahead, tmp) = (self.ahead.clone(), self.tmp.clone());
+            let spawned = std::thread::Builder::new().name("kiln-prepare".into()).spawn(move || prepare_worker(&ahead, &tmp));
+            // Without a worker, every prepare is made on the spot.
+            state.worker = spawned.is_ok();
+        }
+        drop(state);
+        self.ahead.changed.notify_all();
+        PrepareAhead { ahead: self.ahead.clone() }
     }
 
     /// Remove uncommitted snapshots (and half-deleted ones) left under
@@ -194,7 +248,8 @@ impl Snapshotter {
         // can no longer change.
         meta.fs_bytes = Some(crate::usage::apparent_size(&active.fs()));
         // The directory is ours alone until renamed: written in place (no
-        // temp file), complete before anyone can see it.
+        // temp file; an empty one if prepared ahead), complete before anyone
+        // can see it.
         std::fs::write(active.dir.join(META_FILE), serde_json::to_vec(&meta)?)?;
         let leftover = self.install(active, id)?;
         self.unsynced.lock().unwrap().entry(id.to_string()).or_default().extend(leftover);
@@ -361,6 +416,70 @@ fn lock_path(dir: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A new snapshot under `tmp` with an empty `fs/`; `ahead` also makes
+/// what a commit and an overlay need (empty `meta.json`, work dir), so
+/// that nothing is created later on a step's critical path.
+fn make_active(tmp: &Path, ahead: bool) -> anyhow::Result<ActiveSnapshot> {
+    let dir = tmp.join(unique_name("s-"));
+    // Locked before the directory exists, so cleanup never sees it
+    // unlocked. A cleanup may take and remove the fresh lock file between
+    // our open and our flock: then lock the file that is there now.
+    let lock = loop {
+        let lock = FileLock::exclusive(&lock_path(&dir))?;
+        if crate::lock::still_named(&lock)? {
+            break lock;
+        }
+    };
+    // `tmp/snapshots/` is made by open; made again only if it went away.
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(&dir)?,
+        other => other?,
+    }
+    let active = ActiveSnapshot { dir, lock: Some(lock) };
+    std::fs::create_dir(active.fs())?;
+    if ahead {
+        std::fs::write(active.dir.join(META_FILE), b"")?;
+        active.make_work_dir()?;
+    }
+    Ok(active)
+}
+
+/// Keep [`PREPARED_AHEAD`] snapshots ready while [`PrepareAhead`] guards
+/// live; then remove the unused ones and exit.
+fn prepare_worker(ahead: &Ahead, tmp: &Path) {
+    let mut state = ahead.state.lock().unwrap();
+    loop {
+        if state.users == 0 {
+            let unused = std::mem::take(&mut state.ready);
+            state.worker = false;
+            drop(state);
+            for active in unused {
+                let _ = std::fs::remove_dir_all(&active.dir);
+                if let Some(leftover) = leftover(active) {
+                    leftover.remove();
+                }
+            }
+            return;
+        }
+        if state.ready.len() >= PREPARED_AHEAD {
+            state = ahead.changed.wait(state).unwrap();
+            continue;
+        }
+        drop(state);
+        let made = make_active(tmp, true);
+        state = ahead.state.lock().unwrap();
+        match made {
+            Ok(active) => state.ready.push(active),
+            Err(e) => {
+                // Callers prepare their own from now on.
+                tracing::warn!("preparing snapshots ahead: {e:#}");
+                state.worker = false;
+                return;
+            }
+        }
+    }
+}
+
 /// `<dir>.work`, the overlay work dir of the snapshot being written in `dir`.
 fn work_path(dir: &Path) -> PathBuf {
     let mut name = dir.as_os_str().to_owned();
@@ -451,6 +570,49 @@ mod tests {
         snapshots.make_durable(&["c"]).unwrap();
         snapshots.abort(live);
         assert_eq!(std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().count(), 0);
+    }
+
+    /// Entries of `tmp/snapshots/`, waiting up to 5 s for `want` of them.
+    fn tmp_entries(root: &Path, want: usize) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let n = std::fs::read_dir(root.join("tmp/snapshots")).unwrap().count();
+            if n == want || std::time::Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn snapshots_prepared_ahead_are_used_then_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let snapshots = Snapshotter::open(root.path()).unwrap();
+        let guard = snapshots.prepare_ahead();
+        // One ready: dir (fs/, empty meta.json), work dir, lock.
+        assert_eq!(tmp_entries(root.path(), 3), 3);
+        let ready: Vec<PathBuf> = std::fs::read_dir(root.path().join("tmp/snapshots")).unwrap().map(|e| e.unwrap().path()).collect();
+        let active = snapshots.prepare().unwrap();
+        assert!(ready.contains(&active.dir), "the prepared one is taken: {ready:?} {:?}", active.dir);
+        assert!(active.fs().is_dir() && active.dir.join(META_FILE).is_file());
+        let work = active.make_work_dir().unwrap();
+        assert!(ready.contains(&work) && std::fs::read_dir(&work).unwrap().count() == 0);
+        std::fs::write(active.fs().join("f"), "x").unwrap();
+        snapshots.commit(active, "a", &SnapshotMeta::default()).unwrap();
+        assert!(snapshots.meta("a").unwrap().created.is_some(), "the empty meta.json was written over");
+        // The next one is made meanwhile; two guards share the worker.
+        assert_eq!(tmp_entries(root.path(), 3), 3);
+        let second = snapshots.prepare_ahead();
+        drop(guard);
+        assert_eq!(tmp_entries(root.path(), 3), 3, "still wanted");
+        drop(second);
+        assert_eq!(tmp_entries(root.path(), 0), 0, "the unused one goes with the last guard");
+        // Without a guard, prepare makes its own (no work dir, no meta.json).
+        let own = snapshots.prepare().unwrap();
+        assert!(!own.dir.join(META_FILE).exists() && !work_path(&own.dir).exists());
+        // And the worker starts again for a new guard.
+        let _again = snapshots.prepare_ahead();
+        assert_eq!(tmp_entries(root.path(), 5), 5);
     }
 
     #[test]

@@ -150,6 +150,9 @@ struct SolveCtx {
     /// Cache records still being written (see `compute`); the solve waits
     /// for them before it ends.
     records: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Taken at the first step this solve runs (a cached build needs none):
+    /// from then on the next step's snapshot is prepared while one runs.
+    prepare_ahead: std::sync::OnceLock<kiln_cache::snapshots::PrepareAhead>,
 }
 
 impl Solver {
@@ -206,6 +209,7 @@ impl Solver {
             contexts: Mutex::new(Vec::new()),
             cache_import: req.cache_import,
             records: Mutex::new(Vec::new()),
+            prepare_ahead: std::sync::OnceLock::new(),
         });
         let n = ctx.def.ops.len();
         let graph_error = |message: String| SolveError { op: "build graph".into(), line: None, message, log_tail: vec![] };
@@ -566,6 +570,7 @@ async fn compute(
         }
     }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");
+    ctx.prepare_ahead.get_or_init(|| inner.store.snapshots.prepare_ahead());
     ctx.events.send(Event::Started { vertex: vertex.clone(), name: name.clone() });
     let start = Instant::now();
     // Snapshot ids follow the key, so a crash-and-retry converges; a

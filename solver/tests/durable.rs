@@ -24,8 +24,13 @@ async fn a_solve_makes_every_layer_durable_before_it_returns() {
         assert_eq!(out.layers.len(), 6, "no_cache={no_cache}");
         assert!(h.store.snapshots.unsynced().is_empty(), "no_cache={no_cache}: {:?}", h.store.snapshots.unsynced());
         assert_eq!(read_merged(&h, &out.layers, "step4").as_deref(), Some("4"));
-        // The steps' work dirs and locks went with the syncs.
+        // The steps' work dirs and locks went with the syncs; the snapshot
+        // prepared ahead and not used goes soon after the solve.
         let tmp = h.store.root().join("tmp/snapshots");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_dir(&tmp).unwrap().count() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "{:?}", std::fs::read_dir(&tmp).unwrap().collect::<Vec<_>>());
         // Each step's record is there, naming the whole chain so far.
         for step in &out.steps {
