@@ -10,7 +10,7 @@
 //! - [`snapshots::Snapshotter`] — layer directories in overlay format
 //!   (whiteouts are 0/0 char devices, opaque dirs carry
 //!   `trusted.overlay.opaque`), usable as overlayfs lowerdirs. A snapshot is
-//!   prepared (mutable, with a `work/` dir), then committed under an id
+//!   prepared (mutable, with a work dir beside it), then committed under an id
 //!   (immutable); pulled layers are keyed by diff ID and shared.
 //! - [`index::CacheIndex`] — cache key → result record (the snapshot chain
 //!   and anything the solver needs to reuse a step).
@@ -22,7 +22,9 @@
 //!
 //! Every write is atomic (temp file + fsync + rename); a crash at any point
 //! leaves the store consistent, with leftovers under `tmp/` that the next
-//! open removes.
+//! open removes. Build steps commit their snapshots without fsyncs and
+//! make them durable before the cache record naming them (see
+//! [`snapshots`]).
 #![deny(missing_docs)]
 
 pub mod check;

@@ -234,10 +234,12 @@ pub(crate) async fn run(
         let cmd = exec.args.join(" ");
         return Err(node_error(node, format!("process \"{cmd}\" did not complete successfully: exit code: {code}"), tail));
     }
+    // Made durable with the step's record, off this step's critical path
+    // (see the solver's `compute`).
     inner
         .store
         .snapshots
-        .commit(active, snapshot_id, &SnapshotMeta::default())
+        .commit_deferred(active, snapshot_id, &SnapshotMeta::default())
         .map_err(|e| fail(format!("committing layer: {e:#}")))?;
     let mut layers = rootfs;
     layers.push(snapshot_id.to_string());

@@ -478,6 +478,25 @@ mod tests {
     }
 
     #[test]
+    fn prune_takes_a_snapshot_a_power_loss_left_without_metadata() {
+        // `commit_deferred` fsyncs nothing: a power loss before
+        // `make_durable` may leave a snapshot dir with a torn meta.json,
+        // which no record names (records are written after the sync).
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        snapshot(&store, "kept", 10, Duration::ZERO);
+        let active = store.snapshots.prepare().unwrap();
+        std::fs::write(active.fs().join("data"), b"x").unwrap();
+        store.snapshots.commit_deferred(active, "torn", &Default::default()).unwrap();
+        std::fs::write(root.path().join("snapshots/torn/meta.json"), b"").unwrap();
+        assert_eq!(usage(&store).unwrap().unreferenced_snapshots, 1);
+        let report = prune(&store, &PruneOptions::default()).unwrap();
+        assert_eq!((report.snapshots, report.records), (1, 0), "{report:?}");
+        assert!(!store.snapshots.exists("torn") && store.snapshots.exists("kept"));
+        assert!(store.snapshots.unsynced().is_empty(), "a removed snapshot is owed no sync");
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("10GB").unwrap(), 10 << 30);
         assert_eq!(parse_size("512mb").unwrap(), 512 << 20);

@@ -150,6 +150,9 @@ struct SolveCtx {
     /// Cache records still being written (see `compute`); the solve waits
     /// for them before it ends.
     records: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Taken at the first step this solve runs (a cached build needs none):
+    /// from then on the next step's snapshot is prepared while one runs.
+    prepare_ahead: std::sync::OnceLock<kiln_cache::snapshots::PrepareAhead>,
 }
 
 impl Solver {
@@ -206,6 +209,7 @@ impl Solver {
             contexts: Mutex::new(Vec::new()),
             cache_import: req.cache_import,
             records: Mutex::new(Vec::new()),
+            prepare_ahead: std::sync::OnceLock::new(),
         });
         let n = ctx.def.ops.len();
         let graph_error = |message: String| SolveError { op: "build graph".into(), line: None, message, log_tail: vec![] };
@@ -316,7 +320,12 @@ impl Inner {
         kiln_cache::lease::use_snapshots(&self.store, &record.layers).ok()?.then_some(record.layers)
     }
 
+    /// Record `layers` as the result of `key`. The snapshots are made
+    /// durable first (those committed with `commit_deferred`, this step's
+    /// and maybe earlier steps' still in flight), so after a power loss a
+    /// record never names a snapshot that did not survive.
     fn remember(&self, key: &str, layers: &[String]) -> anyhow::Result<()> {
+        self.store.snapshots.make_durable(layers)?;
         let record = serde_json::to_vec(&CacheRecord { layers: layers.to_vec() })?;
         self.store.index.put(key, &record)
     }
@@ -561,6 +570,7 @@ async fn compute(
         }
     }
     let _permit = inner.limit.clone().acquire_owned().await.expect("semaphore never closed");
+    ctx.prepare_ahead.get_or_init(|| inner.store.snapshots.prepare_ahead());
     ctx.events.send(Event::Started { vertex: vertex.clone(), name: name.clone() });
     let start = Instant::now();
     // Snapshot ids follow the key, so a crash-and-retry converges; a
@@ -576,10 +586,11 @@ async fn compute(
     };
     match result {
         Ok(layers) => {
-            // The record (two fsyncs) is written while the next step starts:
-            // nothing here needs it, the key lock goes with it (so another
-            // process on this store waits for it), and the solve waits for
-            // it before it ends.
+            // The layer's fsyncs and then the record's (five in all) are
+            // done while the next step starts: nothing here needs them, the
+            // key lock goes with them (so another process on this store
+            // waits for the record), and the solve waits for them before it
+            // ends.
             let (recorder, key, recorded) = (inner.clone(), key.clone(), layers.clone());
             let key_lock = _key_lock.take();
             let write = tokio::task::spawn_blocking(move || {
@@ -673,12 +684,63 @@ async fn run_file(
         inner.store.snapshots.abort(active);
         return Err(op_error(node, format!("{e:#}"), vec![]));
     }
+    // Made durable with the step's record (see `compute`).
     inner
         .store
         .snapshots
-        .commit(active, snapshot_id, &SnapshotMeta::default())
+        .commit_deferred(active, snapshot_id, &SnapshotMeta::default())
         .map_err(|e| op_error(node, format!("committing layer: {e:#}"), vec![]))?;
     let mut layers = base;
     layers.push(snapshot_id.to_string());
     Ok(layers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// This test runs no op: a solver's seams it never calls.
+    struct Unused;
+
+    #[async_trait::async_trait]
+    impl Executor for Unused {
+        async fn exec(&self, _: crate::worker::ExecRequest, _: crate::worker::LogSink) -> anyhow::Result<i32> {
+            anyhow::bail!("no process runs in this test")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ImageSource for Unused {
+        async fn resolve(&self, reference: &str, _: &kiln_frontend::graph::Platform) -> anyhow::Result<ResolvedImage> {
+            anyhow::bail!("no image {reference} in this test")
+        }
+    }
+
+    #[test]
+    fn a_record_is_written_only_after_its_snapshots_are_durable() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(root.path()).unwrap());
+        let solver = Solver::new(store.clone(), Arc::new(Unused), Arc::new(Unused));
+        let commit = |id: &str| {
+            let active = store.snapshots.prepare().unwrap();
+            std::fs::write(active.fs().join("f"), id).unwrap();
+            store.snapshots.commit_deferred(active, id, &SnapshotMeta::default()).unwrap();
+        };
+        let (key_a, key_b) = (format!("sha256:{}", "a".repeat(64)), format!("sha256:{}", "b".repeat(64)));
+
+        // A step and the next one, whose record names both layers: the
+        // first's sync may still be due when the second's record is made.
+        commit("base");
+        commit("top");
+        let chain = vec!["base".to_string(), "top".to_string()];
+        solver.inner.remember(&key_b, &chain).unwrap();
+        assert!(store.snapshots.unsynced().is_empty(), "every layer the record names is synced first");
+        assert!(store.index.get(&key_b).unwrap().is_some());
+
+        // A snapshot that cannot be synced is never recorded.
+        commit("lost");
+        std::fs::remove_file(root.path().join("snapshots/lost/meta.json")).unwrap();
+        assert!(solver.inner.remember(&key_a, &["lost".to_string()]).is_err());
+        assert_eq!(store.index.get(&key_a).unwrap(), None, "no record before its snapshot is durable");
+    }
 }
