@@ -167,7 +167,10 @@ pub struct LayerStream<W: Write + Send + 'static> {
 
 /// Threads to compress with: every core this process may use.
 pub fn compression_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    // Read once: std reads the cgroup quota files at every call, and every
+    // layer stream asks.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 impl<W: Write + Send + 'static> LayerStream<W> {

@@ -119,6 +119,22 @@ pub struct LayerWriter<'a> {
     options: LayerOptions,
 }
 
+/// The pool layers are written on: more threads than cores. A layer's own
+/// CPU work (deflate) runs on the compression pool; what a layer thread
+/// mostly does is wait, for its blocks and for the fsyncs of its blob and
+/// snapshot record, and a chain of many small layers is a chain of fsyncs
+/// that only overlap with enough threads.
+fn layer_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads((crate::compression::compression_threads() * 4).clamp(4, 16))
+            .thread_name(|i| format!("kiln-layer-{i}"))
+            .build()
+            .expect("layer thread pool")
+    })
+}
+
 impl<'a> LayerWriter<'a> {
     /// Layers from `store`'s snapshots, into its content store.
     pub fn new(store: &'a Store, options: LayerOptions) -> Self {
@@ -131,7 +147,8 @@ impl<'a> LayerWriter<'a> {
         let mut unique: Vec<&String> = snapshots.iter().collect();
         unique.sort();
         unique.dedup();
-        let made: Vec<LayerBlob> = unique.par_iter().map(|id| self.write(id)).collect::<anyhow::Result<_>>()?;
+        let made: Vec<LayerBlob> =
+            layer_pool().install(|| unique.par_iter().map(|id| self.write(id)).collect::<anyhow::Result<_>>())?;
         Ok(snapshots
             .iter()
             .map(|id| made.iter().find(|b| &b.snapshot == id).expect("made above").clone())
