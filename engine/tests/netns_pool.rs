@@ -51,9 +51,15 @@ async fn step(exec: &ContainerExecutor, s: &Scratch, base: &Path, name: &str, sc
 }
 
 fn setup() -> (Scratch, PathBuf, ContainerExecutor) {
+    setup_with_zygote(true)
+}
+
+/// With shims forked by a zygote (the namespace goes in its request) or
+/// exec'd (`__container-shim --netns`).
+fn setup_with_zygote(zygote: bool) -> (Scratch, PathBuf, ContainerExecutor) {
     let s = Scratch::new();
     let base = s.busybox_layer("base");
-    let exec = ContainerExecutor::with_shim(s.shim());
+    let exec = ContainerExecutor::with_shim(s.shim().with_zygote(zygote));
     (s, base, exec)
 }
 
@@ -65,7 +71,17 @@ fn wait_idle(pool: &NetnsPool, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consecutive_steps_share_a_namespace_with_lo_up() {
     require_containers!();
-    let (s, base, exec) = setup();
+    consecutive_steps_share(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_steps_share_a_namespace_with_exec_shims() {
+    require_containers!();
+    consecutive_steps_share(false).await;
+}
+
+async fn consecutive_steps_share(zygote: bool) {
+    let (s, base, exec) = setup_with_zygote(zygote);
     let pool = exec.netns_pool();
     // The first step finds the pool empty: it makes its own, as `kiln
     // run` does, while a helper makes one for the pool.
