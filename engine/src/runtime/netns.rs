@@ -236,7 +236,8 @@ fn sockets_left_in(ns: &OwnedFd) -> anyhow::Result<Vec<String>> {
         let left = socket_counts()?;
         // Netlink and raw sockets (`ip`, `ping`) are freed an RCU grace
         // period after their last close: counted in `sockets used` only,
-        // for some milliseconds. Anything else left is there to stay.
+        // for some milliseconds. Anything else stays for long (a TIME_WAIT
+        // for a minute) or for good (a socket held outside the container).
         let freeing = left.len() == 1 && left[0].starts_with("sockets used ");
         if !freeing || start.elapsed() >= FREEING_WAIT {
             return Ok(left);
