@@ -83,8 +83,9 @@ pub struct ShimOptions {
     /// step needs before it commits, a few milliseconds sooner.
     pub report_exit_early: bool,
     /// The network namespace the container joins (a path that stays valid
-    /// until it has exited, e.g. [`PooledNetns::path`]) instead of making
-    /// a fresh one; ignored with host networking.
+    /// until it has exited, e.g. [`PooledNetns::path`]; libcontainer opens
+    /// it while it creates the container) instead of making a fresh one;
+    /// ignored with host networking.
     pub netns: Option<PathBuf>,
 }
 
