@@ -50,6 +50,21 @@ async fn step(exec: &ContainerExecutor, s: &Scratch, base: &Path, name: &str, sc
     (ns.to_string(), rest.to_string())
 }
 
+/// Shell: wait up to 5 s until something listens on `port` in this
+/// namespace, then print `what` (nothing if it never does).
+fn when_listening(port: u16, what: &str) -> String {
+    format!(
+        "for i in $(seq 100); do netstat -ltn | grep -q ':{port} ' && break; sleep 0.05; done; \
+         netstat -ltn | grep -q ':{port} ' && echo {what}"
+    )
+}
+
+/// Shell: bind `port` (busybox `nc -l`), print `bound` once it listens,
+/// stop it; `extra` runs while it listens.
+fn bind(port: u16, extra: &str) -> String {
+    format!("nc -l -p {port} >/dev/null & p=$!; {}; {extra} kill $p", when_listening(port, "bound"))
+}
+
 fn setup() -> (Scratch, PathBuf, ContainerExecutor) {
     setup_with_zygote(true)
 }
@@ -111,11 +126,11 @@ async fn concurrent_steps_get_distinct_namespaces() {
         let (exec, s, base) = (exec.clone(), &s, &base);
         async move {
             // Both bind the same port while both run.
-            let script = "nc -l -p 8080 >/dev/null & p=$!; sleep 0.4; kill -0 $p && echo bound; kill $p";
+            let script = bind(8080, "sleep 0.3;");
             let (name_a, name_b) = (format!("a{r}"), format!("b{r}"));
             let (a, b) = tokio::join!(
-                step(&exec, s, base, &name_a, script),
-                step(&exec, s, base, &name_b, script)
+                step(&exec, s, base, &name_a, &script),
+                step(&exec, s, base, &name_b, &script)
             );
             assert_ne!(a.0, b.0, "round {r}: two running steps shared a namespace");
             assert_eq!((a.1.as_str(), b.1.as_str()), ("bound\n", "bound\n"), "round {r}");
@@ -143,16 +158,19 @@ async fn a_namespace_left_with_a_time_wait_is_not_lent_again() {
     step(&exec, &s, &base, "warm", "").await;
     wait_idle(pool, 1);
     // A connection to port 8080 over lo, closed: the side that closed
-    // first keeps a TIME_WAIT (state 06).
-    let time_wait = "nc -l -p 8080 -e true & sleep 0.2; nc -w 2 127.0.0.1 8080 </dev/null; wait; \
-                     grep -q '^ *[0-9]*: [0-9A-F:]* [0-9A-F:]* 06 ' /proc/net/tcp && echo time-wait";
+    // first keeps a TIME_WAIT, which the kernel counts in sockstat's `tw`
+    // (listing it in /proc/net/tcp can miss it while the host's TCP tables
+    // change under the read). Connecting until the listener is there: it
+    // may start late on a busy host.
+    let time_wait = "nc -l -p 8080 -e true & \
+                     for i in $(seq 100); do nc -w 2 127.0.0.1 8080 </dev/null 2>/dev/null && break; sleep 0.05; done; \
+                     wait; grep -q '^TCP:.* tw [1-9]' /proc/net/sockstat && echo time-wait";
     let (left, out) = step(&exec, &s, &base, "left", time_wait).await;
     assert_eq!(out, "time-wait\n", "the step made no TIME_WAIT");
     // The check runs on a helper thread: give it ample time.
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(pool.idle(), 0, "a namespace with a TIME_WAIT was pooled");
-    let bind = "nc -l -p 8080 >/dev/null & p=$!; sleep 0.2; kill -0 $p && echo bound; kill $p";
-    let (next, out) = step(&exec, &s, &base, "next", bind).await;
+    let (next, out) = step(&exec, &s, &base, "next", &bind(8080, "")).await;
     assert_ne!(left, next, "the TIME_WAIT namespace was lent again");
     assert_eq!(out, "bound\n");
 }
@@ -166,12 +184,11 @@ async fn a_listener_of_a_daemonized_process_does_not_reach_the_next_step() {
     wait_idle(pool, 1);
     // The step's shell exits while its daemonized child still listens:
     // it dies with the container's pid namespace.
-    let daemon = "(nc -l -p 8081 >/dev/null &); sleep 0.2; netstat -ltn | grep -q ':8081 ' && echo listening";
-    let (_, out) = step(&exec, &s, &base, "daemon", daemon).await;
+    let daemon = format!("(nc -l -p 8081 >/dev/null &); {}", when_listening(8081, "listening"));
+    let (_, out) = step(&exec, &s, &base, "daemon", &daemon).await;
     assert_eq!(out, "listening\n");
     for i in 0..3 {
-        let bind = "nc -l -p 8081 >/dev/null & p=$!; sleep 0.2; kill -0 $p && echo bound; kill $p";
-        let (_, out) = step(&exec, &s, &base, &format!("next{i}"), bind).await;
+        let (_, out) = step(&exec, &s, &base, &format!("next{i}"), &bind(8081, "")).await;
         assert_eq!(out, "bound\n", "step {i} after the daemon could not bind its port");
     }
 }
