@@ -276,10 +276,7 @@ fn kill_9_of_kiln_takes_the_container_along_and_the_next_start_sweeps() {
     assert!(!init.is_empty(), "the container runs in its own pid namespace");
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        state_root.join("libcontainer/victim").exists(),
-        "expected kill -9 to leave state behind"
-    );
+    assert!(state.exists(), "expected kill -9 to leave state behind");
     // PR_SET_PDEATHSIG: the container dies with kiln (its pid namespace too).
     wait_for("the container to die with kiln", || {
         init.iter().all(|p| is_dead(*p))

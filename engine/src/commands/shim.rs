@@ -170,7 +170,7 @@ fn run_spec(
         .context("reading the container spec")?;
     let spec: ContainerSpec =
         serde_json::from_slice(&json).context("parsing the container spec")?;
-    let runtime = Runtime::new(&job.state_root)?.joining_netns(job.netns.clone());
+    let runtime = Runtime::open(&job.state_root)?.joining_netns(job.netns.clone());
     let output = match job.tty {
         Some(size) => Output::Terminal(size),
         None => Output::Inherit,

@@ -9,7 +9,7 @@
 //! `/etc/hosts` and `/etc/resolv.conf`, builds the OCI spec and starts the
 //! container; [`Running::wait`] reaps it and cleans everything up: the
 //! mount-point stubs in the upperdir, so the upperdir is exactly the
-//! process's diff, then the libcontainer state and cgroup and every mount
+//! process's diff, then its cgroup (if it has limits) and every mount
 //! ([`Running::wait_reporting_exit`] tells the exit code in between).
 //! [`Runtime::run`] does both.
 //!
@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use libcontainer::container::Container;
-use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::notify_socket::NotifySocket;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -228,6 +228,14 @@ impl Runtime {
     /// to the scratch directory recorded there by [`Runtime::for_store`],
     /// else to `<state_root>/scratch`.
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let rt = Runtime::open(state_root)?;
+        rt.sweep()?;
+        Ok(rt)
+    }
+
+    /// [`Runtime::new`] without the sweep: for a container shim, whose
+    /// kiln process made (and swept) the runtime already.
+    pub fn open(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let state_root: PathBuf = state_root.into();
         let containers = state_root.join("containers");
         std::fs::create_dir_all(&containers)
@@ -250,7 +258,6 @@ impl Runtime {
         };
         std::fs::create_dir_all(rt.libcontainer_dir())
             .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
-        rt.sweep()?;
         Ok(rt)
     }
 
@@ -333,7 +340,8 @@ impl Runtime {
     }
 
     /// Clean up containers whose owning process is gone: kill them, delete
-    /// their libcontainer state and cgroup, unmount, remove stubs and state.
+    /// their cgroup (and libcontainer state left by kiln versions that kept
+    /// one), unmount, remove stubs and state.
     /// Returns how many were cleaned.
     pub fn sweep(&self) -> anyhow::Result<usize> {
         // Exclusive against container creation (which holds it shared from
@@ -378,8 +386,8 @@ impl Runtime {
             }
         }
         mountpoints::remove_stale_temporaries(&self.state_root);
-        // libcontainer state without kiln state: our cleanup deletes the
-        // libcontainer state first, so this is left over from a crash.
+        // libcontainer state: left by kiln versions that created containers
+        // through libcontainer's builder (see `Running::create`).
         for entry in std::fs::read_dir(self.libcontainer_dir())? {
             let entry = entry?;
             if !self.containers_dir().join(entry.file_name()).exists() {
@@ -462,7 +470,6 @@ impl Runtime {
             upper: spec.rootfs.upper.clone(),
             stubs: Stubs::default(),
             throwaway_upper: false,
-            container: None,
             pid: None,
             readers: Vec::new(),
             terminal: None,
@@ -482,22 +489,6 @@ impl Runtime {
         self.start(spec, stdio)?.wait()
     }
 
-    /// Remove the cgroup directories and libcontainer state of a container
-    /// whose processes are all gone. False if anything is left (then use
-    /// libcontainer's own delete).
-    fn remove_stopped_container(&self, id: &str) -> bool {
-        // A cgroup whose last task was just reaped can still be busy for a
-        // moment on a loaded host: retry briefly before the heavy fallback.
-        let name = self.cgroup_name(id);
-        let removed = (0..10).any(|attempt| {
-            if attempt > 0 {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            remove_cgroups(&name)
-        });
-        removed && std::fs::remove_dir_all(self.libcontainer_dir().join(id)).is_ok()
-    }
-
     /// Remove everything of container `id`; `stubs` = (upperdir, stubs) to
     /// take out of the upperdir after unmounting.
     fn cleanup_state(&self, id: &str, stubs: Option<(&Path, &Stubs)>) -> anyhow::Result<()> {
@@ -508,11 +499,14 @@ impl Runtime {
         // libcontainer can leave the cgroup behind when creation fails, and
         // after a crash its killed processes may take a moment to be reaped
         // (by their new parent, not us): give them a second.
-        for _ in 0..50 {
+        // A cgroup whose last task was just reaped can still be busy for a
+        // moment on a loaded host: short retries first.
+        for attempt in 0..60 {
             if remove_cgroups(&self.cgroup_name(id)) {
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            let pause = if attempt < 10 { 2 } else { 20 };
+            std::thread::sleep(std::time::Duration::from_millis(pause));
         }
         let dir = self.containers_dir().join(id);
         // Usually none: the host's copies were detached while it ran.
@@ -822,7 +816,6 @@ pub struct Running {
     upper: PathBuf,
     stubs: Stubs,
     throwaway_upper: bool,
-    container: Option<Container>,
     pid: Option<Pid>,
     readers: Vec<std::thread::JoinHandle<()>>,
     /// The pty master, with [`Output::Terminal`], until taken.
@@ -867,7 +860,7 @@ impl Running {
     /// [`Running::wait`], calling `exited` with the exit code as soon as
     /// the container's processes are gone, its output is drained and its
     /// upperdir holds only what they wrote (the mount-point stubs are
-    /// out), before the rest of the teardown (libcontainer state, state
+    /// out), before the rest of the teardown (cgroup, state
     /// directory): a builder may commit the upperdir from then on while
     /// the teardown runs beside its next step. An error from `exited` is
     /// returned after the teardown.
@@ -1071,26 +1064,30 @@ impl Running {
             limits: &spec.limits,
             terminal: matches!(stdio.output, Output::Terminal(_)),
         });
-        let bundle = self.dir.join("bundle");
-        std::fs::create_dir(&bundle)?;
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&config)?)?;
+        // The spec goes to libcontainer's process code as a value: no
+        // bundle or libcontainer state on disk to write, read back,
+        // re-validate and delete for every container (see `create`).
+        let oci: libcontainer::oci_spec::runtime::Spec =
+            serde_json::from_value(config).context("the generated OCI spec")?;
         self.clock.mark("spec");
 
         private_cwd()?;
-        let mut builder = ContainerBuilder::new(self.id.clone(), SyscallType::default())
-            .with_root_path(self.runtime.libcontainer_dir())
-            .context("libcontainer state dir")?
-            .with_executor(workload::ExecveExecutor);
         let console = match stdio.output {
             Output::Terminal(size) => {
-                let sock = self.dir.join("console.sock");
-                builder = builder.with_console_socket(Some(&sock));
-                Some((tty::listen_console(&self.dir, "console.sock")?, size))
+                let listener = tty::listen_console(&self.dir, "console.sock")?;
+                let sock = libcontainer::tty::setup_console_socket(
+                    &self.dir,
+                    &self.dir.join("console.sock"),
+                    "console-socket",
+                )
+                .map_err(|e| anyhow::anyhow!("connecting the console socket: {e}"))?;
+                Some((listener, sock, size))
             }
             _ => None,
         };
+        let mut io = CreateIo::default();
         if stdio.stdin == Stdin::Null && console.is_none() {
-            builder = builder.with_stdin(OwnedFd::from(File::open("/dev/null")?));
+            io.stdin = Some(OwnedFd::from(File::open("/dev/null")?));
         }
         // Streamed outputs go through a pipe to a reader thread. So does an
         // inherited output that is /dev/null, its bytes dropped: libcontainer
@@ -1104,10 +1101,10 @@ impl Running {
             };
             let (read, write) =
                 nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
-            builder = match stream {
-                LogStream::Stdout => builder.with_stdout(write),
-                LogStream::Stderr => builder.with_stderr(write),
-            };
+            match stream {
+                LogStream::Stdout => io.stdout = Some(write),
+                LogStream::Stderr => io.stderr = Some(write),
+            }
             self.readers.push(spawn_reader(read, stream, sink));
         }
         // Without limits, the container's processes stay in the shim's
@@ -1117,20 +1114,13 @@ impl Running {
         } else {
             None
         };
-        let built = builder
-            .as_init(&bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build();
+        let created = self.create(oci, &rootfs, io, console.as_ref().map(|(_, sock, _)| sock));
         let private_ns = hidden.map(|h| h.leave()).transpose()?;
-        let container =
-            built.map_err(|e| anyhow::anyhow!("creating container {}: {e}", self.id))?;
+        let pid = created.with_context(|| format!("creating container {}", self.id))?;
         self.clock.mark("libcontainer create");
         drop(netns);
-        self.pid = container.pid();
-        // Kept in `self` first so a failure below still cleans up.
-        self.container = Some(container);
-        if let Some((listener, size)) = console {
+        self.pid = Some(pid);
+        if let Some((listener, _, size)) = console {
             // Sized before the process runs, so it never sees 0x0.
             let master = tty::accept_console(&listener)?;
             if size != tty::WindowSize::default() {
@@ -1138,28 +1128,109 @@ impl Running {
             }
             self.terminal = Some(master);
         }
-        let container = self.container.as_mut().expect("just set");
         // The container's mount namespace now holds its own copies of the
         // overlay and layer mounts (private: nothing propagates between
         // them). Detach the host's copies while the container runs: an
         // unmount waits for an RCU grace period, which on a busy host costs
         // tens of milliseconds, and this keeps it off the critical path.
-        let host_mounts = overlay::mounts_under(&self.dir)?;
+        // Found by the thread too (a read of mountinfo): whatever is left
+        // when the process ends is unmounted by `release_upper`.
+        let dir = self.dir.clone();
         self.detacher = Some(std::thread::spawn(move || {
-            for m in host_mounts {
-                if let Err(e) = overlay::unmount(&m) {
-                    tracing::warn!("{e:#}");
+            match overlay::mounts_under(&dir) {
+                Ok(host_mounts) => {
+                    for m in host_mounts {
+                        if let Err(e) = overlay::unmount(&m) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
                 }
+                Err(e) => tracing::warn!("{e:#}"),
             }
             // The last reference to the namespace the container was created
             // in: its teardown waits for a grace period too.
             drop(private_ns);
         }));
-        container
-            .start()
+        NotifySocket::new(self.dir.join(NOTIFY_SOCKET))
+            .notify_container_start()
             .map_err(|e| anyhow::anyhow!("starting container {}: {e}", self.id))?;
         self.clock.mark("start");
         Ok(())
+    }
+
+    /// Create the container (its init process waits for the start signal on
+    /// [`NOTIFY_SOCKET`]); returns the init's host pid.
+    ///
+    /// This is what libcontainer's `ContainerBuilder` does, minus the disk
+    /// round trip: the builder writes the spec to a bundle and then to a
+    /// state dir, reads it back, validates it, saves a `state.json` (again
+    /// at start), and its delete re-reads it all. kiln makes the spec itself
+    /// and keeps each container's state in its own directory, so it calls
+    /// libcontainer's process code with the spec in memory. libcontainer's
+    /// spec validation still runs.
+    fn create(
+        &self,
+        spec: libcontainer::oci_spec::runtime::Spec,
+        rootfs: &Path,
+        io: CreateIo,
+        console: Option<&OwnedFd>,
+    ) -> anyhow::Result<Pid> {
+        use libcontainer::process::args::{ContainerArgs, ContainerType};
+        libcontainer::validator::Validator::validate_spec(&spec)
+            .map_err(|e| anyhow::anyhow!("invalid container spec: {e}"))?;
+        let cgroup_path = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
+            .context("the spec names no cgroup")?;
+        let notify_listener = libcontainer::notify_socket::NotifyListener::new(&self.dir.join(NOTIFY_SOCKET))
+            .map_err(|e| anyhow::anyhow!("notify socket: {e}"))?;
+        // As libcontainer's builder: no ptrace of, or /proc access to, this
+        // process (and the container processes it clones) by the container.
+        // SAFETY: prctl(2) with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("prctl(PR_SET_DUMPABLE, 0)");
+        }
+        let args = ContainerArgs {
+            container_type: ContainerType::InitContainer,
+            syscall: SyscallType::default(),
+            spec: std::rc::Rc::new(spec),
+            rootfs: rootfs.to_path_buf(),
+            console_socket: console.map(|c| c.as_raw_fd()),
+            notify_listener,
+            preserve_fds: 0,
+            // In memory only: libcontainer reads it for the seccomp set-up
+            // (the OCI state a seccomp agent would be sent) and for hooks
+            // (kiln sets none).
+            container: Some(Container {
+                state: libcontainer::container::State::new(
+                    &self.id,
+                    libcontainer::container::ContainerStatus::Creating,
+                    None,
+                    self.dir.clone(),
+                ),
+                root: self.dir.clone(),
+            }),
+            user_ns_config: None,
+            cgroup_config: libcgroups::common::CgroupConfig {
+                cgroup_path,
+                systemd_cgroup: false,
+                container_name: self.id.clone(),
+            },
+            detached: true,
+            executor: Box::new(workload::ExecveExecutor),
+            no_pivot: false,
+            stdin: io.stdin.as_ref().map(|f| f.as_raw_fd()),
+            stdout: io.stdout.as_ref().map(|f| f.as_raw_fd()),
+            stderr: io.stderr.as_ref().map(|f| f.as_raw_fd()),
+            as_sibling: false,
+            pid_file: None,
+        };
+        // `io` stays open until here: the clones inherit its fds.
+        let pid = libcontainer::process::container_main_process::container_main_process(&args)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        drop(io);
+        Ok(pid)
     }
 
     /// Mount layer directories for a [`MountSource::Layers`] mount under the
@@ -1231,18 +1302,6 @@ impl Running {
             let _ = d.join();
         }
         self.clock.mark("join");
-        if let Some(mut c) = self.container.take() {
-            // The process is reaped and its pid namespace gone, so the
-            // cgroup is empty: removing it and the state directly costs a
-            // few syscalls where libcontainer's delete re-reads its state
-            // and re-detects the cgroup layout (hundreds).
-            if !self.runtime.remove_stopped_container(&self.id) {
-                if let Err(e) = c.delete(true) {
-                    tracing::warn!("deleting container {}: {e}", self.id);
-                }
-            }
-        }
-        self.clock.mark("libcontainer delete");
         let stubs = (!self.throwaway_upper).then_some((self.upper.as_path(), &self.stubs));
         let r = self.runtime.cleanup_state(&self.id, stubs);
         self.clock.mark("unmount+stubs+state");
@@ -1370,6 +1429,19 @@ fn read_stub_record(dir: &Path) -> Option<(PathBuf, Stubs)> {
     let text = std::fs::read_to_string(dir.join("stubs")).ok()?;
     let (upper, rest) = text.split_once('\n')?;
     Some((PathBuf::from(upper), Stubs::from_record(rest)?))
+}
+
+/// The container init's notify socket, in its state dir: it waits there
+/// for the start signal.
+const NOTIFY_SOCKET: &str = "notify.sock";
+
+/// The fds a container's init gets as stdin, stdout and stderr (`None`:
+/// the shim's own).
+#[derive(Default)]
+struct CreateIo {
+    stdin: Option<OwnedFd>,
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
 }
 
 /// Phase timings for profiling container start and teardown.
