@@ -649,14 +649,20 @@ fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
     };
 }
 
+/// Env var that, set to `0`, gives every build step a fresh network
+/// namespace instead of one lent by the executor's [`NetnsPool`].
+pub const NETNS_POOL_ENV: &str = "KILN_NETNS_POOL";
+
 /// Runs the solver's RUN steps as containers, each through a [`Shim`],
-/// in network namespaces lent by a [`NetnsPool`] (unless host networking):
-/// consecutive steps share one rather than each making and destroying
-/// its own (`kiln run` keeps a fresh one per container).
+/// in network namespaces lent by a [`NetnsPool`] (unless host networking
+/// or `KILN_NETNS_POOL=0`): consecutive steps share one rather than each
+/// making and destroying its own (`kiln run` keeps a fresh one per
+/// container).
 #[derive(Debug, Clone)]
 pub struct ContainerExecutor {
     shim: Shim,
-    netns: NetnsPool,
+    /// `None` with `KILN_NETNS_POOL=0`.
+    netns: Option<NetnsPool>,
 }
 
 impl ContainerExecutor {
@@ -670,15 +676,17 @@ impl ContainerExecutor {
 
     /// An executor running containers through `shim`.
     pub fn with_shim(shim: Shim) -> Self {
+        let pool = std::env::var_os(NETNS_POOL_ENV).is_none_or(|v| v != "0");
         ContainerExecutor {
             shim,
-            netns: NetnsPool::new(),
+            netns: pool.then(NetnsPool::new),
         }
     }
 
-    /// The pool of network namespaces its steps run in.
-    pub fn netns_pool(&self) -> &NetnsPool {
-        &self.netns
+    /// The pool of network namespaces its steps run in (`None` with
+    /// `KILN_NETNS_POOL=0`).
+    pub fn netns_pool(&self) -> Option<&NetnsPool> {
+        self.netns.as_ref()
     }
 }
 
@@ -718,8 +726,10 @@ pub fn container_spec(req: ExecRequest) -> ContainerSpec {
 #[async_trait::async_trait]
 impl Executor for ContainerExecutor {
     async fn exec(&self, req: ExecRequest, log: LogSink) -> anyhow::Result<i32> {
-        let netns: Option<PooledNetns> =
-            (req.network != NetworkMode::Host).then(|| self.netns.take());
+        let netns: Option<PooledNetns> = match &self.netns {
+            Some(pool) if req.network != NetworkMode::Host => Some(pool.take()),
+            _ => None,
+        };
         let opts = ShimOptions {
             report_exit_early: true,
             netns: netns.as_ref().and_then(PooledNetns::path),

@@ -97,12 +97,14 @@ async fn consecutive_steps_share_a_namespace_with_exec_shims() {
 
 async fn consecutive_steps_share(zygote: bool) {
     let (s, base, exec) = setup_with_zygote(zygote);
-    let pool = exec.netns_pool();
+    let pool = exec.netns_pool().expect("a pool (KILN_NETNS_POOL unset)");
     // The first step finds the pool empty: it makes its own, as `kiln
     // run` does, while a helper makes one for the pool.
     let (first, _) = step(&exec, &s, &base, "first", "").await;
     wait_idle(pool, 1);
-    let lo = "ping -c 1 -W 2 127.0.0.1 >/dev/null && echo lo-up; ip -o link show lo";
+    // Also how many ICMP messages the namespace got before this ping.
+    let lo = "awk '/^Icmp: [0-9]/ {print \"icmp\", $2}' /proc/net/snmp; \
+              ping -c 1 -W 2 127.0.0.1 >/dev/null && echo lo-up; ip -o link show lo";
     let (second, out2) = step(&exec, &s, &base, "second", lo).await;
     // Given back once the check found no socket in it (`ip` and `ping`
     // closed theirs).
@@ -111,8 +113,11 @@ async fn consecutive_steps_share(zygote: bool) {
     wait_idle(pool, 1);
     assert_ne!(first, second, "the first step's own namespace was pooled");
     assert_eq!(second, third, "consecutive steps did not share the pooled namespace");
+    // The third step saw the second one's ping.
+    assert!(out2.starts_with("icmp 0\nlo-up\n"), "{out2:?}");
+    assert!(out3.starts_with("icmp 2\nlo-up\n"), "{out3:?}");
     for out in [out2, out3] {
-        assert!(out.starts_with("lo-up\n") && out.contains("<LOOPBACK,UP"), "{out:?}");
+        assert!(out.contains("<LOOPBACK,UP"), "{out:?}");
     }
 }
 
@@ -121,7 +126,7 @@ async fn concurrent_steps_get_distinct_namespaces() {
     require_containers!();
     let (s, base, exec) = setup();
     let exec = Arc::new(exec);
-    let pool = exec.netns_pool().clone();
+    let pool = exec.netns_pool().expect("a pool (KILN_NETNS_POOL unset)").clone();
     let round = |r: usize| {
         let (exec, s, base) = (exec.clone(), &s, &base);
         async move {
@@ -154,7 +159,7 @@ async fn concurrent_steps_get_distinct_namespaces() {
 async fn a_namespace_left_with_a_time_wait_is_not_lent_again() {
     require_containers!();
     let (s, base, exec) = setup();
-    let pool = exec.netns_pool();
+    let pool = exec.netns_pool().expect("a pool (KILN_NETNS_POOL unset)");
     step(&exec, &s, &base, "warm", "").await;
     wait_idle(pool, 1);
     // A connection to port 8080 over lo, closed: the side that closed
@@ -165,21 +170,24 @@ async fn a_namespace_left_with_a_time_wait_is_not_lent_again() {
     let time_wait = "nc -l -p 8080 -e true & \
                      for i in $(seq 100); do nc -w 2 127.0.0.1 8080 </dev/null 2>/dev/null && break; sleep 0.05; done; \
                      wait; grep -q '^TCP:.* tw [1-9]' /proc/net/sockstat && echo time-wait";
-    let (left, out) = step(&exec, &s, &base, "left", time_wait).await;
+    let (_, out) = step(&exec, &s, &base, "left", time_wait).await;
     assert_eq!(out, "time-wait\n", "the step made no TIME_WAIT");
     // The check runs on a helper thread: give it ample time.
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(pool.idle(), 0, "a namespace with a TIME_WAIT was pooled");
-    let (next, out) = step(&exec, &s, &base, "next", &bind(8080, "")).await;
-    assert_ne!(left, next, "the TIME_WAIT namespace was lent again");
-    assert_eq!(out, "bound\n");
+    // TCP connections this namespace made before: none in a fresh one
+    // (comparing namespace inodes could not tell: a gone namespace's
+    // number is given to the next one made).
+    let opens = "awk '/^Tcp: [0-9]/ {print \"opened\", $6}' /proc/net/snmp; ";
+    let (_, out) = step(&exec, &s, &base, "next", &format!("{opens}{}", bind(8080, ""))).await;
+    assert_eq!(out, "opened 0\nbound\n", "the TIME_WAIT namespace was lent again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_of_a_daemonized_process_does_not_reach_the_next_step() {
     require_containers!();
     let (s, base, exec) = setup();
-    let pool = exec.netns_pool();
+    let pool = exec.netns_pool().expect("a pool (KILN_NETNS_POOL unset)");
     step(&exec, &s, &base, "warm", "").await;
     wait_idle(pool, 1);
     // The step's shell exits while its daemonized child still listens:
