@@ -36,7 +36,9 @@ use kiln_solver::worker::LogStream;
 use kiln_solver::{ExecRequest, Executor, HostMountSource, LogSink};
 
 use crate::runtime::tty::{WindowSize, recv_with_fd};
-use crate::runtime::{ContainerSpec, Mount, MountSource, Rootfs, Runtime};
+use crate::runtime::{
+    ContainerSpec, Mount, MountSource, NetnsPool, NetworkMode, PooledNetns, Rootfs, Runtime,
+};
 
 /// Env var naming the `kiln` binary that runs containers (see [`Shim::find`]).
 /// Its companion [`ZYGOTE_ENV`](crate::zygote::ZYGOTE_ENV), `KILN_SHIM_ZYGOTE=0`,
@@ -80,6 +82,11 @@ pub struct ShimOptions {
     /// rest (libcontainer state, state directory) on its own: what a build
     /// step needs before it commits, a few milliseconds sooner.
     pub report_exit_early: bool,
+    /// The network namespace the container joins (a path that stays valid
+    /// until it has exited, e.g. [`PooledNetns::path`]; libcontainer opens
+    /// it while it creates the container) instead of making a fresh one;
+    /// ignored with host networking.
+    pub netns: Option<PathBuf>,
 }
 
 impl Default for ShimOptions {
@@ -90,6 +97,7 @@ impl Default for ShimOptions {
             grace: TERM_GRACE,
             stopper: ShimStopper::default(),
             report_exit_early: false,
+            netns: None,
         }
     }
 }
@@ -259,6 +267,7 @@ impl Shim {
             stdin: stdin_pipe,
             tty: opts.tty.map(|s| (s.rows, s.cols)),
             report_exit_early: opts.report_exit_early,
+            netns: opts.netns.clone(),
         };
         let Some(forked) = crate::zygote::fork_shim(&self.exe, &req, &fds)? else {
             return Ok(None);
@@ -299,6 +308,9 @@ impl Shim {
         if opts.report_exit_early {
             cmd.arg("--report-exit-early");
         }
+        if let Some(netns) = &opts.netns {
+            cmd.arg("--netns").arg(netns);
+        }
         let fds = [status.as_raw_fd(), spec.as_raw_fd()];
         // SAFETY: place_fds is async-signal-safe (no dup2 there
         // overwrites the other fd before it is placed).
@@ -334,12 +346,29 @@ impl Shim {
         opts: ShimOptions,
         log: LogSink,
     ) -> anyhow::Result<i32> {
+        self.run_then(spec, opts, log, |_| {}).await
+    }
+
+    /// [`Shim::run_with`], then `ended` with the result once the container
+    /// has exited or could not run, also when the future was dropped
+    /// (it runs on a blocking thread: what it owns outlives the container).
+    pub async fn run_then(
+        &self,
+        spec: &ContainerSpec,
+        opts: ShimOptions,
+        log: LogSink,
+        ended: impl FnOnce(&anyhow::Result<i32>) + Send + 'static,
+    ) -> anyhow::Result<i32> {
         let mut stop_on_drop = StopOnDrop(Some(opts.stopper.clone()));
         let shim = self.clone();
         let spec = spec.clone();
-        let code = tokio::task::spawn_blocking(move || shim.start(&spec, opts, log)?.wait())
-            .await
-            .context("container shim task panicked")?;
+        let code = tokio::task::spawn_blocking(move || {
+            let code = shim.start(&spec, opts, log).and_then(ShimProcess::wait);
+            ended(&code);
+            code
+        })
+        .await
+        .context("container shim task panicked")?;
         stop_on_drop.0 = None;
         code
     }
@@ -620,10 +649,20 @@ fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
     };
 }
 
-/// Runs the solver's RUN steps as containers, each through a [`Shim`].
+/// Env var that, set to `0`, gives every build step a fresh network
+/// namespace instead of one lent by the executor's [`NetnsPool`].
+pub const NETNS_POOL_ENV: &str = "KILN_NETNS_POOL";
+
+/// Runs the solver's RUN steps as containers, each through a [`Shim`],
+/// in network namespaces lent by a [`NetnsPool`] (unless host networking
+/// or `KILN_NETNS_POOL=0`): consecutive steps share one rather than each
+/// making and destroying its own (`kiln run` keeps a fresh one per
+/// container).
 #[derive(Debug, Clone)]
 pub struct ContainerExecutor {
     shim: Shim,
+    /// `None` with `KILN_NETNS_POOL=0`.
+    netns: Option<NetnsPool>,
 }
 
 impl ContainerExecutor {
@@ -632,14 +671,22 @@ impl ContainerExecutor {
     /// locates the `kiln` binary with [`Shim::find`].
     pub fn new(state_root: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let runtime = Runtime::new(state_root)?;
-        Ok(ContainerExecutor {
-            shim: Shim::find(runtime.state_root())?,
-        })
+        Ok(ContainerExecutor::with_shim(Shim::find(runtime.state_root())?))
     }
 
     /// An executor running containers through `shim`.
     pub fn with_shim(shim: Shim) -> Self {
-        ContainerExecutor { shim }
+        let pool = std::env::var_os(NETNS_POOL_ENV).is_none_or(|v| v != "0");
+        ContainerExecutor {
+            shim,
+            netns: pool.then(NetnsPool::new),
+        }
+    }
+
+    /// The pool of network namespaces its steps run in (`None` with
+    /// `KILN_NETNS_POOL=0`).
+    pub fn netns_pool(&self) -> Option<&NetnsPool> {
+        self.netns.as_ref()
     }
 }
 
@@ -679,10 +726,27 @@ pub fn container_spec(req: ExecRequest) -> ContainerSpec {
 #[async_trait::async_trait]
 impl Executor for ContainerExecutor {
     async fn exec(&self, req: ExecRequest, log: LogSink) -> anyhow::Result<i32> {
+        let netns: Option<PooledNetns> = match &self.netns {
+            Some(pool) if req.network != NetworkMode::Host => Some(pool.take()),
+            _ => None,
+        };
         let opts = ShimOptions {
             report_exit_early: true,
+            netns: netns.as_ref().and_then(PooledNetns::path),
             ..Default::default()
         };
-        self.shim.run_with(&container_spec(req), opts, log).await
+        // The lease holds the fd the container joins through: it is kept
+        // until the container is gone, even if this future is dropped.
+        let spec = container_spec(req);
+        self.shim
+            .run_then(&spec, opts, log, move |code| {
+                // It has exited (`exit N` came): the namespace may be reused
+                // once it holds no socket. After an error the lease drops and
+                // the namespace is closed, never lent again.
+                if let (Ok(_), Some(netns)) = (code, netns) {
+                    netns.give_back();
+                }
+            })
+            .await
     }
 }

@@ -89,6 +89,9 @@ pub(crate) struct Request {
     pub tty: Option<(u16, u16)>,
     /// `exit N` before the teardown (`__container-shim --report-exit-early`).
     pub report_exit_early: bool,
+    /// The network namespace to join (`__container-shim --netns`).
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// The fds a shim works on, in the order they are sent.
@@ -622,6 +625,7 @@ fn become_shim(req: &Request, fds: [OwnedFd; 5], parent: RawFd) -> ! {
         stdin: req.stdin,
         tty: req.tty.map(|(rows, cols)| WindowSize { rows, cols }),
         report_exit_early: req.report_exit_early,
+        netns: req.netns.clone(),
     };
     let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // SAFETY: placed at 3, 4 and 5 just above, owned by nothing else.

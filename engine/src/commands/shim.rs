@@ -15,6 +15,9 @@
 //!   `--report-exit-early`, `exit <code>` comes as soon as the container's
 //!   upperdir holds only its diff, stdout/stderr are closed with it, and
 //!   the teardown follows;
+//! - with `--netns PATH` the container joins that network namespace
+//!   (`/proc/<kiln pid>/fd/<n>`, open in kiln until the container has
+//!   exited) instead of a fresh loopback-only one;
 //! - SIGTERM (and SIGINT/SIGHUP/SIGQUIT) are forwarded to the container,
 //!   which gets `--grace-ms` to exit before it is SIGKILLed; the same
 //!   happens when the process `--parent-pid` dies. The container's process
@@ -67,6 +70,10 @@ pub struct Args {
     /// teardown (libcontainer state, state directory) follows unobserved.
     #[arg(long)]
     pub report_exit_early: bool,
+    /// Join this network namespace (e.g. `/proc/<pid>/fd/<n>`) instead of
+    /// making a fresh loopback-only one (ignored with host networking).
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
 }
 
 /// What a shim runs besides its fds: the flags of `kiln __container-shim`,
@@ -82,6 +89,8 @@ pub(crate) struct ShimJob {
     pub tty: Option<WindowSize>,
     /// See [`Args::report_exit_early`].
     pub report_exit_early: bool,
+    /// See [`Args::netns`].
+    pub netns: Option<PathBuf>,
 }
 
 /// Run the container; the process exits with its exit code (125 when it
@@ -110,6 +119,7 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
             stdin: args.stdin,
             tty: args.tty.as_deref().map(parse_size).transpose()?,
             report_exit_early: args.report_exit_early,
+            netns: args.netns.clone(),
         };
         Ok((job, parent))
     })
@@ -160,7 +170,7 @@ fn run_spec(
         .context("reading the container spec")?;
     let spec: ContainerSpec =
         serde_json::from_slice(&json).context("parsing the container spec")?;
-    let runtime = Runtime::open(&job.state_root)?;
+    let runtime = Runtime::open(&job.state_root)?.joining_netns(job.netns.clone());
     let output = match job.tty {
         Some(size) => Output::Terminal(size),
         None => Output::Inherit,

@@ -26,6 +26,7 @@ mod cgroupless;
 mod fsat;
 mod mountpoints;
 mod netns;
+pub use netns::{NetnsPool, PooledNetns};
 pub mod overlay;
 mod spec;
 mod stubs;
@@ -216,6 +217,9 @@ pub struct Runtime {
     cgroup_tag: String,
     /// `KILN_RUNTIME_TIMING=1`: print how long each phase took (to stderr).
     timing: bool,
+    /// The network namespace containers join instead of making their own
+    /// (see [`Runtime::joining_netns`]).
+    netns: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -250,6 +254,7 @@ impl Runtime {
             state_root: canonical,
             scratch_root,
             timing: std::env::var_os("KILN_RUNTIME_TIMING").is_some(),
+            netns: None,
         };
         std::fs::create_dir_all(rt.libcontainer_dir())
             .with_context(|| format!("creating {}", rt.libcontainer_dir().display()))?;
@@ -300,6 +305,15 @@ impl Runtime {
         let store = std::fs::canonicalize(store_root)
             .with_context(|| format!("resolving {}", store_root.display()))?;
         Ok(tmpfs_state_dir(&store).unwrap_or_else(|| store.join("run")))
+    }
+
+    /// Containers of this runtime without [`NetworkMode::Host`] join the
+    /// network namespace at `path` (e.g. `/proc/<pid>/fd/<n>` of a
+    /// [`NetnsPool`] lease, open until the container has exited) instead of
+    /// each making a fresh loopback-only one; `None`: fresh ones.
+    pub fn joining_netns(mut self, path: Option<PathBuf>) -> Self {
+        self.netns = path;
+        self
     }
 
     /// The runtime-wide lock between sweeping and creating containers.
@@ -914,10 +928,13 @@ impl Running {
         anyhow::ensure!(!spec.args.is_empty(), "no command to run");
         // The kernel takes milliseconds to make a network namespace: let a
         // helper thread do it while this one mounts and prepares the rootfs
-        // (joined before the clone, which needs this process single-threaded).
-        let netns_job = match spec.network {
-            NetworkMode::Host => None,
-            NetworkMode::None | NetworkMode::Default => Some(netns::spawn_loopback_netns()),
+        // (joined before the clone, which needs this process single-threaded),
+        // unless the caller lent one.
+        let netns_job = match (spec.network, &self.runtime.netns) {
+            (NetworkMode::Host, _) | (_, Some(_)) => None,
+            (NetworkMode::None | NetworkMode::Default, None) => {
+                Some(netns::spawn_loopback_netns())
+            }
         };
         let rootfs = self.dir.join("rootfs");
         std::fs::create_dir(&rootfs)?;
@@ -1025,9 +1042,13 @@ impl Running {
             })
             .transpose()?;
         self.clock.mark("netns");
-        let netns_path = netns
-            .as_ref()
-            .map(|fd| format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
+        let netns_path = match (&netns, &self.runtime.netns) {
+            (Some(fd), _) => Some(format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd())),
+            (None, Some(lent)) if spec.network != NetworkMode::Host => {
+                Some(lent.display().to_string())
+            }
+            (None, _) => None,
+        };
         let config = spec::build(&spec::SpecInput {
             cgroup: &format!("/{}", self.runtime.cgroup_name(&self.id)),
             rootfs: &rootfs,
