@@ -187,6 +187,16 @@ impl Shim {
         .context("socketpair")?;
         let (spec_read, spec_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("pipe")?;
+        // Into the pipe before the shim exists when it fits there: the shim
+        // reads it at once rather than waiting for this thread to have the
+        // fork's answer.
+        // SAFETY: fcntl(2) F_GETPIPE_SZ on a pipe we own.
+        let capacity = unsafe { libc::fcntl(spec_write.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        let mut spec_write = Some(spec_write);
+        if usize::try_from(capacity).is_ok_and(|c| json.len() <= c) {
+            let early = spec_write.take().expect("just set");
+            std::fs::File::from(early).write_all(&json).context("writing the container spec")?;
+        }
         let forked = match self.zygote {
             true => self.fork(&opts, &shim_status, &spec_read)?,
             false => None,
@@ -217,8 +227,10 @@ impl Shim {
             stopper,
             teardown_unobserved: opts.report_exit_early,
         };
-        // A shim that died early closed its end: its status says why.
-        let _ = std::fs::File::from(spec_write).write_all(&json);
+        if let Some(late) = spec_write {
+            // A shim that died early closed its end: its status says why.
+            let _ = std::fs::File::from(late).write_all(&json);
+        }
         match process.next_message()? {
             (Some(started), fd) if started.starts_with("started ") => {
                 process.container_pid = started["started ".len()..].parse().unwrap_or(0);
