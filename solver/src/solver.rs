@@ -339,8 +339,16 @@ impl Inner {
         let hex: String = key.trim_start_matches("sha256:").chars().filter(char::is_ascii_hexdigit).collect();
         anyhow::ensure!(!hex.is_empty(), "cache key {key:?} has no digest");
         let path = self.store.root().join("locks").join(KEY_LOCK_DIR).join(format!("{hex}.lock"));
-        // flock blocks: wait on a blocking thread. If this solve is
-        // cancelled meanwhile, the lock is released as soon as it is taken.
+        // Usually free: taken right here (an open and a non-blocking flock),
+        // without a hop to a blocking thread.
+        match TransientLock::try_acquire(&path) {
+            Ok(Some(lock)) => return Ok(lock),
+            Ok(None) => {}
+            Err(e) => anyhow::bail!("locking cache key {key}: {e}"),
+        }
+        // Held by another process: flock blocks, so wait on a blocking
+        // thread. If this solve is cancelled meanwhile, the lock is released
+        // as soon as it is taken.
         tokio::task::spawn_blocking(move || TransientLock::acquire(&path))
             .await
             .map_err(|e| anyhow::anyhow!("cache key lock task: {e}"))?
