@@ -688,6 +688,11 @@ impl ContainerExecutor {
 
     /// An executor running containers through `shim`.
     pub fn with_shim(shim: Shim) -> Self {
+        if shim.zygote {
+            // Its exec overlaps whatever comes before the first step (the
+            // base image's pull).
+            crate::zygote::start_early(&shim.exe, &shim.state_root);
+        }
         let pool = std::env::var_os(NETNS_POOL_ENV).is_none_or(|v| v != "0");
         ContainerExecutor {
             shim,

@@ -157,6 +157,22 @@ pub(crate) fn running_pid(exe: &Path, state_root: &Path) -> Option<u32> {
     }
 }
 
+/// Start the zygote of `exe` for `state_root` now if none runs, on a
+/// thread of its own: a build does it while it pulls its base image, so
+/// that its first step does not wait for the zygote's exec. A failure is
+/// left for the first request to see.
+pub(crate) fn start_early(exe: &Path, state_root: &Path) {
+    let (slot, exe) = (slot(exe, state_root), exe.to_path_buf());
+    std::thread::spawn(move || {
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*slot, Slot::Idle)
+            && let Ok(z) = Zygote::spawn(&exe)
+        {
+            *slot = Slot::Running(z);
+        }
+    });
+}
+
 /// Have the zygote of `exe` fork a shim on `fds` (starting the zygote if
 /// needed, once more if it died). `Ok(None)`: no zygote can run here;
 /// exec a shim instead.
