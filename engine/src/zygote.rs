@@ -339,7 +339,9 @@ pub fn run(_global: &Global, args: Args) -> anyhow::Result<i32> {
     // Reparented already: the kiln process died before we could watch it.
     let parent = match parent {
         Some(fd) if nix::unistd::getppid().as_raw() == args.parent_pid => fd,
-        _ => anyhow::bail!("the kiln process that started this zygote is gone"),
+        // Nothing to serve, and nothing to tell: it started one early (see
+        // `start_early`) and ended before needing it.
+        _ => return Ok(0),
     };
     // Keyboard and hang-up signals are meant for kiln, which ends us by
     // going away; our children get the defaults back.
