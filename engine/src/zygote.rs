@@ -450,15 +450,19 @@ impl Server {
     }
 
     /// Start a shim for one request: hand it to the spare, else fork one.
-    /// Its pid and a pidfd of it.
+    /// Its pid and a pidfd of it. The request is checked here either way,
+    /// so a bad one gets the same `error` answer.
     fn start_one(&mut self, json: &[u8], fds: Vec<OwnedFd>) -> anyhow::Result<(i32, OwnedFd)> {
+        let req: Request = serde_json::from_slice(json).context("parsing the request")?;
+        let fds: [OwnedFd; 5] = fds
+            .try_into()
+            .map_err(|v: Vec<OwnedFd>| anyhow::anyhow!("expected 5 fds, got {}", v.len()))?;
         if let Some(spare) = self.spare.take() {
-            let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-            if fds.len() == 5 && send_fds(spare.sock.as_fd(), json, &raw, MsgFlags::MSG_NOSIGNAL).is_ok() {
-                // Its copies are in the spare now; the status end is kept
-                // for the `shim-*` message, as for a forked child.
-                let mut fds = fds;
-                let status = fds.remove(0);
+            let raw = fds.each_ref().map(AsRawFd::as_raw_fd);
+            if send_fds(spare.sock.as_fd(), json, &raw, MsgFlags::MSG_NOSIGNAL).is_ok() {
+                // Its copies are in the spare now; ours close here, but for
+                // the status end, kept for the `shim-*` message.
+                let [status, ..] = fds;
                 self.children.insert(spare.pid, status);
                 return Ok((spare.pid, spare.pidfd));
             }
@@ -466,7 +470,7 @@ impl Server {
             // SAFETY: pidfd_send_signal(2) on a pidfd we own.
             unsafe { libc::syscall(libc::SYS_pidfd_send_signal, spare.pidfd.as_raw_fd(), libc::SIGKILL, 0usize, 0u32) };
         }
-        self.fork_one(json, fds)
+        self.fork_one(&req, fds)
     }
 
     /// Fork a [`Spare`]; `None` (and one fork per request) if that fails.
@@ -492,18 +496,16 @@ impl Server {
         }
     }
 
-    /// Fork a shim for one request; its pid and a pidfd of it.
-    fn fork_one(&mut self, json: &[u8], fds: Vec<OwnedFd>) -> anyhow::Result<(i32, OwnedFd)> {
-        let req: Request = serde_json::from_slice(json).context("parsing the request")?;
-        let [status, spec, stdin, stdout, stderr]: [OwnedFd; 5] = fds
-            .try_into()
-            .map_err(|v: Vec<OwnedFd>| anyhow::anyhow!("expected 5 fds, got {}", v.len()))?;
+    /// Fork a shim for `req` on `fds` (status, spec, stdin, stdout,
+    /// stderr); its pid and a pidfd of it.
+    fn fork_one(&mut self, req: &Request, fds: [OwnedFd; 5]) -> anyhow::Result<(i32, OwnedFd)> {
+        let [status, spec, stdin, stdout, stderr] = fds;
         // SAFETY: this process has a single thread (checked at start), so
         // the child may run anything; it never returns here.
         match unsafe { nix::unistd::fork() }.context("fork")? {
             nix::unistd::ForkResult::Child => {
                 let fds = [stdin, stdout, stderr, status, spec];
-                become_shim(&req, fds, self.parent.as_raw_fd())
+                become_shim(req, fds, self.parent.as_raw_fd())
             }
             nix::unistd::ForkResult::Parent { child } => {
                 let pid = child.as_raw();
@@ -597,8 +599,9 @@ fn await_request(sock: OwnedFd, parent: RawFd) -> ! {
     let req: Option<Request> = serde_json::from_slice(&buf[..n]).ok();
     let fds: Option<[OwnedFd; 5]> = fds.try_into().ok();
     let (Some(req), Some([status, spec, stdin, stdout, stderr])) = (req, fds) else {
-        // SAFETY: a request the zygote would have refused; its client sees
-        // the `shim-exit` the zygote sends when it reaps this process.
+        // SAFETY: the zygote checked the request before handing it over,
+        // so this is a broken transfer; its client sees the `shim-exit`
+        // the zygote sends when it reaps this process.
         unsafe { libc::_exit(125) };
     };
     drop(sock);
