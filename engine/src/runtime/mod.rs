@@ -1115,11 +1115,13 @@ impl Running {
             None
         };
         let created = self.create(oci, &rootfs, io, console.as_ref().map(|(_, sock, _)| sock));
+        // Kept before anything else can fail, so that the cleanup kills the
+        // created init (which would wait for its start forever).
+        self.pid = created.as_ref().ok().copied();
         let private_ns = hidden.map(|h| h.leave()).transpose()?;
-        let pid = created.with_context(|| format!("creating container {}", self.id))?;
+        created.with_context(|| format!("creating container {}", self.id))?;
         self.clock.mark("libcontainer create");
         drop(netns);
-        self.pid = Some(pid);
         if let Some((listener, _, size)) = console {
             // Sized before the process runs, so it never sees 0x0.
             let master = tty::accept_console(&listener)?;
